@@ -1,0 +1,60 @@
+# Everything goes through .venv so a fresh machine needs only python3.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+PROTO  := proto/sidecar/v1/sidecar.proto
+GEN    := sidecar/v1/sidecar_pb2.py sidecar/v1/sidecar_pb2.pyi sidecar/v1/sidecar_pb2_grpc.py sidecar/v1/sidecar_pb2_grpc.pyi
+PYTEST_ARGS ?=
+
+.PHONY: run test lint typecheck proto proto-check bench bench-quick fuzz clean venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	mkdir -p data
+	$(VENV)/bin/sidecar serve
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check sidecar tests bench
+	$(VENV)/bin/ruff format --check sidecar tests bench
+	$(VENV)/bin/mypy sidecar
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy sidecar
+
+define protoc
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto --python_out=$(1) --grpc_python_out=$(1) \
+		--mypy_out=$(1) --mypy_grpc_out=$(1) $(PROTO)
+endef
+
+proto: $(STAMP)
+	$(call protoc,.)
+
+# Regenerate into a scratch directory and fail if the committed code differs.
+proto-check: $(STAMP)
+	rm -rf build/proto-check && mkdir -p build/proto-check
+	$(call protoc,build/proto-check)
+	for f in $(GEN); do diff -u $$f build/proto-check/$$f || { echo "$$f is stale: run make proto" >&2; exit 1; }; done
+	@echo "generated code is fresh"
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+bench-quick: $(STAMP)
+	$(PY) -m bench --quick
+
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests -k fuzz $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""A messaging sidecar: Botpress Messaging API compatible ingress, durable bot replies."""

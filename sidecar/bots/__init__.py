@@ -1,0 +1,1 @@
+"""Bots: echo, script, http, botpress behind one interface."""

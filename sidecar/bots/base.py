@@ -1,0 +1,56 @@
+"""The bot interface: given a stored message and a sink, produce 0..n replies."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from sidecar.models import JSON, StoredMessage
+
+
+@dataclass(frozen=True, slots=True)
+class BotReply:
+    """One reply as a bot gives it. Empty bot ids are filled with the sidecar's own."""
+
+    type: str
+    payload: JSON
+    bot_message_id: str = ""
+    bot_user_id: str = ""
+    bot_conversation_id: str = ""
+
+
+Emit = Callable[[BotReply], Awaitable[None]]
+"""Appends one reply to the conversation's log; returns once it is durable."""
+
+
+class BotError(Exception):
+    """A bot failed. ``retryable=False`` means retrying cannot help (e.g. a 4xx)."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class Bot(abc.ABC):
+    """A bot: the core calls ``handle`` once per attempt at a message.
+
+    ``handle`` may call ``emit`` any number of times, possibly with delays in
+    between; each reply is durable and visible to subscribers when ``emit``
+    returns. If ``handle`` raises, the core retries the whole message later.
+    Replies emitted before the failure are not duplicated on retry, as long
+    as the bot emits the same replies in the same order (the core keys them
+    by message and position).
+    """
+
+    name: str = "bot"
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Open connections or load files."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what start() opened."""
+
+    @abc.abstractmethod
+    async def handle(self, message: StoredMessage, emit: Emit) -> None:
+        """Handle one message; emit its replies."""

@@ -1,0 +1,287 @@
+"""One typed, frozen configuration: defaults < TOML file < SIDECAR_* environment < flags."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "SIDECAR_"
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message names the setting and its variable."""
+
+
+def _opt(default: Any, help: str, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "secret": secret})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Every setting of the sidecar. Each has the variable SIDECAR_<NAME> and the flag --<name>."""
+
+    # --- listeners ---
+    http_addr: str = _opt("127.0.0.1:8080", "HTTP ingress and bot callbacks, host:port")
+    grpc_addr: str = _opt("127.0.0.1:50051", "gRPC MessagingService, health and reflection")
+    admin_addr: str = _opt("0.0.0.0:9090", "/healthz, /readyz, /metrics and the admin API")  # noqa: S104 - probes reach the pod IP
+    webhook_path: str = _opt("/webhook", "path of the Messaging API compatible ingress")
+    # --- auth ---
+    auth_tokens: tuple[str, ...] = _opt((), "bearer tokens accepted on HTTP and gRPC ingress", secret=True)
+    auth_tokens_file: str = _opt("", "file with one accepted token per line, re-read when it changes")
+    callback_tokens: tuple[str, ...] = _opt((), "bearer tokens accepted on POST /bot/replies", secret=True)
+    callback_secret_path: str = _opt("", "unguessable path segment: POST /bot/replies/<it> needs no token", secret=True)
+    admin_tokens: tuple[str, ...] = _opt((), "bearer tokens for the admin API (dead letters)", secret=True)
+    allow_unauthenticated: bool = _opt(False, "serve ingress beyond loopback without tokens")
+    # --- outbound webhook ---
+    response_url: str = _opt("", "where replies are POSTed; empty: no webhook delivery")
+    response_authorization: str = _opt("", "Authorization header value sent with every webhook POST", secret=True)
+    webhook_secret: str = _opt("", "Standard Webhooks signing secret(s), whsec_..., space-separated", secret=True)
+    check_response_url: bool = _opt(True, "POST the integration's test body to the response URL at start")
+    webhook_timeout: float = _opt(10.0, "seconds allowed for one webhook attempt")
+    webhook_max_attempts: int = _opt(15, "attempts before a reply is dead-lettered")
+    webhook_max_age: float = _opt(86400.0, "seconds after the first attempt before a reply is dead-lettered")
+    webhook_backoff_initial: float = _opt(0.5, "first retry delay in seconds (full jitter)")
+    webhook_backoff_max: float = _opt(60.0, "cap of the retry delay in seconds")
+    webhook_retry_after_max: float = _opt(300.0, "cap on a receiver's Retry-After, in seconds")
+    webhook_concurrency: int = _opt(64, "conversations delivered concurrently")
+    # --- bot ---
+    bot: str = _opt("echo", "echo, script, http or botpress")
+    bot_url: str = _opt("", "URL of the http bot or of the Botpress integration's webhook")
+    bot_token: str = _opt("", "bearer token sent to the http or botpress bot", secret=True)
+    bot_format: str = _opt("json", "json or rasa, for the http bot")
+    bot_script: str = _opt("", "rules file (YAML or TOML) for the script bot")
+    bot_timeout: float = _opt(30.0, "seconds allowed for one bot attempt")
+    bot_max_attempts: int = _opt(10, "bot attempts before a message is dead-lettered")
+    bot_backoff_initial: float = _opt(0.5, "first bot retry delay in seconds (full jitter)")
+    bot_backoff_max: float = _opt(30.0, "cap of the bot retry delay in seconds")
+    bot_concurrency: int = _opt(64, "messages handed to the bot at once (one per conversation at a time)")
+    # --- store ---
+    store: str = _opt("sqlite:///./data/sidecar.db", "sqlite:///path, memory:// or redis://host:port/db")
+    store_sync: str = _opt("full", "SQLite synchronous mode: full survives power loss, normal only crashes")
+    reply_retention: int = _opt(10000, "replies kept per conversation for replay (undelivered ones are always kept)")
+    # --- limits ---
+    max_body_bytes: int = _opt(1024 * 1024, "largest HTTP request body")
+    max_id_length: int = _opt(256, "longest userId, messageId, conversationId and type")
+    max_payload_depth: int = _opt(32, "deepest nesting of a payload")
+    max_pending_messages: int = _opt(10000, "messages waiting for the bot before ingress answers 429")
+    stream_queue_size: int = _opt(1024, "replies buffered per subscriber before it is cut off")
+    max_streams: int = _opt(20000, "concurrent Subscribe streams")
+    # --- process ---
+    drain_timeout: float = _opt(20.0, "seconds SIGTERM waits for in-flight work")
+    log_format: str = _opt("text", "text or json")
+    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with secrets masked, safe to log."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "***" if f.metadata.get("secret") and value else value
+        return out
+
+
+# --- parsing ----------------------------------------------------------------
+
+
+def _kind(f: Any) -> type:
+    hint = typing.get_type_hints(Config)[f.name]
+    if typing.get_origin(hint) is tuple:
+        return tuple
+    if isinstance(hint, types.UnionType):
+        return str
+    return typing.cast(type, hint)
+
+
+def _parse(name: str, kind: type, raw: Any, source: str) -> Any:
+    """Turn a raw TOML value or string into the setting's type, or say which setting is wrong."""
+    where = f"{name} ({source})"
+    if kind is tuple:
+        if isinstance(raw, str):
+            return tuple(t.strip() for t in raw.split(",") if t.strip())
+        if isinstance(raw, list) and all(isinstance(t, str) for t in raw):
+            return tuple(raw)
+        raise ConfigError(f"{where}: expected a comma-separated string or a list of strings")
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in {"1", "true", "yes", "on"}:
+            return True
+        if isinstance(raw, str) and raw.strip().lower() in {"0", "false", "no", "off", ""}:
+            return False
+        raise ConfigError(f"{where}: expected true or false, got {raw!r}")
+    if kind in (int, float):
+        if isinstance(raw, bool):
+            raise ConfigError(f"{where}: expected a number")
+        try:
+            return kind(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {raw!r}") from None
+    if not isinstance(raw, str):
+        raise ConfigError(f"{where}: expected a string")
+    return raw
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def load(
+    *,
+    toml_path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build and validate the configuration; later sources win."""
+    values: dict[str, Any] = {}
+    known = {f.name: f for f in fields(Config)}
+    if toml_path:
+        try:
+            data = tomllib.loads(Path(toml_path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"--config: cannot read {toml_path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"--config: {toml_path} is not valid TOML: {e}") from None
+        for key, raw in data.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"--config: unknown setting {key!r} in {toml_path}")
+            values[name] = _parse(name, _kind(known[name]), raw, toml_path)
+    for name, f in known.items():
+        var = env_name(name)
+        if env is not None and var in env:
+            values[name] = _parse(name, _kind(f), env[var], var)
+    for name, raw in (flags or {}).items():
+        if raw is not None and name in known:
+            values[name] = _parse(name, _kind(known[name]), raw, "--" + name.replace("_", "-"))
+    config = Config(**values)
+    config = _with_token_file(config)
+    validate(config)
+    return config
+
+
+def _with_token_file(config: Config) -> Config:
+    if not config.auth_tokens_file:
+        return config
+    return replace(config, auth_tokens=config.auth_tokens + read_token_file(config.auth_tokens_file))
+
+
+def read_token_file(path: str) -> tuple[str, ...]:
+    """Tokens from a file, one per line; blank lines and # comments are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"auth_tokens_file: cannot read {path}: {e.strerror}") from None
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
+# --- validation ---------------------------------------------------------------
+
+
+def split_addr(addr: str, name: str) -> tuple[str, int]:
+    """host:port (IPv6 in brackets) → (host, port); the error names the setting."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name} ({env_name(name)}): expected host:port, got {addr!r}")
+    host = host.strip("[]")
+    if not host:
+        raise ConfigError(f"{name} ({env_name(name)}): the host is missing in {addr!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _fail(name: str, why: str) -> typing.NoReturn:
+    raise ConfigError(f"{name} ({env_name(name)}): {why}")
+
+
+def validate(c: Config) -> None:
+    """Check every setting, so a bad one stops the start with a message that names it."""
+    for name in ("http_addr", "grpc_addr", "admin_addr"):
+        split_addr(getattr(c, name), name)
+    if not c.auth_tokens and not c.allow_unauthenticated:
+        for name in ("http_addr", "grpc_addr"):
+            host, _ = split_addr(getattr(c, name), name)
+            if not is_loopback(host):
+                _fail(
+                    name,
+                    f"binding {host} without tokens would expose the ingress; set "
+                    "SIDECAR_AUTH_TOKENS, or SIDECAR_ALLOW_UNAUTHENTICATED=true to allow it",
+                )
+    if not c.webhook_path.startswith("/"):
+        _fail("webhook_path", "must start with /")
+    if c.bot not in {"echo", "script", "http", "botpress"}:
+        _fail("bot", f"expected echo, script, http or botpress, got {c.bot!r}")
+    if c.bot in {"http", "botpress"} and not _is_http_url(c.bot_url):
+        _fail("bot_url", f"the {c.bot} bot needs an http(s) URL")
+    if c.bot == "script" and not c.bot_script:
+        _fail("bot_script", "the script bot needs a rules file")
+    if c.bot_format not in {"json", "rasa"}:
+        _fail("bot_format", f"expected json or rasa, got {c.bot_format!r}")
+    if c.response_url and not _is_http_url(c.response_url):
+        _fail("response_url", "expected an http(s) URL")
+    for secret in c.webhook_secret.split():
+        if not secret.startswith("whsec_"):
+            _fail("webhook_secret", "each secret must look like whsec_<base64>")
+        try:
+            base64.b64decode(secret[len("whsec_") :], validate=True)
+        except binascii.Error:
+            _fail("webhook_secret", "the part after whsec_ is not valid base64")
+    scheme = urlsplit(c.store).scheme
+    if scheme not in {"memory", "sqlite", "redis"}:
+        _fail("store", f"expected sqlite:///path, memory:// or redis://host:port/db, got {c.store!r}")
+    if scheme == "sqlite" and not c.store[len("sqlite://") :].lstrip("/"):
+        _fail("store", "sqlite needs a path, e.g. sqlite:///./data/sidecar.db")
+    if c.store_sync not in {"full", "normal"}:
+        _fail("store_sync", "expected full or normal")
+    if c.log_format not in {"text", "json"}:
+        _fail("log_format", "expected text or json")
+    if c.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        _fail("log_level", "expected DEBUG, INFO, WARNING or ERROR")
+    positive = (
+        "webhook_timeout", "webhook_max_attempts", "webhook_max_age", "webhook_backoff_initial",
+        "webhook_backoff_max", "webhook_concurrency", "bot_timeout", "bot_max_attempts",
+        "bot_backoff_initial", "bot_backoff_max", "bot_concurrency", "reply_retention",
+        "max_body_bytes", "max_id_length", "max_payload_depth", "max_pending_messages",
+        "stream_queue_size", "max_streams",
+    )  # fmt: skip
+    for name in positive:
+        if getattr(c, name) <= 0:
+            _fail(name, "must be greater than 0")
+    if c.drain_timeout < 0 or c.webhook_retry_after_max < 0:
+        _fail("drain_timeout", "must not be negative")
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in {"http", "https"} and bool(parts.netloc)
+
+
+def sqlite_path(store_url: str) -> str:
+    """sqlite:///./data/x.db → ./data/x.db; sqlite:////abs/x.db → /abs/x.db."""
+    return store_url[len("sqlite:///") :]
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(flag, variable, default, help) for every setting: used by --help and the docs."""
+    rows = []
+    for f in fields(Config):
+        default = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
+        rows.append(("--" + f.name.replace("_", "-"), env_name(f.name), str(default), f.metadata["help"]))
+    return rows

@@ -1,0 +1,1 @@
+"""Reply delivery: webhook outbox worker and live stream fan-out."""

@@ -1,0 +1,162 @@
+"""The core's data: inbound messages, stored messages, replies and deliveries."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import orjson
+
+JSON: TypeAlias = Any
+"""Any JSON value: None, bool, int, float, str, list or dict with str keys."""
+
+# Sidecar-side ids (the "botpress*" ids of SPEC §3) are UUIDv5 of the client's
+# ids, so every replica derives the same ids without coordination and a
+# duplicate answers with the ids of the original.
+_NAMESPACE = uuid.UUID("6f3a1c3e-5b0e-4c39-9a8e-2f1d7c0b5a11")
+
+
+def sidecar_id(kind: str, *parts: str) -> str:
+    """A stable id for a user, conversation, message or reply."""
+    return str(uuid.uuid5(_NAMESPACE, "\x1f".join((kind, *parts))))
+
+
+def canonical_json(value: JSON) -> bytes:
+    """JSON with sorted keys: equal values give equal bytes."""
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+
+
+@dataclass(frozen=True, slots=True)
+class InboundMessage:
+    """A user message as a client sent it, after normalization (SPEC §2)."""
+
+    user_id: str
+    message_id: str
+    conversation_id: str
+    type: str
+    text: str
+    payload: JSON
+
+    @staticmethod
+    def normalized(
+        *, user_id: str, message_id: str, conversation_id: str, type: str, text: str, payload: JSON
+    ) -> InboundMessage:
+        """Apply the hosted integration's leniency: a missing payload becomes
+        ``{"text": text}`` and an object payload without ``text`` gets it."""
+        if payload is None:
+            payload = {"text": text}
+        elif isinstance(payload, dict) and "text" not in payload:
+            payload = {**payload, "text": text}
+        return InboundMessage(user_id, message_id, conversation_id, type, text, payload)
+
+    def fingerprint(self) -> str:
+        """What "same content" means for deduplication: every field but the ids."""
+        body = canonical_json([self.user_id, self.type, self.text, self.payload])
+        return hashlib.sha256(body).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """An accepted message as the store keeps it until the bot has handled it."""
+
+    id: str
+    """The sidecar's own message id (``sidecar_id("message", conv, messageId)``)."""
+    message: InboundMessage
+    fingerprint: str
+    received_at: float
+    attempts: int = 0
+    """Bot attempts made so far; survives restarts."""
+
+    @property
+    def conversation_id(self) -> str:
+        return self.message.conversation_id
+
+    @property
+    def user_sidecar_id(self) -> str:
+        return sidecar_id("user", self.message.user_id)
+
+    @property
+    def conversation_sidecar_id(self) -> str:
+        return sidecar_id("conversation", self.message.conversation_id)
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptResult:
+    """The store's answer to accept(): the stored message and whether it was a repeat."""
+
+    stored: StoredMessage
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyDraft:
+    """What a bot produces: a reply before it has a sequence number.
+
+    ``dedupe_key`` makes appending idempotent: a bot re-run after a crash
+    produces the same keys, so replies already in the log are not added twice.
+    """
+
+    type: str
+    payload: JSON
+    dedupe_key: str
+    user_id: str = ""
+    in_reply_to: str = ""
+    bot_user_id: str = ""
+    bot_message_id: str = ""
+    bot_conversation_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A bot reply in a conversation's log, numbered 1, 2, 3… without gaps."""
+
+    conversation_id: str
+    sequence: int
+    type: str
+    payload: JSON
+    bot_user_id: str
+    bot_message_id: str
+    bot_conversation_id: str
+    user_id: str
+    in_reply_to: str
+    created_at: float
+
+    def webhook_body(self) -> dict[str, JSON]:
+        """The six-field body the Messaging API integration POSTs (SPEC §3)."""
+        return {
+            "type": self.type,
+            "payload": self.payload,
+            "conversationId": self.conversation_id,
+            "botpressUserId": self.bot_user_id,
+            "botpressMessageId": self.bot_message_id,
+            "botpressConversationId": self.bot_conversation_id,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """The head of a conversation's webhook outbox: the next reply owed."""
+
+    reply: Reply
+    attempts: int
+    first_attempt_at: float | None
+    next_attempt_at: float
+    last_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A reply (kind "reply") or message (kind "message") given up on, with why."""
+
+    id: str
+    kind: str
+    conversation_id: str
+    sequence: int
+    """The reply's sequence; 0 for a message."""
+    body: dict[str, JSON]
+    error: str
+    attempts: int
+    dead_at: float
+    extra: dict[str, JSON] = field(default_factory=dict)

@@ -1,0 +1,120 @@
+"""Prometheus metrics (one registry per app, so tests can run several) and log setup."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """Every metric the sidecar exports; names are part of the operator's contract."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.messages = Counter(
+            "sidecar_messages_total",
+            "Messages received at ingress, by protocol and outcome "
+            "(accepted, duplicate, rejected, overloaded, unavailable)",
+            ["protocol", "outcome"],
+            registry=r,
+        )
+        self.ingress_latency = Histogram(
+            "sidecar_ingress_seconds",
+            "Time from request to answer at ingress, by protocol",
+            ["protocol"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.pending_messages = Gauge(
+            "sidecar_pending_messages", "Messages accepted and not yet handled by the bot", registry=r
+        )
+        self.bot_calls = Counter(
+            "sidecar_bot_calls_total",
+            "Bot attempts by bot and outcome (ok, error, timeout, rejected)",
+            ["bot", "outcome"],
+            registry=r,
+        )
+        self.bot_latency = Histogram(
+            "sidecar_bot_seconds", "Duration of one bot attempt", ["bot"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.bot_breaker_open = Gauge(
+            "sidecar_bot_breaker_open", "1 while the bot's circuit breaker is open", ["bot"], registry=r
+        )
+        self.replies = Counter(
+            "sidecar_replies_total", "Replies appended to conversation logs, by source", ["source"], registry=r
+        )
+        self.end_to_end = Histogram(
+            "sidecar_message_to_reply_seconds",
+            "Time from a message's acceptance to the append of its first reply",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.webhook_attempts = Counter(
+            "sidecar_webhook_attempts_total",
+            "Webhook POST attempts by outcome (ok, retry, rejected, error, timeout)",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_latency = Histogram(
+            "sidecar_webhook_seconds", "Duration of one webhook POST", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.dead_letters = Counter(
+            "sidecar_dead_letters_total", "Items dead-lettered, by kind (reply, message)", ["kind"], registry=r
+        )
+        self.active_streams = Gauge("sidecar_active_streams", "Open Subscribe streams", registry=r)
+        self.stream_cutoffs = Counter(
+            "sidecar_stream_cutoffs_total", "Subscribers cut off for falling behind", registry=r
+        )
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line; ``extra={...}`` fields become top-level keys."""
+
+    _STD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in self._STD:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
+
+
+class _TextFormatter(logging.Formatter):
+    """Readable lines with the structured fields appended as key=value."""
+
+    _STD = _JsonFormatter._STD
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in self._STD)
+        return f"{line} {extra}" if extra else line
+
+
+def setup_logging(fmt: str, level: str) -> None:
+    """Configure the root logger once, at process start (never at import)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp logs every request at INFO; our metrics cover that.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,1 @@
+"""Stores: memory, sqlite, redis behind one interface."""

@@ -1,0 +1,149 @@
+"""The store interface: messages, the per-conversation reply log, the webhook outbox, dead letters.
+
+Every implementation passes the same contract suite (tests/test_store_contract.py).
+Each method is one atomic step: when it returns, its effect is durable as far
+as the implementation is durable (memory: not at all; sqlite: fsynced WAL).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from sidecar.models import (
+    AcceptResult,
+    DeadLetter,
+    Delivery,
+    InboundMessage,
+    Reply,
+    ReplyDraft,
+    StoredMessage,
+)
+
+
+class Store(abc.ABC):
+    """Durable state of the sidecar. All methods are safe to call concurrently."""
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect or create files and schema. Called once before any other method."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush and release resources. Idempotent."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise if the store cannot serve requests (used by /readyz)."""
+
+    # --- inbound messages -------------------------------------------------
+
+    @abc.abstractmethod
+    async def accept(self, message: InboundMessage, *, now: float) -> AcceptResult:
+        """Store a message durably and mark it pending for the bot.
+
+        A repeat of (conversation_id, message_id) with the same fingerprint
+        answers the original with ``duplicate=True`` and changes nothing;
+        with another fingerprint it raises ``errors.Conflict``.
+        """
+
+    @abc.abstractmethod
+    async def pending_messages(self, limit: int) -> list[StoredMessage]:
+        """Messages accepted but neither completed nor dead-lettered, oldest first."""
+
+    @abc.abstractmethod
+    async def record_attempt(self, message_id: str, error: str) -> int:
+        """Count a failed bot attempt on a message; return the new attempt count."""
+
+    @abc.abstractmethod
+    async def complete_message(self, message_id: str) -> None:
+        """Mark a message handled: the bot will not be called for it again."""
+
+    @abc.abstractmethod
+    async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter:
+        """Give up on a message: it leaves the pending set and joins the dead letters."""
+
+    # --- reply log ----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def append_replies(
+        self, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
+    ) -> list[Reply]:
+        """Append replies with the conversation's next sequence numbers (1, 2, …, no gaps).
+
+        A draft whose ``dedupe_key`` is already in this conversation's log is
+        skipped, so the returned list holds only the replies appended now.
+        With ``outbox`` each appended reply is also queued for webhook
+        delivery, in the same transaction. Replies beyond the retention bound
+        are trimmed here, never ones still queued or dead-lettered.
+        """
+
+    @abc.abstractmethod
+    async def replies_after(self, conversation_id: str, after: int, limit: int) -> list[Reply]:
+        """Replies with sequence > after, ascending, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def last_sequence(self, conversation_id: str) -> int:
+        """The highest sequence appended in the conversation, 0 when none."""
+
+    @abc.abstractmethod
+    async def first_retained_sequence(self, conversation_id: str) -> int:
+        """The lowest sequence still kept (last + 1 when every reply was trimmed, 1 when none)."""
+
+    @abc.abstractmethod
+    async def conversation_user(self, conversation_id: str) -> str | None:
+        """The user id of the conversation's latest message, None for an unknown conversation."""
+
+    # --- webhook outbox -----------------------------------------------------
+
+    @abc.abstractmethod
+    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        """For each conversation with queued replies, its lowest queued one, if due by ``now``."""
+
+    @abc.abstractmethod
+    async def next_due_at(self) -> float | None:
+        """The earliest ``next_attempt_at`` of any conversation's head, None when nothing is queued."""
+
+    @abc.abstractmethod
+    async def delivery_succeeded(self, conversation_id: str, sequence: int) -> None:
+        """Remove a delivered reply from the outbox."""
+
+    @abc.abstractmethod
+    async def delivery_failed(
+        self,
+        conversation_id: str,
+        sequence: int,
+        *,
+        attempts: int,
+        first_attempt_at: float,
+        next_attempt_at: float,
+        error: str,
+    ) -> None:
+        """Record a failed attempt; the reply stays at the head until ``next_attempt_at``."""
+
+    @abc.abstractmethod
+    async def delivery_dead(
+        self, conversation_id: str, sequence: int, *, attempts: int, error: str, now: float
+    ) -> DeadLetter:
+        """Move a reply from the outbox to the dead letters so later replies can proceed."""
+
+    # --- dead letters ------------------------------------------------------
+
+    @abc.abstractmethod
+    async def list_dead_letters(
+        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100
+    ) -> list[DeadLetter]:
+        """Dead letters, oldest first, optionally of one kind or conversation."""
+
+    @abc.abstractmethod
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        """One dead letter by id."""
+
+    @abc.abstractmethod
+    async def replay_dead_letter(self, dead_letter_id: str, *, now: float) -> bool:
+        """Put a dead letter back: a reply re-enters the outbox (due now, attempts reset),
+        a message becomes pending again. Returns False when the id is unknown."""
+
+    @abc.abstractmethod
+    async def purge_dead_letters(self, ids: Sequence[str]) -> int:
+        """Delete dead letters for good; return how many were deleted."""

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for sidecar.v1 (make proto)."""
