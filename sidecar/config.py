@@ -32,7 +32,7 @@ class Config:
     # --- listeners ---
     http_addr: str = _opt("127.0.0.1:8080", "HTTP ingress and bot callbacks, host:port")
     grpc_addr: str = _opt("127.0.0.1:50051", "gRPC MessagingService, health and reflection")
-    admin_addr: str = _opt("0.0.0.0:9090", "/healthz, /readyz, /metrics and the admin API")  # noqa: S104 - probes reach the pod IP
+    admin_addr: str = _opt("0.0.0.0:9090", "/healthz, /readyz, /metrics and the admin API")
     webhook_path: str = _opt("/webhook", "path of the Messaging API compatible ingress")
     # --- auth ---
     auth_tokens: tuple[str, ...] = _opt((), "bearer tokens accepted on HTTP and gRPC ingress", secret=True)
