@@ -101,6 +101,10 @@ class Store(abc.ABC):
         """For each conversation with queued replies, its lowest queued one, if due by ``now``."""
 
     @abc.abstractmethod
+    async def head_delivery(self, conversation_id: str) -> Delivery | None:
+        """The conversation's lowest queued reply, due or not; None when its outbox is empty."""
+
+    @abc.abstractmethod
     async def next_due_at(self) -> float | None:
         """The earliest ``next_attempt_at`` of any conversation's head, None when nothing is queued."""
 
