@@ -9,7 +9,7 @@ import tomllib
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -163,15 +163,8 @@ def load(
         if raw is not None and name in known:
             values[name] = _parse(name, _kind(known[name]), raw, "--" + name.replace("_", "-"))
     config = Config(**values)
-    config = _with_token_file(config)
     validate(config)
     return config
-
-
-def _with_token_file(config: Config) -> Config:
-    if not config.auth_tokens_file:
-        return config
-    return replace(config, auth_tokens=config.auth_tokens + read_token_file(config.auth_tokens_file))
 
 
 def read_token_file(path: str) -> tuple[str, ...]:
@@ -215,7 +208,9 @@ def validate(c: Config) -> None:
     """Check every setting, so a bad one stops the start with a message that names it."""
     for name in ("http_addr", "grpc_addr", "admin_addr"):
         split_addr(getattr(c, name), name)
-    if not c.auth_tokens and not c.allow_unauthenticated:
+    if c.auth_tokens_file:
+        read_token_file(c.auth_tokens_file)  # fail at start, not at the first request
+    if not c.auth_tokens and not c.auth_tokens_file and not c.allow_unauthenticated:
         for name in ("http_addr", "grpc_addr"):
             host, _ = split_addr(getattr(c, name), name)
             if not is_loopback(host):

@@ -1,0 +1,67 @@
+"""Bearer-token checks shared by HTTP and gRPC: constant-time, reloadable from a file."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+
+from sidecar.config import ConfigError, read_token_file
+
+log = logging.getLogger(__name__)
+
+
+class TokenChecker:
+    """Accepts ``Bearer <token>`` (scheme case-insensitive) for any configured token.
+
+    With a token file, the file is re-read when its mtime changes, so a
+    rotated Kubernetes Secret takes effect without a restart.
+    """
+
+    def __init__(self, tokens: tuple[str, ...] = (), file: str = "") -> None:
+        self._static = tuple(t.encode() for t in tokens)
+        self._file = file
+        self._file_mtime: float | None = None
+        self._from_file: tuple[bytes, ...] = ()
+        self._reload()
+
+    @property
+    def enabled(self) -> bool:
+        """False when no token is configured: every request is let through."""
+        return bool(self._static or self._file)
+
+    def check(self, authorization: str | None) -> bool:
+        """True if the header value carries an accepted token (or no token is required)."""
+        if not self.enabled:
+            return True
+        if not authorization:
+            return False
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return False
+        self._reload()
+        candidate = token.strip().encode()
+        # Compare against every token without short-circuit so timing does not
+        # tell which (or whether any) token matched a prefix.
+        ok = False
+        for accepted in self._static + self._from_file:
+            ok |= hmac.compare_digest(candidate, accepted)
+        return ok
+
+    def _reload(self) -> None:
+        if not self._file:
+            return
+        try:
+            mtime = os.stat(self._file).st_mtime
+        except OSError:
+            # Keep the last good tokens: a Secret volume swap briefly removes the file.
+            return
+        if mtime == self._file_mtime:
+            return
+        try:
+            tokens = read_token_file(self._file)
+        except ConfigError as e:
+            log.warning("token file unreadable, keeping previous tokens", extra={"reason": str(e)})
+            return
+        self._from_file = tuple(t.encode() for t in tokens)
+        self._file_mtime = mtime

@@ -1,0 +1,269 @@
+"""The core: every operation implemented once, used by both the HTTP and the gRPC front doors."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+from sidecar.bots.base import Bot, BotError, BotReply
+from sidecar.config import Config
+from sidecar.delivery.stream import Broker, ReplyStream, draining_error
+from sidecar.errors import NotFound, Overloaded, Unavailable
+from sidecar.models import AcceptResult, InboundMessage, Reply, ReplyDraft, StoredMessage, sidecar_id
+from sidecar.observability import Metrics
+from sidecar.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+class Notifier(Protocol):
+    """The webhook worker as the core sees it: told when replies were queued."""
+
+    def notify(self, conversation_id: str) -> None: ...
+
+
+def full_jitter(attempt: int, initial: float, cap: float) -> float:
+    """Delay before retry number ``attempt`` (1-based): uniform in [0, min(cap, initial·2^(attempt-1))]."""
+    return random.uniform(0, min(cap, initial * 2 ** min(attempt - 1, 62)))
+
+
+class Core:
+    """Accepts messages, runs the bot once per message, appends replies, serves streams.
+
+    Messages of one conversation go to the bot one at a time, in order of
+    acceptance (a "lane" per conversation); different conversations run
+    concurrently up to ``bot_concurrency``.
+    """
+
+    def __init__(self, config: Config, store: Store, bot: Bot, metrics: Metrics, webhook: Notifier | None) -> None:
+        self._config = config
+        self._store = store
+        self._bot = bot
+        self._metrics = metrics
+        self._webhook = webhook
+        self.broker = Broker(config.stream_queue_size)
+        self._lanes: dict[str, collections.deque[StoredMessage]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._bot_slots = asyncio.Semaphore(config.bot_concurrency)
+        self._pending = 0
+        self._backlog = False  # more pending messages in the store than were loaded
+        self._started = False
+        self._draining = False
+        self._stopping = asyncio.Event()
+        self._streams = 0
+
+    # --- lifecycle ----------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._started and not self._draining
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def start(self) -> None:
+        """Resume every message accepted before a restart but not yet handled."""
+        recovered = await self._load_pending()
+        if recovered:
+            log.info("resuming messages accepted before the restart", extra={"count": recovered})
+        self._started = True
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work, end streams, let bot calls in flight finish (up to timeout).
+
+        Messages not handled by then stay pending in the store for the next start.
+        """
+        self._draining = True
+        self.broker.close_all(draining_error())
+        self._stopping.set()
+        tasks = list(self._tasks)
+        if tasks:
+            _, still = await asyncio.wait(tasks, timeout=timeout)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+
+    # --- send ---------------------------------------------------------------
+
+    async def send(self, message: InboundMessage) -> AcceptResult:
+        """Store a message durably (or recognise a duplicate); the bot runs later."""
+        if self._draining or not self._started:
+            raise Unavailable()
+        if self._pending >= self._config.max_pending_messages:
+            raise Overloaded(retry_after=1.0)
+        result = await self._store.accept(message, now=time.time())
+        if not result.duplicate:
+            self._enqueue(result.stored)
+        return result
+
+    def _enqueue(self, stored: StoredMessage) -> None:
+        self._pending += 1
+        self._metrics.pending_messages.set(self._pending)
+        lane = self._lanes.get(stored.conversation_id)
+        if lane is None:
+            lane = self._lanes[stored.conversation_id] = collections.deque()
+            task = asyncio.create_task(self._run_lane(stored.conversation_id, lane))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        lane.append(stored)
+
+    async def _load_pending(self) -> int:
+        limit = self._config.max_pending_messages
+        pending = await self._store.pending_messages(limit)
+        for stored in pending:
+            self._enqueue(stored)
+        self._backlog = len(pending) >= limit
+        return len(pending)
+
+    async def _run_lane(self, conversation_id: str, lane: collections.deque[StoredMessage]) -> None:
+        try:
+            while lane and not self._stopping.is_set():
+                async with self._bot_slots:
+                    if self._stopping.is_set():
+                        break
+                    await self._handle(lane[0])
+                lane.popleft()
+                self._pending -= 1
+                self._metrics.pending_messages.set(self._pending)
+        finally:
+            # No await between the loop's last check and this: a message enqueued
+            # meanwhile would find the lane and never run.
+            if self._lanes.get(conversation_id) is lane and not lane:
+                del self._lanes[conversation_id]
+        if self._backlog and self._pending == 0 and not self._stopping.is_set():
+            self._backlog = False
+            await self._load_pending()
+
+    async def _handle(self, stored: StoredMessage) -> None:
+        """Run the bot until it succeeds, fails for good, or the sidecar stops."""
+        attempts = stored.attempts
+        bot = self._bot.name
+        while not self._stopping.is_set():
+            emitted = 0
+
+            async def emit(reply: BotReply) -> None:
+                nonlocal emitted
+                if emitted == 0:
+                    self._metrics.end_to_end.observe(max(0.0, time.time() - stored.received_at))
+                draft = self._draft(stored, reply, f"{stored.id}/{emitted}")
+                emitted += 1
+                await self._append(stored.conversation_id, [draft], source="bot")
+
+            started = time.perf_counter()
+            try:
+                await asyncio.wait_for(self._bot.handle(stored, emit), self._config.bot_timeout)
+            except BotError as e:
+                error, outcome, retry = str(e), "error", e.retryable
+            except TimeoutError:
+                error, outcome, retry = f"timeout after {self._config.bot_timeout:g}s", "timeout", True
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.exception("bot raised", extra=_ids(stored))
+                error, outcome, retry = f"bot raised {type(e).__name__}", "error", True
+            else:
+                self._metrics.bot_calls.labels(bot, "ok").inc()
+                self._metrics.bot_latency.labels(bot).observe(time.perf_counter() - started)
+                await self._store.complete_message(stored.id)
+                return
+            self._metrics.bot_calls.labels(bot, outcome if retry else "rejected").inc()
+            self._metrics.bot_latency.labels(bot).observe(time.perf_counter() - started)
+            attempts = await self._store.record_attempt(stored.id, error)
+            log.warning("bot attempt failed", extra={**_ids(stored), "attempt": attempts, "error": error})
+            if not retry or attempts >= self._config.bot_max_attempts:
+                await self._store.dead_letter_message(stored.id, error, now=time.time())
+                self._metrics.dead_letters.labels("message").inc()
+                log.error("message dead-lettered", extra={**_ids(stored), "attempts": attempts, "error": error})
+                return
+            delay = full_jitter(attempts, self._config.bot_backoff_initial, self._config.bot_backoff_max)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+
+    def _draft(self, stored: StoredMessage, reply: BotReply, dedupe_key: str) -> ReplyDraft:
+        m = stored.message
+        return ReplyDraft(
+            type=reply.type,
+            payload=reply.payload,
+            dedupe_key=dedupe_key,
+            user_id=m.user_id,
+            in_reply_to=m.message_id,
+            bot_user_id=reply.bot_user_id or stored.user_sidecar_id,
+            bot_message_id=reply.bot_message_id or sidecar_id("reply", m.conversation_id, dedupe_key),
+            bot_conversation_id=reply.bot_conversation_id or stored.conversation_sidecar_id,
+        )
+
+    async def _append(self, conversation_id: str, drafts: Sequence[ReplyDraft], *, source: str) -> list[Reply]:
+        replies = await self._store.append_replies(
+            conversation_id, drafts, now=time.time(), outbox=self._webhook is not None
+        )
+        for reply in replies:
+            self.broker.publish(reply)
+        if replies:
+            self._metrics.replies.labels(source).inc(len(replies))
+            if self._webhook is not None:
+                self._webhook.notify(conversation_id)
+        return replies
+
+    # --- replies from asynchronous bots ---------------------------------------
+
+    async def add_bot_replies(self, conversation_id: str, replies: Sequence[BotReply]) -> list[Reply]:
+        """Append replies a bot POSTed to the callback endpoint.
+
+        A reply carrying a bot message id is keyed by it, so a retried
+        callback does not add it twice.
+        """
+        if self._draining:
+            raise Unavailable()
+        user_id = await self._store.conversation_user(conversation_id)
+        if user_id is None:
+            raise NotFound("no message was ever received in this conversation")
+        drafts = []
+        for reply in replies:
+            key = f"callback/{reply.bot_message_id or uuid.uuid4()}"
+            drafts.append(
+                ReplyDraft(
+                    type=reply.type,
+                    payload=reply.payload,
+                    dedupe_key=key,
+                    user_id=user_id,
+                    bot_user_id=reply.bot_user_id or sidecar_id("user", user_id),
+                    bot_message_id=reply.bot_message_id or sidecar_id("reply", conversation_id, key),
+                    bot_conversation_id=reply.bot_conversation_id or sidecar_id("conversation", conversation_id),
+                )
+            )
+        return await self._append(conversation_id, drafts, source="callback")
+
+    # --- subscribe ------------------------------------------------------------
+
+    async def subscribe(self, conversation_id: str, after: int | None) -> ReplyStream:
+        """Open a stream of the conversation's replies after ``after`` (None: live only).
+
+        The caller must ``close()`` the stream. Raises CursorExpired when the
+        cursor is older than what is retained, Overloaded at the stream limit.
+        """
+        if self._draining or not self._started:
+            raise Unavailable()
+        if self._streams >= self._config.max_streams:
+            raise Overloaded("too many open streams", retry_after=1.0)
+        stream = await ReplyStream.open(self._store, self.broker, conversation_id, after, self._stream_closed)
+        self._streams += 1
+        self._metrics.active_streams.set(self._streams)
+        return stream
+
+    def _stream_closed(self, stream: ReplyStream) -> None:
+        self._streams -= 1
+        self._metrics.active_streams.set(self._streams)
+        if stream.close_reason is not None and not self._draining:
+            self._metrics.stream_cutoffs.inc()
+
+
+def _ids(stored: StoredMessage) -> dict[str, str]:
+    return {"conversation_id": stored.conversation_id, "message_id": stored.message.message_id}

@@ -1,0 +1,191 @@
+"""Live fan-out of replies to subscribers, merged with replay from the log without gap or repeat."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Callable
+
+from sidecar.errors import CursorExpired, SidecarError, SlowConsumer, Unavailable
+from sidecar.models import Reply
+from sidecar.store.base import Store
+
+_PAGE = 256
+
+
+class Subscription:
+    """One subscriber's bounded buffer of live replies.
+
+    A deque plus an event rather than an asyncio.Queue: publish must never
+    block the publisher, and an overflow has to be noticed by the consumer
+    even while it is stuck writing to a slow client (``cut_off``).
+    """
+
+    __slots__ = ("buffer", "closed", "conversation_id", "cut_off", "limit", "wakeup")
+
+    def __init__(self, conversation_id: str, limit: int) -> None:
+        self.conversation_id = conversation_id
+        self.limit = limit
+        self.buffer: collections.deque[Reply] = collections.deque()
+        self.wakeup = asyncio.Event()
+        self.cut_off = asyncio.Event()
+        """Set when the subscriber must end: it fell behind, or the sidecar drains."""
+        self.closed: SidecarError | None = None
+
+    def offer(self, reply: Reply) -> bool:
+        """Buffer a live reply; False (and cut off) when the buffer is full."""
+        if self.closed is not None:
+            return True
+        if len(self.buffer) >= self.limit:
+            self.close(SlowConsumer())
+            return False
+        self.buffer.append(reply)
+        self.wakeup.set()
+        return True
+
+    def close(self, reason: SidecarError) -> None:
+        if self.closed is None:
+            self.closed = reason
+            self.cut_off.set()
+            self.wakeup.set()
+
+
+class Broker:
+    """Per-conversation subscriber sets; publish is synchronous and never waits."""
+
+    def __init__(self, queue_size: int) -> None:
+        self._queue_size = queue_size
+        self._subs: dict[str, set[Subscription]] = {}
+        self.cutoffs = 0
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    def register(self, conversation_id: str) -> Subscription:
+        sub = Subscription(conversation_id, self._queue_size)
+        self._subs.setdefault(conversation_id, set()).add(sub)
+        return sub
+
+    def unregister(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.conversation_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.conversation_id]
+
+    def publish(self, reply: Reply) -> None:
+        for sub in self._subs.get(reply.conversation_id, ()):
+            if not sub.offer(reply):
+                self.cutoffs += 1
+
+    def close_all(self, reason: SidecarError) -> None:
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.close(reason)
+
+
+class ReplyStream:
+    """Replies of one conversation with sequence > cursor: first from the log, then live.
+
+    The subscription is registered *before* the log is read, so a reply
+    committed during the replay is either in the log read or in the live
+    buffer (or both: duplicates are dropped by sequence). A live reply that
+    arrives ahead of the next expected sequence triggers a refill from the
+    log, so concurrent appenders can never open a gap.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        broker: Broker,
+        sub: Subscription,
+        after: int,
+        on_close: Callable[[ReplyStream], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._on_close = on_close
+        self._closed = False
+        self._broker = broker
+        self._sub = sub
+        self.last = after
+        """The sequence of the last reply yielded (the client's cursor)."""
+        self._replayed: collections.deque[Reply] = collections.deque()
+        self._refill = True
+
+    @classmethod
+    async def open(
+        cls,
+        store: Store,
+        broker: Broker,
+        conversation_id: str,
+        after: int | None,
+        on_close: Callable[[ReplyStream], None] | None = None,
+    ) -> ReplyStream:
+        sub = broker.register(conversation_id)
+        try:
+            last = await store.last_sequence(conversation_id)
+            if after is None:
+                after = last
+            elif after > last:
+                raise CursorExpired(f"the cursor {after} is ahead of the conversation's last reply {last}")
+            elif after + 1 < await store.first_retained_sequence(conversation_id):
+                raise CursorExpired()
+        except BaseException:
+            broker.unregister(sub)
+            raise
+        return cls(store, broker, sub, after, on_close)
+
+    @property
+    def cut_off(self) -> asyncio.Event:
+        return self._sub.cut_off
+
+    @property
+    def close_reason(self) -> SidecarError | None:
+        return self._sub.closed
+
+    def close(self) -> None:
+        """Stop receiving live replies. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._broker.unregister(self._sub)
+        if self._on_close is not None:
+            self._on_close(self)
+
+    def __aiter__(self) -> AsyncIterator[Reply]:
+        return self
+
+    async def __anext__(self) -> Reply:
+        sub = self._sub
+        while True:
+            if sub.closed is not None:
+                raise sub.closed
+            if self._replayed:
+                return self._take(self._replayed.popleft())
+            if self._refill:
+                page = await self._store.replies_after(sub.conversation_id, self.last, _PAGE)
+                if page and page[0].sequence != self.last + 1:
+                    raise CursorExpired("replies after the cursor were trimmed while the stream was behind")
+                self._replayed.extend(page)
+                self._refill = len(page) == _PAGE
+                continue
+            while sub.buffer:
+                reply = sub.buffer.popleft()
+                if reply.sequence <= self.last:
+                    continue
+                if reply.sequence == self.last + 1:
+                    return self._take(reply)
+                self._refill = True  # a gap: the missing replies are in the log
+                break
+            if self._refill:
+                continue
+            sub.wakeup.clear()
+            await sub.wakeup.wait()
+
+    def _take(self, reply: Reply) -> Reply:
+        self.last = reply.sequence
+        return reply
+
+
+def draining_error() -> Unavailable:
+    return Unavailable("the sidecar is shutting down; reconnect with your last sequence")

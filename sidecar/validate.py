@@ -1,0 +1,97 @@
+"""Validation of an inbound message, one implementation for both protocols."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from sidecar.errors import FieldViolation, InvalidArgument
+from sidecar.models import JSON, InboundMessage
+
+ID_FIELDS = ("userId", "messageId", "conversationId", "type")
+
+# Violations name the field as the client wrote it: JSON names over HTTP,
+# proto names over gRPC (google.rpc.BadRequest convention).
+PROTO_NAMES = {
+    "userId": "user_id",
+    "messageId": "message_id",
+    "conversationId": "conversation_id",
+    "type": "type",
+    "text": "text",
+    "payload": "payload",
+}
+
+# google.protobuf.Value carries numbers as doubles: larger integers would not
+# round-trip exactly between the HTTP and gRPC forms of one message.
+MAX_SAFE_INT = 2**53
+
+
+def message_from_fields(
+    fields: Mapping[str, object],
+    *,
+    max_id_length: int,
+    max_payload_depth: int,
+    names: Mapping[str, str] | None = None,
+) -> InboundMessage:
+    """Check a message's fields (JSON names) and build the normalized message.
+
+    ``payload`` may be absent (None): the hosted integration accepts that.
+    Raises InvalidArgument listing every bad field at once.
+    """
+    bad: list[FieldViolation] = []
+
+    def violation(name: str, reason: str) -> None:
+        bad.append(FieldViolation((names or {}).get(name, name), reason))
+
+    for name in ID_FIELDS:
+        value = fields.get(name)
+        if value is None:
+            violation(name, "is required")
+        elif not isinstance(value, str):
+            violation(name, "must be a string")
+        elif not value:
+            violation(name, "must not be empty")
+        elif len(value) > max_id_length:
+            violation(name, f"must be at most {max_id_length} characters")
+    text = fields.get("text")
+    if text is None:
+        violation("text", "is required")
+    elif not isinstance(text, str):
+        violation("text", "must be a string")
+    payload = fields.get("payload")
+    reason = payload_problem(payload, max_payload_depth)
+    if reason:
+        violation("payload", reason)
+    if bad:
+        raise InvalidArgument("the message has invalid fields", details=tuple(bad))
+    return InboundMessage.normalized(
+        user_id=str(fields["userId"]),
+        message_id=str(fields["messageId"]),
+        conversation_id=str(fields["conversationId"]),
+        type=str(fields["type"]),
+        text=str(text),
+        payload=payload,
+    )
+
+
+def payload_problem(payload: JSON, max_depth: int) -> str:
+    """Why a payload is refused ("" when it is fine): too deep, or numbers that do not round-trip."""
+    stack: list[tuple[JSON, int]] = [(payload, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > max_depth:
+                return f"must not nest deeper than {max_depth} levels"
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        elif isinstance(value, int):
+            if abs(value) > MAX_SAFE_INT:
+                return f"integers must be within ±2^53 to round-trip exactly (got {len(str(value))} digits)"
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return "numbers must be finite"
+        else:
+            return "must be a JSON value"
+    return ""
