@@ -1,0 +1,100 @@
+"""Configuration: precedence of sources, validation that names the setting, the loopback rule."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from sidecar import config
+from sidecar.config import Config, ConfigError, load
+
+
+def test_defaults_match_the_spec() -> None:
+    c = load(env={})
+    assert c.http_addr == "127.0.0.1:8080"
+    assert c.grpc_addr == "127.0.0.1:50051"
+    assert c.admin_addr == "0.0.0.0:9090"
+    assert c.auth_tokens == ()
+    assert c.response_url == ""
+    assert c.bot == "echo" and c.bot_format == "json"
+    assert c.store == "sqlite:///./data/sidecar.db"
+
+
+def test_toml_then_environment_then_flags_later_wins(tmp_path: Path) -> None:
+    toml = tmp_path / "sidecar.toml"
+    toml.write_text('bot = "script"\nbot_script = "a.yaml"\nmax_id_length = 100\nauth_tokens = ["t1", "t2"]\n')
+    c = load(toml_path=str(toml), env={"SIDECAR_MAX_ID_LENGTH": "50", "SIDECAR_BOT": "echo"}, flags={"bot": "script"})
+    assert c.bot == "script"
+    assert c.max_id_length == 50
+    assert c.auth_tokens == ("t1", "t2")
+
+
+def test_every_setting_has_an_environment_variable() -> None:
+    env = {config.env_name(f.name): "" for f in fields(Config)}
+    assert "SIDECAR_RESPONSE_AUTHORIZATION" in env and "SIDECAR_CALLBACK_TOKENS" in env
+    assert "SIDECAR_BOT_URL" in env and "SIDECAR_BOT_TOKEN" in env and "SIDECAR_WEBHOOK_SECRET" in env
+
+
+def test_comma_separated_tokens_are_split_and_trimmed() -> None:
+    c = load(env={"SIDECAR_AUTH_TOKENS": " a, b ,,c"})
+    assert c.auth_tokens == ("a", "b", "c")
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"SIDECAR_BOT": "nope"}, "SIDECAR_BOT"),
+        ({"SIDECAR_HTTP_ADDR": "nonsense"}, "SIDECAR_HTTP_ADDR"),
+        ({"SIDECAR_MAX_BODY_BYTES": "lots"}, "SIDECAR_MAX_BODY_BYTES"),
+        ({"SIDECAR_MAX_BODY_BYTES": "0"}, "SIDECAR_MAX_BODY_BYTES"),
+        ({"SIDECAR_STORE": "mysql://x"}, "SIDECAR_STORE"),
+        ({"SIDECAR_WEBHOOK_SECRET": "plain"}, "SIDECAR_WEBHOOK_SECRET"),
+        ({"SIDECAR_RESPONSE_URL": "ftp://x"}, "SIDECAR_RESPONSE_URL"),
+        ({"SIDECAR_BOT": "http"}, "SIDECAR_BOT_URL"),
+        ({"SIDECAR_ALLOW_UNAUTHENTICATED": "maybe"}, "SIDECAR_ALLOW_UNAUTHENTICATED"),
+    ],
+)
+def test_invalid_settings_fail_with_a_message_naming_the_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load(env=env)
+
+
+def test_unknown_toml_setting_is_refused(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text("no_such_thing = 1\n")
+    with pytest.raises(ConfigError, match="no_such_thing"):
+        load(toml_path=str(toml), env={})
+
+
+@pytest.mark.parametrize("name", ["SIDECAR_HTTP_ADDR", "SIDECAR_GRPC_ADDR"])
+def test_binding_beyond_loopback_without_tokens_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load(env={name: "0.0.0.0:1234"})
+
+
+def test_binding_beyond_loopback_is_allowed_with_tokens_or_explicit_opt_in(tmp_path: Path) -> None:
+    load(env={"SIDECAR_HTTP_ADDR": "0.0.0.0:1234", "SIDECAR_AUTH_TOKENS": "t"})
+    load(env={"SIDECAR_GRPC_ADDR": "[::]:1234", "SIDECAR_ALLOW_UNAUTHENTICATED": "true"})
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# rotated by Kubernetes\ntok\n")
+    load(env={"SIDECAR_HTTP_ADDR": "0.0.0.0:1234", "SIDECAR_AUTH_TOKENS_FILE": str(tokens)})
+
+
+def test_loopback_addresses_are_recognised() -> None:
+    assert config.is_loopback("127.0.0.1") and config.is_loopback("::1") and config.is_loopback("localhost")
+    assert not config.is_loopback("0.0.0.0") and not config.is_loopback("10.0.0.1")
+
+
+def test_redacted_settings_hide_secrets() -> None:
+    c = load(env={"SIDECAR_AUTH_TOKENS": "topsecret", "SIDECAR_WEBHOOK_SECRET": "whsec_dGVzdA=="})
+    shown = str(c.redacted())
+    assert "topsecret" not in shown and "dGVzdA" not in shown
+
+
+def test_configuration_doc_lists_every_setting() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    for flag, variable, _, _ in config.describe():
+        assert variable in doc, f"{variable} missing from docs/configuration.md"
+        assert flag in doc
