@@ -1,0 +1,282 @@
+"""The `sidecar` command: serve the sidecar, send a message to one, tail a conversation's replies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import typing
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from importlib import metadata
+from urllib.parse import urlsplit
+
+from sidecar.config import Config, ConfigError, describe, load
+from sidecar.models import JSON
+
+Subparsers: typing.TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Handler = Callable[[argparse.Namespace], int]
+
+DEFAULT_GRPC = "127.0.0.1:50051"
+TOKEN_ENV = "SIDECAR_TOKEN"  # noqa: S105 - the name of a variable, not a token
+
+
+def _help(text: str) -> str:
+    return text.replace("%", "%%")  # argparse %-formats help strings
+
+
+def _metavar(name: str, kind: object) -> str:
+    if kind is bool:
+        return "true|false"
+    if typing.get_origin(kind) is tuple:
+        return "A,B,..."
+    if kind is int:
+        return "N"
+    if kind is float:
+        return "NUM"
+    for suffix, metavar in (("_addr", "HOST:PORT"), ("_url", "URL"), ("_file", "FILE"), ("_script", "FILE")):
+        if name.endswith(suffix):
+            return metavar
+    return "VALUE"
+
+
+# --- serve ----------------------------------------------------------------------
+
+
+def add_serve_parser(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the sidecar",
+        description="Run the sidecar until SIGTERM or Ctrl-C, then drain and exit 0. Settings come from "
+        "defaults < the --config TOML file < SIDECAR_* environment variables < these flags.",
+        epilog="Exit codes: 0 after a clean drain, 1 if a listener could not start, 2 for an invalid setting.",
+    )
+    parser.add_argument("--config", metavar="FILE", help="TOML file whose keys are the setting names in snake case")
+    settings = parser.add_argument_group(
+        "settings", "Every setting also has an environment variable; a flag given here wins over it."
+    )
+    hints = typing.get_type_hints(Config)
+    rows = {flag: (var, default, text) for flag, var, default, text in describe()}
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        var, default, text = rows[flag]
+        kind = hints[f.name]
+        extra = "; comma-separated" if typing.get_origin(kind) is tuple else ""
+        if f.metadata.get("secret"):
+            # Flags show up in `ps` and shell history; the variable does not.
+            extra += "; secret: prefer the variable"
+        shown = default if default != "" else "none"
+        parser_help = f"{text} [{var}; default: {shown}{extra}]"
+        # Strings, parsed by config.load, so a bad value gets the same message as from the environment.
+        settings.add_argument(flag, dest=f.name, metavar=_metavar(f.name, kind), default=None, help=_help(parser_help))
+    parser.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    flags = {f.name: getattr(args, f.name) for f in fields(Config)}
+    try:
+        config = load(toml_path=args.config, env=os.environ, flags=flags)
+    except ConfigError as e:
+        print(f"sidecar: {e}", file=sys.stderr)
+        return 2
+    # Imported here so that --help, send and tail never load the server.
+    from sidecar.app import run
+
+    return run(config)
+
+
+# --- send -----------------------------------------------------------------------
+
+
+def _add_token(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV) or None,
+        help=f"bearer token, one of the server's SIDECAR_AUTH_TOKENS [default: ${TOKEN_ENV}, else none]",
+    )
+
+
+def add_send_parser(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "send",
+        help="send one user message to a sidecar",
+        description="Send one user message over gRPC (the default) or HTTP and print the answer as one JSON "
+        "line. Sending the same --message-id again is answered as a duplicate.",
+        epilog="Exit codes: 0 accepted (or duplicate), 1 refused or unreachable (details on stderr), 2 bad usage.",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--grpc", metavar="ADDR", help=f"gRPC address host:port [default: {DEFAULT_GRPC}]")
+    where.add_argument("--http", metavar="URL", help="HTTP ingress URL, e.g. http://127.0.0.1:8080/webhook")
+    _add_token(parser)
+    parser.add_argument("--user", required=True, help="userId: the end user")
+    parser.add_argument("--conversation", required=True, help="conversationId: the client's conversation id")
+    parser.add_argument("--message-id", metavar="ID", help="messageId; a repeat is a duplicate [default: a new UUID4]")
+    parser.add_argument("--type", default="text", help="message type [default: text]")
+    parser.add_argument("--text", default="", help='the text, or a summary of the payload [default: ""]')
+    parser.add_argument(
+        "--payload",
+        metavar="JSON",
+        help='any JSON value, e.g. \'{"text": "hi"}\' [default: absent, so the sidecar uses {"text": TEXT}]',
+    )
+    parser.add_argument(
+        "--timeout", metavar="SECONDS", type=float, default=10.0, help="seconds to wait for the answer [default: 10]"
+    )
+    parser.set_defaults(handler=_send, parser=parser)
+
+
+def _parse_payload(text: str) -> JSON:
+    def refuse(constant: str) -> JSON:
+        raise ValueError(f"{constant} is not JSON")
+
+    # NaN and Infinity are not JSON and would not survive the round trip through the sidecar.
+    return json.loads(text, parse_constant=refuse)
+
+
+def _send(args: argparse.Namespace) -> int:
+    from sidecar import client
+
+    parser: argparse.ArgumentParser = args.parser
+    payload = None
+    if args.payload is not None:
+        try:
+            payload = _parse_payload(args.payload)
+        except ValueError as e:
+            parser.error(f"--payload is not valid JSON: {e}")
+    if args.http is not None and urlsplit(args.http).scheme not in {"http", "https"}:
+        parser.error(f"--http expects an http:// or https:// URL, got {args.http!r}")
+    message = client.Outgoing(
+        user_id=args.user,
+        message_id=args.message_id or str(uuid.uuid4()),
+        conversation_id=args.conversation,
+        type=args.type,
+        text=args.text,
+        payload=payload,
+    )
+    try:
+        if args.http is not None:
+            answer = client.send_http(args.http, args.token, message, args.timeout)
+        else:
+            answer = client.send_grpc(args.grpc or DEFAULT_GRPC, args.token, message, args.timeout)
+    except client.ClientError as e:
+        print(f"sidecar send: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:  # the payload cannot become a google.protobuf.Value (e.g. nested too deep)
+        print(f"sidecar send: the payload cannot be sent: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(answer, ensure_ascii=False), flush=True)
+    return 0
+
+
+# --- tail -----------------------------------------------------------------------
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+    return value
+
+
+def add_tail_parser(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tail",
+        help="print a conversation's replies as they arrive",
+        description="Subscribe to a conversation over gRPC and print each reply as one JSON line. When the "
+        "connection drops or the server is busy or restarting, reconnect (backoff 0.2 s doubling to 5 s) "
+        "from the last sequence printed, so no reply is missed or printed twice.",
+        epilog="Exit codes: 0 on Ctrl-C, --max-replies or (with --once) the end of the stream; 1 when the server "
+        "refuses (bad token, bad conversation id, cursor older than what it retains).",
+    )
+    parser.add_argument("conversation", metavar="CONVERSATION", help="conversationId to follow")
+    parser.add_argument(
+        "--after",
+        metavar="N",
+        type=_non_negative,
+        help="first replay every reply with sequence > N (0: all retained replies) [default: live replies only]",
+    )
+    parser.add_argument("--grpc", metavar="ADDR", default=DEFAULT_GRPC, help=f"gRPC address [default: {DEFAULT_GRPC}]")
+    _add_token(parser)
+    parser.add_argument("--once", action="store_true", help="do not reconnect: exit when the stream ends or fails")
+    parser.add_argument(
+        "--max-replies", metavar="N", type=_non_negative, help="exit 0 after printing N replies [default: no limit]"
+    )
+    parser.set_defaults(handler=_tail)
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from sidecar import client
+
+    options = client.TailOptions(
+        target=args.grpc,
+        token=args.token,
+        conversation_id=args.conversation,
+        after=args.after,
+        once=args.once,
+        max_replies=args.max_replies,
+    )
+    if options.max_replies == 0:
+        return 0
+    try:
+        return client.tail(options, sys.stdout, sys.stderr)
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how one stops following: not an error
+
+
+# --- dlq (hook) -----------------------------------------------------------------
+
+
+def add_dlq_parser(subparsers: Subparsers) -> None:
+    """Hook for `sidecar dlq list|show|replay|purge` (dead letters via the admin API), added by a later issue.
+
+    Register a "dlq" subparser here with its own sub-subparsers and ``set_defaults(handler=...)``; a handler
+    takes the parsed arguments and returns the exit code. Keep the client code in sidecar/client.py.
+    """
+
+
+# --- entry point ----------------------------------------------------------------
+
+
+def _version() -> str:
+    try:
+        return metadata.version("sidecar")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="A messaging sidecar: Botpress Messaging API compatible HTTP and gRPC ingress, "
+        "durable delivery of bot replies.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    add_serve_parser(subparsers)
+    add_send_parser(subparsers)
+    add_tail_parser(subparsers)
+    add_dlq_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130  # the shell's convention for "stopped by SIGINT"
+    except BrokenPipeError:
+        # The reader went away (`sidecar tail ... | head`): not an error. Point stdout at devnull so
+        # the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

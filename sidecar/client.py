@@ -1,0 +1,223 @@
+"""Client side of the CLI: send a message over gRPC or HTTP, tail a conversation's replies with resume."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from sidecar.models import JSON
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+
+BACKOFF_INITIAL = 0.2
+BACKOFF_MAX = 5.0
+
+# Cursor resume makes a retry always safe, so every status that can mean "this
+# connection or server went away" is retried; UNKNOWN and INTERNAL are what a
+# reset HTTP/2 stream surfaces as. Anything else is the caller's mistake or a
+# state a retry cannot fix (OUT_OF_RANGE: the cursor is older than retention).
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+
+CHANNEL_OPTIONS = [
+    # A silently dropped connection (no RST) must be noticed, or tail would hang forever.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # A quiet Subscribe stream carries no data; without this the pings stop after two.
+    ("grpc.http2.max_pings_without_data", 0),
+    # Subchannels are shared process-wide and keep their own backoff (up to 120 s
+    # by default); align it with ours so a restarted server is found promptly.
+    ("grpc.initial_reconnect_backoff_ms", int(BACKOFF_INITIAL * 1000)),
+    ("grpc.min_reconnect_backoff_ms", int(BACKOFF_INITIAL * 1000)),
+    ("grpc.max_reconnect_backoff_ms", int(BACKOFF_MAX * 1000)),
+]
+
+
+class ClientError(Exception):
+    """A request failed; the message says how, for stderr."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One user message as `sidecar send` was asked to send it; payload None means absent."""
+
+    user_id: str
+    message_id: str
+    conversation_id: str
+    type: str
+    text: str
+    payload: JSON | None
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def describe_rpc_error(error: grpc.RpcError) -> str:
+    """CODE: message, plus the field violations of a google.rpc.BadRequest when the server sent one."""
+    text = f"{error.code().name}: {error.details()}"
+    try:
+        status = rpc_status.from_call(error)
+    except ValueError:  # the rich status disagrees with the plain one; the plain one is enough
+        status = None
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            text += "".join(f"\n  {v.field}: {v.description}" for v in bad.field_violations)
+    return text
+
+
+def send_grpc(target: str, token: str | None, message: Outgoing, timeout: float) -> dict[str, JSON]:
+    """SendMessage; the answer as the JSON the HTTP ingress would give (its first three fields)."""
+    request = sidecar_pb2.SendMessageRequest(
+        user_id=message.user_id,
+        message_id=message.message_id,
+        conversation_id=message.conversation_id,
+        type=message.type,
+        text=message.text,
+    )
+    if message.payload is not None:  # absent: the sidecar uses {"text": text}, as over HTTP
+        from sidecar import convert  # the json <-> protobuf mapping the server uses, so payloads match exactly
+
+        request.payload.CopyFrom(convert.json_to_value(message.payload))
+    with grpc.insecure_channel(target) as channel:
+        stub = sidecar_pb2_grpc.MessagingServiceStub(channel)
+        try:
+            response = stub.SendMessage(request, metadata=_metadata(token), timeout=timeout)
+        except grpc.RpcError as e:
+            raise ClientError(describe_rpc_error(e)) from None
+    return {
+        "messageId": response.message_id,
+        "conversationId": response.conversation_id,
+        "duplicate": response.duplicate,
+    }
+
+
+def send_http(url: str, token: str | None, message: Outgoing, timeout: float) -> JSON:
+    """POST the SPEC §2 body; the answer body, parsed."""
+    body: dict[str, JSON] = {
+        "userId": message.user_id,
+        "messageId": message.message_id,
+        "conversationId": message.conversation_id,
+        "type": message.type,
+        "text": message.text,
+    }
+    if message.payload is not None:  # absent: the sidecar uses {"text": text}, as the hosted integration does
+        body["payload"] = message.payload
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    # The CLI checked that the scheme is http(s): file:// and friends never get here.
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            raw = response.read()
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode("utf-8", errors="replace").strip()
+        raise ClientError(f"HTTP {e.code} {e.reason}: {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        raise ClientError(f"cannot reach {url}: {reason}") from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise ClientError(f"the answer from {url} is not JSON: {raw[:200]!r}") from None
+
+
+def reply_to_json(reply: sidecar_pb2.Reply) -> dict[str, JSON]:
+    """A Reply as one JSON object with the HTTP side's camelCase names."""
+    from sidecar import convert
+
+    return {
+        "conversationId": reply.conversation_id,
+        "sequence": reply.sequence,
+        "type": reply.type,
+        "payload": convert.value_to_json(reply.payload) if reply.HasField("payload") else None,
+        "botUserId": reply.bot_user_id,
+        "botMessageId": reply.bot_message_id,
+        "botConversationId": reply.bot_conversation_id,
+        "userId": reply.user_id,
+        "inReplyTo": reply.in_reply_to,
+        "createdAt": reply.created_at.ToJsonString() if reply.HasField("created_at") else None,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class TailOptions:
+    target: str
+    token: str | None
+    conversation_id: str
+    after: int | None
+    """None: live replies only; N: replay every reply after sequence N first."""
+    once: bool = False
+    """Connect once: end when the stream ends instead of reconnecting."""
+    max_replies: int | None = None
+
+
+def tail(
+    options: TailOptions,
+    out: TextIO,
+    err: TextIO,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Print each reply as a JSON line, reconnecting from the last printed sequence; the exit code."""
+    cursor = options.after
+    printed = 0
+    delay = BACKOFF_INITIAL
+    with grpc.insecure_channel(options.target, options=CHANNEL_OPTIONS) as channel:
+        stub = sidecar_pb2_grpc.MessagingServiceStub(channel)
+        while True:
+            kwargs: dict[str, Any] = {"conversation_id": options.conversation_id}
+            if cursor is not None:
+                kwargs["after_sequence"] = cursor
+            started = time.monotonic()
+            call = stub.Subscribe(sidecar_pb2.SubscribeRequest(**kwargs), metadata=_metadata(options.token))
+            try:
+                for reply in call:
+                    # The server promises no repeats; this makes "never printed twice" hold regardless.
+                    if cursor is not None and reply.sequence <= cursor:
+                        continue
+                    out.write(json.dumps(reply_to_json(reply), ensure_ascii=False) + "\n")
+                    out.flush()
+                    cursor = reply.sequence
+                    printed += 1
+                    delay = BACKOFF_INITIAL
+                    if options.max_replies is not None and printed >= options.max_replies:
+                        call.cancel()
+                        return 0
+                reason = "the server ended the stream"
+                if options.once:
+                    return 0
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE:
+                    err.write(f"sidecar tail: {describe_rpc_error(e)}\n")
+                    return 1
+                reason = describe_rpc_error(e)
+                if options.once:
+                    err.write(f"sidecar tail: {reason}\n")
+                    return 1
+            if time.monotonic() - started > BACKOFF_MAX:
+                delay = BACKOFF_INITIAL  # the connection was healthy for a while: this is a fresh failure
+            resume = "live replies only" if cursor is None else f"after sequence {cursor}"
+            err.write(f"sidecar tail: {reason}; reconnecting in {delay:.1f}s ({resume})\n")
+            err.flush()
+            sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)

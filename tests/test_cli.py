@@ -1,0 +1,181 @@
+"""The `sidecar` command run as a user runs it: a subprocess, its exit code, stdout and stderr."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import describe
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`python -m sidecar ARGS` with a clean SIDECAR_* environment plus `env`."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    # Wide help output, so a flag and its variable are never wrapped apart.
+    base["COLUMNS"] = "400"
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: bound by us, then released."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def option_entries(help_text: str) -> list[str]:
+    """Each option of a --help text on one line: "--flag METAVAR help text joined"."""
+    entries: list[str] = []
+    for line in help_text.splitlines():
+        if line.startswith("  -"):
+            entries.append(line.strip())
+        elif line.startswith("      ") and entries:
+            entries[-1] += " " + line.strip()
+    return entries
+
+
+def test_help_lists_every_command() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("serve", "send", "tail"):
+        assert command in result.stdout
+
+
+def test_no_command_prints_usage_and_exits_2() -> None:
+    result = run()
+    assert result.returncode == 2
+    assert "usage: sidecar" in result.stderr
+
+
+def test_serve_help_shows_every_setting_with_its_variable_and_default() -> None:
+    result = run("serve", "--help")
+    assert result.returncode == 0
+    assert "--config FILE" in result.stdout
+    entries = option_entries(result.stdout)
+    for flag, variable, default, _ in describe():
+        entry = next((e for e in entries if e.startswith(flag + " ")), None)
+        assert entry is not None, flag
+        assert variable in entry
+        assert f"default: {default or 'none'}" in entry
+
+
+def test_serve_help_takes_booleans_as_values_so_they_can_override_the_environment() -> None:
+    result = run("serve", "--help")
+    assert "--allow-unauthenticated true|false" in result.stdout
+
+
+def test_send_help_explains_every_flag() -> None:
+    result = run("send", "--help")
+    assert result.returncode == 0
+    for flag in ("--grpc", "--http", "--token", "--user", "--conversation", "--message-id", "--type", "--text"):
+        assert flag in result.stdout
+    assert "--payload JSON" in result.stdout
+    assert "SIDECAR_TOKEN" in result.stdout
+
+
+def test_tail_help_explains_every_flag() -> None:
+    result = run("tail", "--help")
+    assert result.returncode == 0
+    for flag in ("CONVERSATION", "--after", "--grpc", "--token", "--once", "--max-replies"):
+        assert flag in result.stdout
+
+
+def test_serve_with_an_invalid_environment_setting_exits_2_naming_the_variable() -> None:
+    result = run("serve", env={"SIDECAR_BOT": "nope"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("sidecar: ")
+    assert "SIDECAR_BOT" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_with_an_invalid_flag_value_exits_2_naming_the_flag() -> None:
+    result = run("serve", "--bot-timeout", "soon")
+    assert result.returncode == 2
+    assert "--bot-timeout" in result.stderr
+
+
+def test_environment_wins_over_the_config_file_and_flags_win_over_the_environment(tmp_path: Path) -> None:
+    config = tmp_path / "sidecar.toml"
+    config.write_text('bot = "nope"\n', encoding="utf-8")
+    # The file's bad bot is overridden by the environment, so the next invalid setting is the one reported.
+    result = run("serve", "--config", str(config), "--store-sync", "sometimes", env={"SIDECAR_BOT": "echo"})
+    assert result.returncode == 2
+    assert "SIDECAR_BOT" not in result.stderr
+    assert "store_sync" in result.stderr
+
+
+def test_a_false_flag_overrides_a_true_variable() -> None:
+    env = {"SIDECAR_ALLOW_UNAUTHENTICATED": "true", "SIDECAR_HTTP_ADDR": "0.0.0.0:8080"}
+    result = run("serve", "--allow-unauthenticated", "false", env=env)
+    assert result.returncode == 2
+    assert "SIDECAR_AUTH_TOKENS" in result.stderr
+
+
+def test_serve_with_an_unreadable_config_file_exits_2(tmp_path: Path) -> None:
+    result = run("serve", "--config", str(tmp_path / "missing.toml"))
+    assert result.returncode == 2
+    assert "--config" in result.stderr
+
+
+@pytest.mark.parametrize("payload", ["{bad", "NaN", ""])
+def test_send_with_a_payload_that_is_not_json_exits_2_with_a_clear_error(payload: str) -> None:
+    result = run("send", "--user", "u1", "--conversation", "c1", "--payload", payload)
+    assert result.returncode == 2
+    assert "--payload is not valid JSON" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_send_needs_user_and_conversation() -> None:
+    result = run("send", "--text", "hi")
+    assert result.returncode == 2
+    assert "--user" in result.stderr
+
+
+def test_send_takes_grpc_or_http_not_both() -> None:
+    result = run("send", "--user", "u", "--conversation", "c", "--grpc", "x:1", "--http", "http://x/webhook")
+    assert result.returncode == 2
+    assert "not allowed with" in result.stderr
+
+
+def test_send_refuses_a_url_that_is_not_http() -> None:
+    result = run("send", "--user", "u", "--conversation", "c", "--http", "file:///etc/passwd")
+    assert result.returncode == 2
+    assert "http://" in result.stderr
+
+
+def test_send_over_grpc_to_nothing_exits_1_with_the_status() -> None:
+    result = run("send", "--user", "u", "--conversation", "c", "--grpc", f"127.0.0.1:{closed_port()}")
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr
+    assert result.stdout == ""
+
+
+def test_send_over_http_to_nothing_exits_1_saying_it_cannot_reach_it() -> None:
+    url = f"http://127.0.0.1:{closed_port()}/webhook"
+    result = run("send", "--user", "u", "--conversation", "c", "--http", url)
+    assert result.returncode == 1
+    assert f"cannot reach {url}" in result.stderr
+
+
+def test_tail_once_against_nothing_exits_1() -> None:
+    result = run("tail", "c1", "--once", "--grpc", f"127.0.0.1:{closed_port()}")
+    assert result.returncode == 1
+    assert "UNAVAILABLE" in result.stderr
+
+
+def test_tail_refuses_a_negative_cursor() -> None:
+    result = run("tail", "c1", "--after", "-1")
+    assert result.returncode == 2
+    assert "--after" in result.stderr
