@@ -1,0 +1,134 @@
+"""The Dockerfile and Kubernetes manifests agree with the configuration they feed the sidecar."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar.config import Config, ConfigError, load, split_addr
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBE = ROOT / "deploy" / "kubernetes"
+
+
+def manifests() -> dict[str, Any]:
+    """Every document under deploy/kubernetes by kind; each file must parse as YAML."""
+    by_kind: dict[str, Any] = {}
+    for path in sorted(KUBE.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if doc:
+                by_kind[doc["kind"]] = doc
+    return by_kind
+
+
+def pod_spec() -> dict[str, Any]:
+    spec: dict[str, Any] = manifests()["Deployment"]["spec"]["template"]["spec"]
+    return spec
+
+
+def container(name: str) -> dict[str, Any]:
+    return next(c for c in pod_spec()["containers"] if c["name"] == name)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def image_env() -> dict[str, str]:
+    """The final stage's ENV settings."""
+    env: dict[str, str] = {}
+    for instruction, args in dockerfile_instructions():
+        if instruction == "FROM":
+            env = {}  # a new stage starts empty
+        elif instruction == "ENV":
+            env.update(dict(pair.split("=", 1) for pair in shlex.split(args)))
+    return env
+
+
+def test_the_kubernetes_example_has_a_deployment_a_volume_claim_and_a_secret() -> None:
+    assert {"Deployment", "PersistentVolumeClaim", "Secret"} <= manifests().keys()
+
+
+def test_the_sidecar_container_env_is_a_valid_configuration() -> None:
+    secret = manifests()["Secret"]["stringData"]
+    env = {}
+    for item in container("sidecar")["env"]:
+        if item["name"].startswith("SIDECAR_"):
+            ref = item.get("valueFrom", {}).get("secretKeyRef")
+            env[item["name"]] = secret[ref["key"]] if ref else item["value"]
+    known = {"SIDECAR_" + name.upper() for name in Config.__dataclass_fields__}
+    assert env.keys() <= known, "a misspelt SIDECAR_ variable would be ignored silently"
+    config = load(env={**image_env(), **env})
+    assert config.response_url == "http://localhost:3000/botpress"
+
+
+def test_every_secret_key_the_pod_reads_is_in_the_example_secret() -> None:
+    secret = manifests()["Secret"]
+    for c in pod_spec()["containers"]:
+        for item in c.get("env", []):
+            ref = item.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["name"] == secret["metadata"]["name"]
+                assert ref["key"] in secret["stringData"]
+
+
+def test_sqlite_gets_one_replica_replaced_not_rolled() -> None:
+    spec = manifests()["Deployment"]["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"]["type"] == "Recreate"
+    mounts = {m["mountPath"]: m["name"] for m in container("sidecar")["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec()["volumes"]}
+    assert "persistentVolumeClaim" in volumes[mounts["/var/lib/sidecar"]]
+
+
+def test_the_grace_period_covers_the_drain_timeout_with_margin() -> None:
+    env = {e["name"]: e.get("value") for e in container("sidecar")["env"]}
+    assert pod_spec()["terminationGracePeriodSeconds"] >= float(env["SIDECAR_DRAIN_TIMEOUT"]) + 5
+
+
+def test_probes_use_the_admin_port_health_endpoints() -> None:
+    sidecar = container("sidecar")
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    _, admin_port = split_addr(image_env()["SIDECAR_ADMIN_ADDR"], "admin_addr")
+    assert ports["admin"] == admin_port
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+
+
+def test_the_pod_runs_locked_down() -> None:
+    assert pod_spec()["securityContext"]["runAsNonRoot"] is True
+    for c in pod_spec()["containers"]:
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert {"requests", "limits"} <= c["resources"].keys()
+
+
+def test_the_image_exposes_the_ports_it_listens_on_and_checks_health_on_the_admin_port() -> None:
+    env = image_env()
+    ports = {split_addr(env[var], var)[1] for var in ("SIDECAR_HTTP_ADDR", "SIDECAR_GRPC_ADDR", "SIDECAR_ADMIN_ADDR")}
+    instructions = dict(dockerfile_instructions())
+    assert {int(p) for p in instructions["EXPOSE"].split()} == ports
+    admin_port = split_addr(env["SIDECAR_ADMIN_ADDR"], "admin_addr")[1]
+    assert f"http://127.0.0.1:{admin_port}/healthz" in instructions["HEALTHCHECK"]
+
+
+def test_the_image_refuses_to_start_without_tokens_and_starts_with_them() -> None:
+    env = image_env()
+    with pytest.raises(ConfigError, match="SIDECAR_AUTH_TOKENS"):
+        load(env=env)
+    config = load(env={**env, "SIDECAR_AUTH_TOKENS": "t"})
+    assert config.store == "sqlite:////var/lib/sidecar/sidecar.db"
