@@ -134,7 +134,14 @@ def _parse_payload(text: str) -> JSON:
     return json.loads(text, parse_constant=refuse)
 
 
+def _quiet_grpc() -> None:
+    # gRPC's core logs connection events (GOAWAY, reconnects) to stderr at INFO; the client reports
+    # what matters itself. Must happen before grpc is imported; an explicit GRPC_VERBOSITY still wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
 def _send(args: argparse.Namespace) -> int:
+    _quiet_grpc()
     from sidecar import client
 
     parser: argparse.ArgumentParser = args.parser
@@ -209,6 +216,7 @@ def add_tail_parser(subparsers: Subparsers) -> None:
 
 
 def _tail(args: argparse.Namespace) -> int:
+    _quiet_grpc()
     from sidecar import client
 
     options = client.TailOptions(
