@@ -1,0 +1,184 @@
+"""Lifecycle: build the sidecar from config, start its listeners, drain on SIGTERM, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+from aiohttp import web
+
+from sidecar.admin import AdminApp
+from sidecar.auth import TokenChecker
+from sidecar.bots import create_bot
+from sidecar.config import Config, ConfigError, split_addr
+from sidecar.core import Core
+from sidecar.ingress.grpc import SERVING, build_server
+from sidecar.ingress.http import HttpIngress
+from sidecar.models import JSON
+from sidecar.observability import Metrics, setup_logging
+from sidecar.store import create_store
+
+if TYPE_CHECKING:
+    from sidecar.delivery.webhook import WebhookDelivery
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    """The whole sidecar. Construction does no I/O; ``start`` opens everything.
+
+    Tests run it in-process on port 0 and read the bound ports back.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = create_store(config)
+        self.bot = create_bot(config)
+        self.webhook: WebhookDelivery | None = None
+        if config.response_url:
+            from sidecar.delivery.webhook import WebhookDelivery
+
+            self.webhook = WebhookDelivery(config, self.store, self.metrics)
+        self.core = Core(config, self.store, self.bot, self.metrics, self.webhook)
+        self.tokens = TokenChecker(config.auth_tokens, config.auth_tokens_file)
+        callback_tokens = TokenChecker(config.callback_tokens)
+        self._http = HttpIngress(config, self.core, self.metrics, self.tokens, callback_tokens)
+        self._admin = AdminApp(self.metrics, self.readiness)
+        self._runners: list[web.AppRunner] = []
+        self._grpc: grpc.aio.Server | None = None
+        self._health: object = None
+        self._response_url_check = "not checked"
+        self._started = False
+        self._draining = False
+        self.http_port = self.grpc_port = self.admin_port = 0
+
+    async def start(self) -> None:
+        c = self.config
+        await self.store.open()
+        await self.bot.start()
+        if self.webhook is not None:
+            await self.webhook.start()
+        await self.core.start()
+        self.http_port = await self._serve_http(self._http.app(), c.http_addr, "http_addr")
+        self.admin_port = await self._serve_http(self._admin.app(), c.admin_addr, "admin_addr")
+        server, health = build_server(c, self.core, self.metrics, self.tokens)
+        host, port = split_addr(c.grpc_addr, "grpc_addr")
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            self.grpc_port = server.add_insecure_port(target)
+        except RuntimeError:
+            raise ConfigError(f"grpc_addr (SIDECAR_GRPC_ADDR): cannot listen on {c.grpc_addr}") from None
+        await server.start()
+        await health.set("", SERVING)
+        await health.set("sidecar.v1.MessagingService", SERVING)
+        self._grpc, self._health = server, health
+        self._started = True
+        if self.webhook is not None and c.check_response_url:
+            self._response_url_check = await self.webhook.check_response_url()
+            level = logging.INFO if self._response_url_check == "ok" else logging.WARNING
+            log.log(level, "response URL check", extra={"result": self._response_url_check})
+        if not self.tokens.enabled:
+            log.warning("no auth tokens configured: HTTP and gRPC ingress accept anyone on loopback only")
+        log.info(
+            "sidecar started",
+            extra={
+                "http_port": self.http_port,
+                "grpc_port": self.grpc_port,
+                "admin_port": self.admin_port,
+                "bot": c.bot,
+                "store": c.store.split("://")[0],
+                "webhook": bool(c.response_url),
+            },
+        )
+
+    async def _serve_http(self, app: web.Application, addr: str, name: str) -> int:
+        host, port = split_addr(addr, name)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, host, port)
+        try:
+            await site.start()
+        except OSError as e:
+            raise ConfigError(f"{name}: cannot listen on {addr}: {e.strerror}") from None
+        return int(runner.addresses[-1][1])
+
+    async def readiness(self) -> tuple[bool, dict[str, JSON]]:
+        details: dict[str, JSON] = {"started": self._started, "draining": self._draining}
+        try:
+            await self.store.ping()
+            details["store"] = "ok"
+        except Exception as e:  # noqa: BLE001 - any store failure means not ready
+            log.warning("store ping failed", extra={"error": type(e).__name__})
+            details["store"] = "unreachable"
+        details["pending_messages"] = self.core.pending
+        if self.webhook is not None:
+            details["response_url"] = self._response_url_check
+        ready = self._started and not self._draining and details["store"] == "ok"
+        return ready, details
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Fail readiness, refuse new work, let work in flight finish within the grace period."""
+        budget = self.config.drain_timeout if timeout is None else timeout
+        deadline = time.monotonic() + budget
+        self._draining = True
+        if self._health is not None:
+            health = self._health
+            await health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+        await self.core.drain(max(0.0, deadline - time.monotonic()))
+        if self.webhook is not None:
+            await self.webhook.drain(max(0.0, deadline - time.monotonic()))
+        if self._grpc is not None:
+            await self._grpc.stop(grace=max(0.0, min(1.0, deadline - time.monotonic())))
+
+    async def stop(self) -> None:
+        """Close everything; safe after a failed start and when called twice."""
+        if self._grpc is not None:
+            await self._grpc.stop(grace=None)
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self.webhook is not None:
+            await self.webhook.stop()
+        with contextlib.suppress(Exception):
+            await self.bot.close()
+        await self.store.close()
+
+
+async def serve(config: Config) -> int:
+    """Run until SIGTERM or SIGINT, then drain and exit 0 (1 if the start failed)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = App(config)
+    try:
+        await app.start()
+    except ConfigError as e:
+        log.error("cannot start", extra={"reason": str(e)})
+        await app.stop()
+        return 1
+    await stop.wait()
+    log.info("draining", extra={"grace_seconds": config.drain_timeout})
+    await app.drain()
+    await app.stop()
+    log.info("stopped")
+    return 0
+
+
+def run(config: Config) -> int:
+    """Blocking entry point of ``sidecar serve``."""
+    setup_logging(config.log_format, config.log_level)
+    log.info("configuration", extra={"settings": config.redacted()})
+    try:
+        import uvloop
+
+        return uvloop.run(serve(config))
+    except ImportError:  # pragma: no cover - uvloop is absent on Windows only
+        return asyncio.run(serve(config))

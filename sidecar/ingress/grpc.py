@@ -1,0 +1,171 @@
+"""gRPC front door: MessagingService over the core, plus health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from sidecar.auth import TokenChecker
+from sidecar.config import Config
+from sidecar.convert import reply_to_proto, send_request_to_fields
+from sidecar.core import Core
+from sidecar.errors import FieldViolation, Internal, InvalidArgument, SidecarError, Unauthenticated
+from sidecar.observability import Metrics
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from sidecar.validate import PROTO_NAMES, message_from_fields
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["MessagingService"].full_name
+
+
+def to_status(error: SidecarError) -> grpc.Status:
+    """The gRPC form of a core error, with BadRequest / RetryInfo details as google.rpc expects."""
+    details = []
+    if error.details:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=d.field, description=d.reason) for d in error.details
+            ]
+        )
+        details.append(_pack(bad))
+    if error.retry_after is not None:
+        info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=max(1, round(error.retry_after))))
+        details.append(_pack(info))
+    status = status_pb2.Status(code=error.grpc_status.value[0], message=error.message, details=details)
+    return rpc_status.to_status(status)
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: SidecarError) -> NoReturn:
+    await context.abort_with_status(to_status(error))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
+
+
+class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
+    """Translates protobuf ↔ core models; every decision is the core's."""
+
+    def __init__(self, config: Config, core: Core, metrics: Metrics, tokens: TokenChecker) -> None:
+        self._config = config
+        self._core = core
+        self._metrics = metrics
+        self._tokens = tokens
+
+    def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if not self._tokens.enabled:
+            return
+        header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"), None)
+        if not self._tokens.check(header if isinstance(header, str) else None):
+            raise Unauthenticated()
+
+    async def SendMessage(  # noqa: N802 - the proto's name
+        self, request: sidecar_pb2.SendMessageRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> sidecar_pb2.SendMessageResponse:
+        started = time.perf_counter()
+        outcome = "rejected"
+        try:
+            self._authorize(context)
+            try:
+                fields = send_request_to_fields(request)
+            except ValueError as e:
+                raise InvalidArgument("the payload is invalid", details=(FieldViolation("payload", str(e)),)) from None
+            message = message_from_fields(
+                fields,
+                max_id_length=self._config.max_id_length,
+                max_payload_depth=self._config.max_payload_depth,
+                names=PROTO_NAMES,
+            )
+            result = await self._core.send(message)
+            outcome = "duplicate" if result.duplicate else "accepted"
+            return sidecar_pb2.SendMessageResponse(
+                message_id=message.message_id, conversation_id=message.conversation_id, duplicate=result.duplicate
+            )
+        except SidecarError as e:
+            outcome = {"overloaded": "overloaded", "unavailable": "unavailable"}.get(e.code, "rejected")
+            await abort(context, e)
+        except Exception:
+            log.exception("unhandled error in SendMessage")
+            await abort(context, Internal())
+        finally:
+            self._metrics.messages.labels("grpc", outcome).inc()
+            self._metrics.ingress_latency.labels("grpc").observe(time.perf_counter() - started)
+
+    # A coroutine writing with context.write() rather than an async generator:
+    # each write must race the subscriber's cut-off (see _pump).
+    async def Subscribe(  # type: ignore[override]  # noqa: N802 - the proto's name
+        self, request: sidecar_pb2.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        try:
+            self._authorize(context)
+            conversation_id = request.conversation_id
+            if not conversation_id or len(conversation_id) > self._config.max_id_length:
+                reason = f"must be a non-empty string of at most {self._config.max_id_length} characters"
+                raise InvalidArgument(
+                    "conversation_id is invalid", details=(FieldViolation("conversation_id", reason),)
+                )
+            after = request.after_sequence if request.HasField("after_sequence") else None
+            stream = await self._core.subscribe(conversation_id, after)
+        except SidecarError as e:
+            await abort(context, e)
+        try:
+            await self._pump(stream, context)
+        except SidecarError as e:
+            await abort(context, e)
+        finally:
+            stream.close()
+
+    @staticmethod
+    async def _pump(stream: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        # A client that stops reading blocks context.write() on flow control;
+        # racing each write against cut_off lets the broker end such a
+        # stream (RESOURCE_EXHAUSTED) instead of buffering without bound.
+        cut_off = asyncio.ensure_future(stream.cut_off.wait())
+        try:
+            async for reply in stream:
+                write = asyncio.ensure_future(context.write(reply_to_proto(reply)))
+                done, _ = await asyncio.wait((write, cut_off), return_when=asyncio.FIRST_COMPLETED)
+                if write not in done:
+                    write.cancel()
+                    raise stream.close_reason
+                write.result()
+        finally:
+            cut_off.cancel()
+
+
+def build_server(
+    config: Config, core: Core, metrics: Metrics, tokens: TokenChecker
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """The gRPC server with every service registered; the caller binds and starts it."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_body_bytes),
+            ("grpc.max_concurrent_streams", 1000),
+            # Idle Subscribe streams must survive proxies; answer client pings.
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+    )
+    sidecar_pb2_grpc.add_MessagingServiceServicer_to_server(MessagingService(config, core, metrics, tokens), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    return server, health_servicer
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

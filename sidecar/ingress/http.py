@@ -1,0 +1,222 @@
+"""HTTP front door: the Botpress Messaging API webhook format in, the core's answers and errors out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import orjson
+from aiohttp import web
+
+from sidecar.auth import TokenChecker
+from sidecar.bots.base import BotReply
+from sidecar.config import Config
+from sidecar.core import Core
+from sidecar.errors import (
+    FieldViolation,
+    Internal,
+    InvalidArgument,
+    PayloadTooLarge,
+    SidecarError,
+    Unauthenticated,
+    UnsupportedMediaType,
+)
+from sidecar.models import JSON, AcceptResult
+from sidecar.observability import Metrics
+from sidecar.validate import message_from_fields, payload_problem
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/")
+
+# aiohttp's own HTTP errors (404, 405, …) are rendered in the one error shape too.
+_STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def json_response(body: JSON, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def error_response(error: SidecarError) -> web.Response:
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(error.retry_after)))
+    if isinstance(error, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="sidecar"'
+    return json_response(error.to_json(), error.http_status, headers)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map core errors to their status once; never let a stack trace reach the client."""
+    try:
+        return await handler(request)
+    except SidecarError as e:
+        return error_response(e)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        code = _STATUS_CODES.get(e.status, "http_error")
+        body = {"error": {"code": code, "message": e.reason, "details": []}}
+        return json_response(body, e.status)
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path})
+        return error_response(Internal())
+
+
+async def read_json(request: web.Request, max_bytes: int) -> JSON:
+    """The body parsed as JSON whatever the Content-Type says, except form and multipart."""
+    content_type = request.headers.get("Content-Type", "").lower()
+    if content_type.startswith(_FORM_TYPES):
+        raise UnsupportedMediaType()
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes")
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes") from None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidArgument(
+            "the body is not valid JSON (UTF-8)", details=(FieldViolation("body", "invalid JSON"),)
+        ) from None
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def accepted_body(result: AcceptResult) -> dict[str, JSON]:
+    """The 200 answer: the sidecar's fields plus integration-style message/user/conversation objects."""
+    stored = result.stored
+    m = stored.message
+    created = _iso(stored.received_at)
+    user_id, conversation_id = stored.user_sidecar_id, stored.conversation_sidecar_id
+    return {
+        "messageId": m.message_id,
+        "conversationId": m.conversation_id,
+        "duplicate": result.duplicate,
+        "message": {
+            "id": stored.id,
+            "type": m.type,
+            "payload": m.payload,
+            "direction": "incoming",
+            "userId": user_id,
+            "conversationId": conversation_id,
+            "createdAt": created,
+            "tags": {"id": m.message_id},
+        },
+        "user": {"id": user_id, "tags": {"id": m.user_id}},
+        "conversation": {"id": conversation_id, "tags": {"id": m.conversation_id}},
+    }
+
+
+class HttpIngress:
+    """Routes and handlers of the HTTP listener; every decision is the core's."""
+
+    def __init__(
+        self,
+        config: Config,
+        core: Core,
+        metrics: Metrics,
+        tokens: TokenChecker,
+        callback_tokens: TokenChecker,
+    ) -> None:
+        self._config = config
+        self._core = core
+        self._metrics = metrics
+        self._tokens = tokens
+        self._callback_tokens = callback_tokens
+
+    def app(self) -> web.Application:
+        # Our own limit check gives the 413 its error shape; aiohttp's is the backstop.
+        app = web.Application(middlewares=[errors_middleware], client_max_size=self._config.max_body_bytes)
+        app.router.add_post(self._config.webhook_path, self.webhook)
+        app.router.add_post("/bot/replies", self.bot_replies)
+        if self._config.callback_secret_path:
+            app.router.add_post(f"/bot/replies/{self._config.callback_secret_path}", self.bot_replies_by_secret)
+        return app
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        outcome = "rejected"
+        try:
+            if not self._tokens.check(request.headers.get("Authorization")):
+                raise Unauthenticated()
+            body = await read_json(request, self._config.max_body_bytes)
+            if not isinstance(body, dict):
+                raise InvalidArgument(
+                    "the body must be a JSON object", details=(FieldViolation("body", "not an object"),)
+                )
+            message = message_from_fields(
+                body, max_id_length=self._config.max_id_length, max_payload_depth=self._config.max_payload_depth
+            )
+            result = await self._core.send(message)
+            outcome = "duplicate" if result.duplicate else "accepted"
+            return json_response(accepted_body(result))
+        except SidecarError as e:
+            outcome = {"overloaded": "overloaded", "unavailable": "unavailable"}.get(e.code, "rejected")
+            raise
+        finally:
+            self._metrics.messages.labels("http", outcome).inc()
+            self._metrics.ingress_latency.labels("http").observe(time.perf_counter() - started)
+
+    async def bot_replies(self, request: web.Request) -> web.Response:
+        """Replies from an asynchronous bot, in the integration's outbound format (SPEC §3)."""
+        if not self._callback_tokens.enabled or not self._callback_tokens.check(request.headers.get("Authorization")):
+            raise Unauthenticated()
+        return await self._accept_bot_replies(request)
+
+    async def bot_replies_by_secret(self, request: web.Request) -> web.Response:
+        """The same, for senders that cannot add a header: the secret path is the credential."""
+        return await self._accept_bot_replies(request)
+
+    async def _accept_bot_replies(self, request: web.Request) -> web.Response:
+        body = await read_json(request, self._config.max_body_bytes)
+        items = body if isinstance(body, list) else [body]
+        if not items:
+            raise InvalidArgument("no reply in the body", details=(FieldViolation("body", "empty list"),))
+        by_conversation: dict[str, list[BotReply]] = {}
+        for index, item in enumerate(items):
+            conversation_id, reply = self._bot_reply(item, f"[{index}]" if isinstance(body, list) else "")
+            by_conversation.setdefault(conversation_id, []).append(reply)
+        appended: list[JSON] = []
+        for conversation_id, replies in by_conversation.items():
+            for r in await self._core.add_bot_replies(conversation_id, replies):
+                appended.append({"conversationId": r.conversation_id, "sequence": r.sequence})
+        return json_response({"appended": appended})
+
+    def _bot_reply(self, item: JSON, prefix: str) -> tuple[str, BotReply]:
+        if not isinstance(item, dict):
+            raise InvalidArgument(
+                "each reply must be a JSON object", details=(FieldViolation(prefix or "body", "not an object"),)
+            )
+        bad = []
+        limit = self._config.max_id_length
+        for name in ("type", "conversationId"):
+            value = item.get(name)
+            if not isinstance(value, str) or not value or len(value) > limit:
+                bad.append(FieldViolation(prefix + name, f"must be a non-empty string of at most {limit} characters"))
+        for name in ("botpressUserId", "botpressMessageId", "botpressConversationId"):
+            value = item.get(name, "")
+            if not isinstance(value, str) or len(value) > limit:
+                bad.append(FieldViolation(prefix + name, f"must be a string of at most {limit} characters"))
+        if "payload" not in item:
+            bad.append(FieldViolation(prefix + "payload", "is required"))
+        elif reason := payload_problem(item["payload"], self._config.max_payload_depth):
+            bad.append(FieldViolation(prefix + "payload", reason))
+        if bad:
+            raise InvalidArgument("the reply has invalid fields", details=tuple(bad))
+        reply = BotReply(
+            type=item["type"],
+            payload=item["payload"],
+            bot_message_id=item.get("botpressMessageId", ""),
+            bot_user_id=item.get("botpressUserId", ""),
+            bot_conversation_id=item.get("botpressConversationId", ""),
+        )
+        return item["conversationId"], reply

@@ -1,0 +1,277 @@
+"""In-process store: the reference implementation of the contract, for tests and demos (nothing survives exit)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from sidecar.errors import Conflict
+from sidecar.models import (
+    AcceptResult,
+    DeadLetter,
+    Delivery,
+    InboundMessage,
+    Reply,
+    ReplyDraft,
+    StoredMessage,
+    sidecar_id,
+)
+from sidecar.store.base import Store
+
+
+@dataclass(slots=True)
+class _Conversation:
+    replies: dict[int, Reply] = field(default_factory=dict)
+    keys: dict[str, int] = field(default_factory=dict)
+    last: int = 0
+    first_retained: int = 1
+    user_id: str = ""
+    outbox: dict[int, Delivery] = field(default_factory=dict)
+    pinned: set[int] = field(default_factory=set)
+    """Sequences referenced by dead letters: never trimmed, so they can be replayed."""
+
+
+class MemoryStore(Store):
+    """Dicts guarded by the event loop: every method runs without awaiting, so each is atomic."""
+
+    def __init__(self, retention: int = 10000) -> None:
+        self._retention = retention
+        self._messages: dict[str, StoredMessage] = {}
+        self._state: dict[str, str] = {}
+        self._order: dict[str, int] = {}
+        self._arrivals = 0
+        self._conversations: dict[str, _Conversation] = {}
+        self._dead: dict[str, DeadLetter] = {}
+        self._open = False
+
+    async def open(self) -> None:
+        self._open = True
+
+    async def close(self) -> None:
+        self._open = False
+
+    async def ping(self) -> None:
+        if not self._open:
+            raise RuntimeError("store is closed")
+
+    def _conv(self, conversation_id: str) -> _Conversation:
+        conv = self._conversations.get(conversation_id)
+        if conv is None:
+            conv = self._conversations[conversation_id] = _Conversation()
+        return conv
+
+    # --- inbound messages ---
+
+    async def accept(self, message: InboundMessage, *, now: float) -> AcceptResult:
+        key = sidecar_id("message", message.conversation_id, message.message_id)
+        fingerprint = message.fingerprint()
+        existing = self._messages.get(key)
+        if existing is not None:
+            if existing.fingerprint != fingerprint:
+                raise Conflict()
+            return AcceptResult(existing, duplicate=True)
+        stored = StoredMessage(id=key, message=message, fingerprint=fingerprint, received_at=now)
+        self._messages[key] = stored
+        self._state[key] = "pending"
+        self._arrivals += 1
+        self._order[key] = self._arrivals
+        self._conv(message.conversation_id).user_id = message.user_id
+        return AcceptResult(stored, duplicate=False)
+
+    async def pending_messages(self, limit: int) -> list[StoredMessage]:
+        pending = [k for k, s in self._state.items() if s == "pending"]
+        pending.sort(key=self._order.__getitem__)
+        return [self._messages[k] for k in pending[:limit]]
+
+    async def record_attempt(self, message_id: str, error: str) -> int:
+        stored = self._messages[message_id]
+        self._messages[message_id] = stored = replace(stored, attempts=stored.attempts + 1)
+        return stored.attempts
+
+    async def complete_message(self, message_id: str) -> None:
+        self._state[message_id] = "done"
+
+    async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter:
+        stored = self._messages[message_id]
+        self._state[message_id] = "dead"
+        m = stored.message
+        letter = DeadLetter(
+            id=str(uuid.uuid4()),
+            kind="message",
+            conversation_id=m.conversation_id,
+            sequence=0,
+            body={
+                "userId": m.user_id,
+                "messageId": m.message_id,
+                "conversationId": m.conversation_id,
+                "type": m.type,
+                "text": m.text,
+                "payload": m.payload,
+            },
+            error=error,
+            attempts=stored.attempts,
+            dead_at=now,
+            extra={"message_id": message_id},
+        )
+        self._dead[letter.id] = letter
+        return letter
+
+    # --- reply log ---
+
+    async def append_replies(
+        self, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
+    ) -> list[Reply]:
+        conv = self._conv(conversation_id)
+        appended = []
+        for d in drafts:
+            if d.dedupe_key in conv.keys:
+                continue
+            conv.last += 1
+            reply = Reply(
+                conversation_id=conversation_id,
+                sequence=conv.last,
+                type=d.type,
+                payload=d.payload,
+                bot_user_id=d.bot_user_id,
+                bot_message_id=d.bot_message_id,
+                bot_conversation_id=d.bot_conversation_id,
+                user_id=d.user_id,
+                in_reply_to=d.in_reply_to,
+                created_at=now,
+            )
+            conv.replies[reply.sequence] = reply
+            conv.keys[d.dedupe_key] = reply.sequence
+            if outbox:
+                conv.outbox[reply.sequence] = Delivery(reply, 0, None, now)
+            appended.append(reply)
+        self._trim(conv)
+        return appended
+
+    def _trim(self, conv: _Conversation) -> None:
+        horizon = conv.last - self._retention
+        while conv.first_retained <= horizon:
+            seq = conv.first_retained
+            if seq in conv.outbox or seq in conv.pinned:
+                break  # keep everything from the oldest reply still owed: the log stays contiguous
+            # Dedupe keys outlive their replies: a bot re-run must not re-append a trimmed reply.
+            conv.replies.pop(seq, None)
+            conv.first_retained += 1
+
+    async def replies_after(self, conversation_id: str, after: int, limit: int) -> list[Reply]:
+        conv = self._conversations.get(conversation_id)
+        if conv is None:
+            return []
+        start = max(after + 1, conv.first_retained)
+        return [conv.replies[s] for s in range(start, min(conv.last, start + limit - 1) + 1) if s in conv.replies]
+
+    async def last_sequence(self, conversation_id: str) -> int:
+        conv = self._conversations.get(conversation_id)
+        return conv.last if conv else 0
+
+    async def first_retained_sequence(self, conversation_id: str) -> int:
+        conv = self._conversations.get(conversation_id)
+        return conv.first_retained if conv else 1
+
+    async def conversation_user(self, conversation_id: str) -> str | None:
+        conv = self._conversations.get(conversation_id)
+        return conv.user_id if conv and conv.user_id else None
+
+    # --- webhook outbox ---
+
+    def _head(self, conv: _Conversation) -> Delivery | None:
+        return conv.outbox[min(conv.outbox)] if conv.outbox else None
+
+    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        heads = [h for c in self._conversations.values() if (h := self._head(c)) and h.next_attempt_at <= now]
+        heads.sort(key=lambda d: d.next_attempt_at)
+        return heads[:limit]
+
+    async def head_delivery(self, conversation_id: str) -> Delivery | None:
+        conv = self._conversations.get(conversation_id)
+        return self._head(conv) if conv else None
+
+    async def next_due_at(self) -> float | None:
+        times = [h.next_attempt_at for c in self._conversations.values() if (h := self._head(c))]
+        return min(times) if times else None
+
+    async def delivery_succeeded(self, conversation_id: str, sequence: int) -> None:
+        conv = self._conv(conversation_id)
+        conv.outbox.pop(sequence, None)
+        self._trim(conv)
+
+    async def delivery_failed(
+        self,
+        conversation_id: str,
+        sequence: int,
+        *,
+        attempts: int,
+        first_attempt_at: float,
+        next_attempt_at: float,
+        error: str,
+    ) -> None:
+        conv = self._conv(conversation_id)
+        current = conv.outbox.get(sequence)
+        if current is not None:
+            conv.outbox[sequence] = Delivery(current.reply, attempts, first_attempt_at, next_attempt_at, error)
+
+    async def delivery_dead(
+        self, conversation_id: str, sequence: int, *, attempts: int, error: str, now: float
+    ) -> DeadLetter:
+        conv = self._conv(conversation_id)
+        delivery = conv.outbox.pop(sequence)
+        conv.pinned.add(sequence)
+        reply = delivery.reply
+        letter = DeadLetter(
+            id=str(uuid.uuid4()),
+            kind="reply",
+            conversation_id=conversation_id,
+            sequence=sequence,
+            body=reply.webhook_body(),
+            error=error,
+            attempts=attempts,
+            dead_at=now,
+            extra={"webhook_id": reply.bot_message_id},
+        )
+        self._dead[letter.id] = letter
+        return letter
+
+    # --- dead letters ---
+
+    async def list_dead_letters(
+        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100
+    ) -> list[DeadLetter]:
+        letters = [
+            d
+            for d in self._dead.values()
+            if (kind is None or d.kind == kind) and (conversation_id is None or d.conversation_id == conversation_id)
+        ]
+        letters.sort(key=lambda d: (d.dead_at, d.conversation_id, d.sequence))
+        return letters[:limit]
+
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        return self._dead.get(dead_letter_id)
+
+    async def replay_dead_letter(self, dead_letter_id: str, *, now: float) -> bool:
+        letter = self._dead.pop(dead_letter_id, None)
+        if letter is None:
+            return False
+        if letter.kind == "reply":
+            conv = self._conv(letter.conversation_id)
+            conv.pinned.discard(letter.sequence)
+            conv.outbox[letter.sequence] = Delivery(conv.replies[letter.sequence], 0, None, now)
+        else:
+            key = str(letter.extra["message_id"])
+            self._state[key] = "pending"
+            self._messages[key] = replace(self._messages[key], attempts=0)
+        return True
+
+    async def purge_dead_letters(self, ids: Sequence[str]) -> int:
+        removed = 0
+        for i in ids:
+            letter = self._dead.pop(i, None)
+            if letter is not None:
+                removed += 1
+                if letter.kind == "reply":
+                    self._conv(letter.conversation_id).pinned.discard(letter.sequence)
+        return removed

@@ -1,0 +1,87 @@
+"""Run the sidecar as a real subprocess (`python -m sidecar serve`) for lifecycle and crash tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SidecarProcess:
+    """One `sidecar serve` child with its own ports; stderr goes to a log file for post-mortems."""
+
+    def __init__(self, tmp: Path, **env: str) -> None:
+        self.http_port, self.grpc_port, self.admin_port = free_port(), free_port(), free_port()
+        self.log_path = tmp / f"sidecar-{self.http_port}.log"
+        self.env = {
+            **os.environ,
+            "SIDECAR_HTTP_ADDR": f"127.0.0.1:{self.http_port}",
+            "SIDECAR_GRPC_ADDR": f"127.0.0.1:{self.grpc_port}",
+            "SIDECAR_ADMIN_ADDR": f"127.0.0.1:{self.admin_port}",
+            "SIDECAR_STORE": f"sqlite:///{tmp}/sidecar.db",
+            "SIDECAR_CHECK_RESPONSE_URL": "false",
+            "SIDECAR_LOG_FORMAT": "json",
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, timeout: float = 20.0) -> SidecarProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "serve"], env=self.env, stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.log()}")
+            if self.ready():
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"sidecar not ready within {timeout}s:\n{self.log()}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=1) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait: the exit code of a graceful drain."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing flushed beyond what was committed."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)

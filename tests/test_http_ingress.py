@@ -1,0 +1,215 @@
+"""Every row of the SPEC §2 status table, through a real HTTP socket."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import StartApp, message
+
+
+def assert_error_shape(body: dict[str, object], code: str) -> None:
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["details"], list)
+    text = str(body)
+    assert "Traceback" not in text and "/sidecar/" not in text
+
+
+async def test_accepted_message_answers_200_with_ids_and_integration_objects(start_app: StartApp) -> None:
+    s = await start_app()
+    resp = await s.post(message())
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["messageId"] == "m1" and body["conversationId"] == "c1" and body["duplicate"] is False
+    for name in ("message", "user", "conversation"):
+        assert isinstance(body[name]["id"], str) and body[name]["id"]
+
+
+async def test_repeat_with_same_content_is_a_duplicate_with_the_same_ids(start_app: StartApp) -> None:
+    s = await start_app()
+    first = await (await s.post(message())).json()
+    resp = await s.post(message())
+    assert resp.status == 200
+    second = await resp.json()
+    assert second["duplicate"] is True
+    assert second["message"]["id"] == first["message"]["id"]
+
+
+async def test_repeat_with_other_content_is_409(start_app: StartApp) -> None:
+    s = await start_app()
+    await s.post(message(text="one"))
+    resp = await s.post(message(text="two"))
+    assert resp.status == 409
+    assert_error_shape(await resp.json(), "conflict")
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b"{not json", "body"),
+        (b"[1, 2]", "body"),
+        (b'"text"', "body"),
+        (b"\xff\xfe{}", "body"),
+    ],
+)
+async def test_body_not_a_json_object_is_400(start_app: StartApp, raw: bytes, field: str) -> None:
+    s = await start_app()
+    async with s.session.post(s.http + "/webhook", data=raw, headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+    assert_error_shape(body, "invalid_argument")
+    assert body["error"]["details"][0]["field"] == field
+
+
+@pytest.mark.parametrize("name", ["userId", "messageId", "conversationId", "type", "text"])
+async def test_missing_field_is_400_naming_it(start_app: StartApp, name: str) -> None:
+    s = await start_app()
+    body = message()
+    del body[name]
+    resp = await s.post(body)
+    assert resp.status == 400
+    answer = await resp.json()
+    assert_error_shape(answer, "invalid_argument")
+    assert [d["field"] for d in answer["error"]["details"]] == [name]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("userId", 5),
+        ("messageId", ""),
+        ("conversationId", None),
+        ("type", ["text"]),
+        ("text", 1),
+        ("userId", "x" * 257),
+    ],
+)
+async def test_wrong_type_empty_or_too_long_field_is_400(start_app: StartApp, name: str, value: object) -> None:
+    s = await start_app()
+    resp = await s.post(message(**{name: value}))
+    assert resp.status == 400
+    answer = await resp.json()
+    assert answer["error"]["details"][0]["field"] == name
+
+
+async def test_missing_payload_is_accepted_and_becomes_the_text(start_app: StartApp) -> None:
+    s = await start_app()
+    body = message(text="hi")
+    del body["payload"]
+    resp = await s.post(body)
+    assert resp.status == 200
+    assert (await resp.json())["message"]["payload"] == {"text": "hi"}
+
+
+async def test_object_payload_without_text_gets_it_and_unknown_fields_are_ignored(start_app: StartApp) -> None:
+    s = await start_app()
+    resp = await s.post(message(text="hi", payload={"a": 1}, somethingElse=True))
+    assert resp.status == 200
+    assert (await resp.json())["message"]["payload"] == {"a": 1, "text": "hi"}
+
+
+async def test_json_body_is_parsed_whatever_the_content_type(start_app: StartApp) -> None:
+    s = await start_app()
+    import orjson
+
+    async with s.session.post(
+        s.http + "/webhook", data=orjson.dumps(message()), headers={"Content-Type": "text/plain"}
+    ) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize("header", [None, "Bearer wrong", "Basic c2VjcmV0", "Bearer"])
+async def test_missing_or_wrong_token_is_401_with_www_authenticate(start_app: StartApp, header: str | None) -> None:
+    s = await start_app(auth_tokens=("secret",))
+    headers = {"Authorization": header} if header else {}
+    async with s.session.post(s.http + "/webhook", json=message(), headers=headers) as resp:
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+        assert_error_shape(await resp.json(), "unauthenticated")
+
+
+async def test_bearer_scheme_is_case_insensitive(start_app: StartApp) -> None:
+    s = await start_app(auth_tokens=("one", "secret"))
+    async with s.session.post(s.http + "/webhook", json=message(), headers={"Authorization": "bearer secret"}) as r:
+        assert r.status == 200
+
+
+async def test_body_too_large_is_413(start_app: StartApp) -> None:
+    s = await start_app(max_body_bytes=1000)
+    resp = await s.post(message(text="x" * 2000))
+    assert resp.status == 413
+    assert_error_shape(await resp.json(), "payload_too_large")
+
+
+async def test_chunked_body_too_large_is_413(start_app: StartApp) -> None:
+    s = await start_app(max_body_bytes=1000)
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(10):
+            yield b"x" * 500
+
+    async with s.session.post(s.http + "/webhook", data=chunks()) as resp:
+        assert resp.status == 413
+
+
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", "multipart/form-data; boundary=xyz"])
+async def test_form_and_multipart_bodies_are_415(start_app: StartApp, content_type: str) -> None:
+    s = await start_app()
+    async with s.session.post(s.http + "/webhook", data=b"a=b", headers={"Content-Type": content_type}) as resp:
+        assert resp.status == 415
+        assert_error_shape(await resp.json(), "unsupported_media_type")
+
+
+async def test_queue_bound_reached_is_429_with_retry_after(start_app: StartApp, tmp_path: Path) -> None:
+    rules = tmp_path / "slow.yaml"
+    rules.write_text("rules:\n  - match: {}\n    replies: [{type: text, payload: {text: slow}, delay: 30}]\n")
+    s = await start_app(bot="script", bot_script=str(rules), max_pending_messages=1)
+    assert (await s.post(message(message_id="m1"))).status == 200
+    resp = await s.post(message(message_id="m2"))
+    assert resp.status == 429
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert_error_shape(await resp.json(), "overloaded")
+
+
+async def test_draining_sidecar_answers_503(start_app: StartApp) -> None:
+    s = await start_app()
+    await s.app.core.drain(0)
+    resp = await s.post(message())
+    assert resp.status == 503
+    assert_error_shape(await resp.json(), "unavailable")
+
+
+async def test_unknown_path_answers_404_in_the_error_shape(start_app: StartApp) -> None:
+    s = await start_app()
+    async with s.session.get(s.http + "/nope") as resp:
+        assert resp.status == 404
+        assert_error_shape(await resp.json(), "not_found")
+
+
+async def test_configured_webhook_path_is_served(start_app: StartApp) -> None:
+    s = await start_app(webhook_path="/in/messages")
+    assert (await s.post(message(), path="/in/messages")).status == 200
+
+
+async def test_admin_probes_and_metrics(start_app: StartApp) -> None:
+    s = await start_app()
+    await s.post(message())
+    async with aiohttp.ClientSession() as session:
+        async with session.get(s.admin + "/healthz") as r:
+            assert r.status == 200
+        async with session.get(s.admin + "/readyz") as r:
+            assert r.status == 200
+            assert (await r.json())["details"]["store"] == "ok"
+        async with session.get(s.admin + "/metrics") as r:
+            text = await r.text()
+    assert 'sidecar_messages_total{outcome="accepted",protocol="http"} 1.0' in text
+    for name in ("sidecar_replies_total", "sidecar_active_streams", "sidecar_ingress_seconds_bucket"):
+        assert name in text
+    await s.app.drain(0)
+    async with aiohttp.ClientSession() as session, session.get(s.admin + "/readyz") as r:
+        assert r.status == 503

@@ -1,0 +1,100 @@
+"""The real process: SIGTERM drains and exits 0; a restart on the same SQLite file loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.procs import SidecarProcess
+from tests.test_grpc_ingress import request
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[list[SidecarProcess]]:
+    started: list[SidecarProcess] = []
+    yield started
+    for p in started:
+        p.close()
+
+
+def launch(procs: list[SidecarProcess], tmp_path: Path, **env: str) -> SidecarProcess:
+    p = SidecarProcess(tmp_path, **env)
+    procs.append(p)
+    return p.start()
+
+
+async def read_sequences(target: str, conversation: str, after: int, count: int) -> list[int]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = sidecar_pb2_grpc.MessagingServiceStub(channel)
+        call = stub.Subscribe(sidecar_pb2.SubscribeRequest(conversation_id=conversation, after_sequence=after))
+        out = []
+        async with asyncio.timeout(15):
+            while len(out) < count:
+                out.append((await call.read()).sequence)
+        call.cancel()
+        return out
+
+
+async def send(target: str, **kw: str) -> sidecar_pb2.SendMessageResponse:
+    async with grpc.aio.insecure_channel(target) as channel:
+        return await sidecar_pb2_grpc.MessagingServiceStub(channel).SendMessage(request(**kw))
+
+
+async def test_sigterm_ends_streams_with_unavailable_and_exits_zero(
+    procs: list[SidecarProcess], tmp_path: Path
+) -> None:
+    p = launch(procs, tmp_path)
+    async with grpc.aio.insecure_channel(p.grpc_target) as channel:
+        stub = sidecar_pb2_grpc.MessagingServiceStub(channel)
+        await stub.SendMessage(request())
+        call = stub.Subscribe(sidecar_pb2.SubscribeRequest(conversation_id="c1", after_sequence=0))
+        assert (await call.read()).sequence == 1
+        code = await asyncio.to_thread(p.terminate)
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await call.read()
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert code == 0
+    assert '"draining"' in p.log() and '"stopped"' in p.log()
+
+
+async def test_message_accepted_before_a_crash_is_handled_after_restart(
+    procs: list[SidecarProcess], tmp_path: Path
+) -> None:
+    rules = tmp_path / "slow.yaml"
+    rules.write_text("rules:\n  - match: {}\n    replies: [{type: text, payload: {text: late}, delay: 60}]\n")
+    p = launch(procs, tmp_path, SIDECAR_BOT="script", SIDECAR_BOT_SCRIPT=str(rules))
+    answer = await send(p.grpc_target, text="survive")
+    assert answer.duplicate is False
+    p.kill()  # the bot is still sleeping: nothing but the accepted message is on disk
+    p2 = launch(procs, tmp_path)  # same SQLite file, echo bot
+    assert await read_sequences(p2.grpc_target, "c1", 0, 1) == [1]
+    again = await send(p2.grpc_target, text="survive")
+    assert again.duplicate is True
+
+
+async def test_restart_keeps_replies_sequences_and_deduplication(procs: list[SidecarProcess], tmp_path: Path) -> None:
+    p = launch(procs, tmp_path)
+    for i in range(3):
+        await send(p.grpc_target, message_id=f"m{i}", text=f"t{i}")
+    assert await read_sequences(p.grpc_target, "c1", 0, 3) == [1, 2, 3]
+    assert await asyncio.to_thread(p.terminate) == 0
+    p2 = launch(procs, tmp_path)
+    assert (await send(p2.grpc_target, message_id="m1", text="t1")).duplicate is True
+    await send(p2.grpc_target, message_id="m3", text="t3")
+    assert await read_sequences(p2.grpc_target, "c1", 0, 4) == [1, 2, 3, 4]
+
+
+async def test_start_fails_with_a_clear_message_when_a_port_is_taken(
+    procs: list[SidecarProcess], tmp_path: Path
+) -> None:
+    p = launch(procs, tmp_path)
+    clash = SidecarProcess(tmp_path / "other", SIDECAR_HTTP_ADDR=f"127.0.0.1:{p.http_port}")
+    (tmp_path / "other").mkdir()
+    procs.append(clash)
+    with pytest.raises(AssertionError, match="cannot listen"):
+        clash.start(timeout=15)

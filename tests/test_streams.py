@@ -1,0 +1,168 @@
+"""Subscribe: replay from a cursor, live fan-out, the switch between them, slow consumers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from sidecar.bots.base import BotReply
+from sidecar.v1 import sidecar_pb2
+from tests.conftest import Running, StartApp
+from tests.test_grpc_ingress import request, wait_for_sequence, wait_until
+
+
+async def read_n(call: Any, n: int, timeout: float = 10.0) -> list[Any]:
+    out = []
+    async with asyncio.timeout(timeout):
+        while len(out) < n:
+            out.append(await call.read())
+    return out
+
+
+def subscribe(s: Running, conversation: str = "c1", after: int | None = None) -> Any:
+    req = sidecar_pb2.SubscribeRequest(conversation_id=conversation)
+    if after is not None:
+        req.after_sequence = after
+    return s.stub.Subscribe(req)
+
+
+async def test_send_message_reply_arrives_on_subscribe_with_every_field(start_app: StartApp) -> None:
+    s = await start_app()
+    call = subscribe(s)
+    await wait_until(lambda: len(s.app.core.broker) == 1)
+    await s.stub.SendMessage(request(text="ping"))
+    (reply,) = await read_n(call, 1)
+    call.cancel()
+    assert reply.conversation_id == "c1" and reply.sequence == 1 and reply.type == "text"
+    assert reply.payload.struct_value.fields["text"].string_value == "ping"
+    assert reply.user_id == "u1" and reply.in_reply_to == "m1"
+    assert reply.bot_user_id and reply.bot_message_id and reply.bot_conversation_id
+    assert reply.created_at.seconds > 0
+
+
+async def test_resume_from_cursor_after_reconnect_loses_and_repeats_nothing(start_app: StartApp) -> None:
+    s = await start_app()
+    for i in range(5):
+        await s.stub.SendMessage(request(message_id=f"m{i}", text=f"t{i}"))
+    call = subscribe(s, after=0)
+    first = await read_n(call, 2)
+    call.cancel()
+    for i in range(5, 8):
+        await s.stub.SendMessage(request(message_id=f"m{i}", text=f"t{i}"))
+    call = subscribe(s, after=first[-1].sequence)
+    rest = await read_n(call, 6)
+    call.cancel()
+    seen = [r.sequence for r in first + rest]
+    assert seen == list(range(1, 9))
+    assert [r.payload.struct_value.fields["text"].string_value for r in first + rest] == [f"t{i}" for i in range(8)]
+
+
+async def test_live_only_subscription_starts_at_the_end_of_the_log(start_app: StartApp) -> None:
+    s = await start_app()
+    await s.stub.SendMessage(request(message_id="old"))
+    await wait_for_sequence(s, "c1", 1)
+    call = subscribe(s)
+    await wait_until(lambda: len(s.app.core.broker) == 1)
+    await s.stub.SendMessage(request(message_id="new", text="new"))
+    (reply,) = await read_n(call, 1)
+    call.cancel()
+    assert reply.sequence == 2
+
+
+async def test_several_subscribers_of_one_conversation_each_get_every_reply(start_app: StartApp) -> None:
+    s = await start_app()
+    calls = [subscribe(s, after=0) for _ in range(3)]
+    for i in range(10):
+        await s.stub.SendMessage(request(message_id=f"m{i}"))
+    results = await asyncio.gather(*(read_n(c, 10) for c in calls))
+    for c in calls:
+        c.cancel()
+    for replies in results:
+        assert [r.sequence for r in replies] == list(range(1, 11))
+
+
+async def test_replies_committed_during_replay_appear_exactly_once(start_app: StartApp) -> None:
+    """The replay→live switch: appends race with the log read, nothing is lost or doubled."""
+    s = await start_app()
+    core = s.app.core
+    await s.stub.SendMessage(request(message_id="seed"))
+    await wait_for_sequence(s, "c1", 1)
+    total = 600  # more than two replay pages, appended while subscribers replay
+
+    async def produce() -> None:
+        for i in range(total):
+            await core.add_bot_replies("c1", [BotReply(type="text", payload={"i": i}, bot_message_id=f"b{i}")])
+            if i % 7 == 0:
+                await asyncio.sleep(0)
+
+    async def consume(after: int) -> list[int]:
+        stream = await core.subscribe("c1", after)
+        out = []
+        try:
+            async with asyncio.timeout(20):
+                async for reply in stream:
+                    out.append(reply.sequence)
+                    if reply.sequence == total + 1:
+                        break
+        finally:
+            stream.close()
+        return out
+
+    producer = asyncio.create_task(produce())
+    consumers = [asyncio.create_task(consume(0))]
+    for _ in range(4):
+        await asyncio.sleep(0)
+        consumers.append(asyncio.create_task(consume(0)))
+    await producer
+    for result in await asyncio.gather(*consumers):
+        assert result == list(range(1, total + 2))
+
+
+async def test_slow_subscriber_is_cut_off_with_resource_exhausted_and_can_resume(start_app: StartApp) -> None:
+    s = await start_app(stream_queue_size=4)
+    core = s.app.core
+    await s.stub.SendMessage(request(message_id="seed"))
+    await wait_for_sequence(s, "c1", 1)
+    stream = await core.subscribe("c1", None)  # never read: its buffer fills up
+    fast = subscribe(s)
+    await wait_until(lambda: len(core.broker) == 2)
+    fast_seen = []
+    for i in range(20):  # lockstep with the reader that keeps up
+        await core.add_bot_replies("c1", [BotReply(type="text", payload={"i": i}, bot_message_id=f"b{i}")])
+        fast_seen += [r.sequence for r in await read_n(fast, 1)]
+    fast.cancel()
+    assert fast_seen == list(range(2, 22))
+    assert stream.cut_off.is_set()
+    with pytest.raises(Exception) as e:
+        await stream.__anext__()
+    assert getattr(e.value, "grpc_status", None) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    stream.close()
+    resumed = subscribe(s, after=1)
+    assert [r.sequence for r in await read_n(resumed, 20)] == list(range(2, 22))
+    resumed.cancel()
+
+
+async def test_grpc_client_that_stops_reading_is_cut_off(start_app: StartApp) -> None:
+    """Flow control blocks the server's writes; the broker's cut-off still ends the stream."""
+    s = await start_app(stream_queue_size=8)
+    core = s.app.core
+    await s.stub.SendMessage(request(message_id="seed"))
+    await wait_for_sequence(s, "c1", 1)
+    call = subscribe(s)
+    await wait_until(lambda: len(core.broker) == 1)
+    big = "x" * 60_000  # a few replies exhaust the HTTP/2 window
+    for i in range(200):
+        await core.add_bot_replies("c1", [BotReply(type="text", payload={"t": big}, bot_message_id=f"b{i}")])
+        if core.broker.cutoffs:
+            break
+    await wait_until(lambda: len(core.broker) == 0)
+    codes = []
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        async with asyncio.timeout(10):
+            while True:
+                await call.read()
+    codes.append(e.value.code())
+    assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED]
