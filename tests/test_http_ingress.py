@@ -213,3 +213,35 @@ async def test_admin_probes_and_metrics(start_app: StartApp) -> None:
     await s.app.drain(0)
     async with aiohttp.ClientSession() as session, session.get(s.admin + "/readyz") as r:
         assert r.status == 503
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        (b'{"userId":"u","userId":"v","messageId":"m","conversationId":"c","type":"text","text":"t"}', "userId"),
+        (b'{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"t","payload":{"a":1,"a":2}}', "a"),
+        (b'{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"t","payload":NaN}', "body"),
+        (b'{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"t","payload":1e999}', "body"),
+        (b'{"userId":"\\ud800","messageId":"m","conversationId":"c","type":"text","text":"t"}', "body"),
+        (
+            b'{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"t","payload":12345678901234567890}',
+            "payload",
+        ),
+        (
+            b'{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"t","payload":'
+            + b"[" * 40
+            + b"]" * 40
+            + b"}",
+            "payload",
+        ),
+    ],
+)
+async def test_ambiguous_or_unrepresentable_json_is_400_naming_the_problem(
+    start_app: StartApp, raw: bytes, field: str
+) -> None:
+    s = await start_app()
+    async with s.session.post(s.http + "/webhook", data=raw, headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 400
+        body = await resp.json()
+    assert_error_shape(body, "invalid_argument")
+    assert body["error"]["details"][0]["field"] == field

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -80,11 +81,38 @@ async def read_json(request: web.Request, max_bytes: int) -> JSON:
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes") from None
     try:
-        return orjson.loads(raw)
+        # orjson is strict (UTF-8, no NaN/Infinity, no lone surrogates, depth limit)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidArgument(
             "the body is not valid JSON (UTF-8)", details=(FieldViolation("body", "invalid JSON"),)
         ) from None
+    if isinstance(value, dict | list) and b'"' in raw:
+        # …but keeps the last of duplicate keys silently; an ambiguous body is refused instead.
+        try:
+            json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+        except _DuplicateKeyError as e:
+            raise InvalidArgument(
+                "the body has a duplicate key", details=(FieldViolation(e.key[:64], "duplicate key"),)
+            ) from None
+    return value
+
+
+class _DuplicateKeyError(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, JSON]]) -> dict[str, JSON]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(key)
+            seen.add(key)
+    return out
 
 
 def _iso(ts: float) -> str:
