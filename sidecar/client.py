@@ -14,6 +14,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from sidecar import convert  # the JSON <-> protobuf mapping the server uses, so payloads match exactly
 from sidecar.models import JSON
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
@@ -95,8 +96,6 @@ def send_grpc(target: str, token: str | None, message: Outgoing, timeout: float)
         text=message.text,
     )
     if message.payload is not None:  # absent: the sidecar uses {"text": text}, as over HTTP
-        from sidecar import convert  # the json <-> protobuf mapping the server uses, so payloads match exactly
-
         request.payload.CopyFrom(convert.json_to_value(message.payload))
     with grpc.insecure_channel(target) as channel:
         stub = sidecar_pb2_grpc.MessagingServiceStub(channel)
@@ -144,8 +143,6 @@ def send_http(url: str, token: str | None, message: Outgoing, timeout: float) ->
 
 def reply_to_json(reply: sidecar_pb2.Reply) -> dict[str, JSON]:
     """A Reply as one JSON object with the HTTP side's camelCase names."""
-    from sidecar import convert
-
     return {
         "conversationId": reply.conversation_id,
         "sequence": reply.sequence,
