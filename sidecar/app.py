@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -65,13 +67,16 @@ class App:
         if self.webhook is not None:
             await self.webhook.start()
         await self.core.start()
-        self.http_port = await self._serve_http(self._http.app(), c.http_addr, "http_addr")
+        self.http_port = await self._serve_http(self._http.app(), c.http_addr, "http_addr", self._ssl_context())
         self.admin_port = await self._serve_http(self._admin.app(), c.admin_addr, "admin_addr")
         server, health = build_server(c, self.core, self.metrics, self.tokens)
         host, port = split_addr(c.grpc_addr, "grpc_addr")
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            self.grpc_port = server.add_insecure_port(target)
+            if c.tls_cert_file:
+                self.grpc_port = server.add_secure_port(target, self._grpc_credentials())
+            else:
+                self.grpc_port = server.add_insecure_port(target)
         except RuntimeError:
             raise ConfigError(f"grpc_addr (SIDECAR_GRPC_ADDR): cannot listen on {c.grpc_addr}") from None
         await server.start()
@@ -97,12 +102,28 @@ class App:
             },
         )
 
-    async def _serve_http(self, app: web.Application, addr: str, name: str) -> int:
+    def _grpc_credentials(self) -> grpc.ServerCredentials:
+        key, cert = Path(self.config.tls_key_file).read_bytes(), Path(self.config.tls_cert_file).read_bytes()
+        return grpc.ssl_server_credentials([(key, cert)])
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if not self.config.tls_cert_file:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.config.tls_cert_file, self.config.tls_key_file)
+        except (OSError, ssl.SSLError):
+            raise ConfigError("tls_cert_file (SIDECAR_TLS_CERT_FILE): cannot load the certificate and key") from None
+        return context
+
+    async def _serve_http(
+        self, app: web.Application, addr: str, name: str, ssl_context: ssl.SSLContext | None = None
+    ) -> int:
         host, port = split_addr(addr, name)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as e:

@@ -41,6 +41,8 @@ class Config:
     callback_secret_path: str = _opt("", "unguessable path segment: POST /bot/replies/<it> needs no token", secret=True)
     admin_tokens: tuple[str, ...] = _opt((), "bearer tokens for the admin API (dead letters)", secret=True)
     allow_unauthenticated: bool = _opt(False, "serve ingress beyond loopback without tokens")
+    tls_cert_file: str = _opt("", "PEM certificate chain: serve HTTP ingress and gRPC over TLS")
+    tls_key_file: str = _opt("", "PEM private key of tls_cert_file")
     # --- outbound webhook ---
     response_url: str = _opt("", "where replies are POSTed; empty: no webhook delivery")
     response_authorization: str = _opt("", "Authorization header value sent with every webhook POST", secret=True)
@@ -219,6 +221,12 @@ def validate(c: Config) -> None:
                     f"binding {host} without tokens would expose the ingress; set "
                     "SIDECAR_AUTH_TOKENS, or SIDECAR_ALLOW_UNAUTHENTICATED=true to allow it",
                 )
+    if bool(c.tls_cert_file) != bool(c.tls_key_file):
+        _fail("tls_key_file" if c.tls_cert_file else "tls_cert_file", "TLS needs both a certificate and a key")
+    for name in ("tls_cert_file", "tls_key_file"):
+        path = getattr(c, name)
+        if path and not Path(path).is_file():
+            _fail(name, f"{path} is not a readable file")
     if not c.webhook_path.startswith("/"):
         _fail("webhook_path", "must start with /")
     if c.bot not in {"echo", "script", "http", "botpress"}:

@@ -1,0 +1,52 @@
+"""Optional TLS on the HTTP ingress and gRPC listeners, from certificate and key files."""
+
+from __future__ import annotations
+
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+
+from sidecar.v1 import sidecar_pb2_grpc
+from tests.conftest import StartApp, message
+from tests.test_grpc_ingress import request
+
+pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make a certificate")
+
+
+@pytest.fixture
+def cert(tmp_path: Path) -> tuple[Path, Path]:
+    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return crt, key
+
+
+async def test_http_and_grpc_serve_tls_with_the_configured_certificate(
+    start_app: StartApp, cert: tuple[Path, Path]
+) -> None:
+    crt, key = cert
+    s = await start_app(tls_cert_file=str(crt), tls_key_file=str(key))
+    context = ssl.create_default_context(cafile=str(crt))
+    async with aiohttp.ClientSession() as session:
+        url = f"https://127.0.0.1:{s.app.http_port}/webhook"
+        async with session.post(url, json=message(), ssl=context) as resp:
+            assert resp.status == 200
+    credentials = grpc.ssl_channel_credentials(root_certificates=crt.read_bytes())
+    async with grpc.aio.secure_channel(f"127.0.0.1:{s.app.grpc_port}", credentials) as channel:
+        answer = await sidecar_pb2_grpc.MessagingServiceStub(channel).SendMessage(request(message_id="m2"))
+    assert answer.duplicate is False
+
+
+def test_tls_needs_both_files(tmp_path: Path) -> None:
+    from sidecar.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="SIDECAR_TLS_KEY_FILE"):
+        load(env={"SIDECAR_TLS_CERT_FILE": str(tmp_path)})
