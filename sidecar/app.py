@@ -178,7 +178,11 @@ async def serve(config: Config) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = App(config)
+    try:
+        app = App(config)
+    except ConfigError as e:
+        log.error("cannot start", extra={"reason": str(e)})
+        return 1
     try:
         await app.start()
     except ConfigError as e:

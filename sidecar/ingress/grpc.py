@@ -25,6 +25,9 @@ from sidecar.validate import PROTO_NAMES, message_from_fields
 
 log = logging.getLogger(__name__)
 
+# How long a cut-off subscriber has to read what is in flight before its stream is reset.
+ABORT_GRACE = 10.0
+
 SERVICE_NAME = sidecar_pb2.DESCRIPTOR.services_by_name["MessagingService"].full_name
 
 
@@ -124,7 +127,16 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
         try:
             await self._pump(stream, context)
         except SidecarError as e:
-            await abort(context, e)
+            # Leave the broker first: a client that stopped reading must not
+            # hold a buffer while its trailers wait behind unread data.
+            stream.close()
+            try:
+                await asyncio.wait_for(abort(context, e), ABORT_GRACE)
+            except TimeoutError:
+                # Still not reading: give up on a status it will never read
+                # and let grpc reset the stream (the client sees CANCELLED).
+                log.info("subscriber not reading; dropping the stream", extra={"conversation_id": conversation_id})
+                raise asyncio.CancelledError from None
         finally:
             stream.close()
 
