@@ -71,8 +71,8 @@ def value_to_json(value: struct_pb2.Value) -> JSON:
 
 
 def reply_to_proto(reply: Reply) -> sidecar_pb2.Reply:
-    created = timestamp_pb2.Timestamp()
-    created.FromNanoseconds(int(reply.created_at * 1e9))
+    seconds = int(reply.created_at)
+    created = timestamp_pb2.Timestamp(seconds=seconds, nanos=round((reply.created_at - seconds) * 1e9) % 1_000_000_000)
     return sidecar_pb2.Reply(
         conversation_id=reply.conversation_id,
         sequence=reply.sequence,

@@ -62,6 +62,8 @@ def message_from_fields(
     reason = payload_problem(payload, max_payload_depth)
     if reason:
         violation("payload", reason)
+    else:
+        payload = normalize_numbers(payload)
     if bad:
         raise InvalidArgument("the message has invalid fields", details=tuple(bad))
     return InboundMessage.normalized(
@@ -95,3 +97,19 @@ def payload_problem(payload: JSON, max_depth: int) -> str:
         else:
             return "must be a JSON value"
     return ""
+
+
+def normalize_numbers(value: JSON) -> JSON:
+    """Integral floats become ints (1.0 → 1), as they come back from google.protobuf.Value.
+
+    JSON has one number type; without this, one message sent as 1.0 over
+    HTTP and as 1 over gRPC would fingerprint differently and be refused
+    as a conflict instead of recognised as a duplicate.
+    """
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) <= MAX_SAFE_INT else value
+    if isinstance(value, dict):
+        return {k: normalize_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalize_numbers(v) for v in value]
+    return value

@@ -1,0 +1,113 @@
+"""The embedded bots: echo, and script rules loaded from YAML or TOML."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from sidecar.bots import create_bot
+from sidecar.bots.base import BotReply
+from sidecar.bots.echo import EchoBot
+from sidecar.bots.script import ScriptBot
+from sidecar.config import Config, ConfigError
+from sidecar.models import InboundMessage, StoredMessage
+
+
+def stored(text: str = "hello", type: str = "text") -> StoredMessage:
+    m = InboundMessage.normalized(
+        user_id="u1", message_id="m1", conversation_id="c1", type=type, text=text, payload=None
+    )
+    return StoredMessage(id="s1", message=m, fingerprint=m.fingerprint(), received_at=0.0)
+
+
+async def run(bot: object, message: StoredMessage) -> list[BotReply]:
+    out: list[BotReply] = []
+
+    async def emit(reply: BotReply) -> None:
+        out.append(reply)
+
+    await bot.start()  # type: ignore[attr-defined]
+    await bot.handle(message, emit)  # type: ignore[attr-defined]
+    return out
+
+
+async def test_echo_answers_text_with_its_text() -> None:
+    assert await run(EchoBot(), stored("hi")) == [BotReply(type="text", payload={"text": "hi"})]
+
+
+async def test_echo_does_not_answer_other_types() -> None:
+    assert await run(EchoBot(), stored("a picture", type="image")) == []
+
+
+RULES = """
+rules:
+  - match: {type: text, text: "hello"}
+    replies:
+      - {type: text, payload: {text: "Hi {userId}!"}}
+      - {type: text, payload: {text: "second"}, delay: 0.01}
+  - match: {regex: "^order (\\\\d+)(?P<rest>.*)$"}
+    replies: [{type: text, payload: {text: "Order {1} {rest} {unknown}", n: 1}}]
+  - match: {type: image}
+    replies: []
+default:
+  replies: [{type: text, payload: {text: "Sorry: {text}"}}]
+"""
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> ScriptBot:
+    path = tmp_path / "rules.yaml"
+    path.write_text(RULES)
+    return ScriptBot(str(path))
+
+
+async def test_exact_rule_gives_its_replies_in_order_with_placeholders(script: ScriptBot) -> None:
+    replies = await run(script, stored("hello"))
+    assert [r.payload for r in replies] == [{"text": "Hi u1!"}, {"text": "second"}]
+
+
+async def test_regex_rule_fills_numbered_and_named_groups_and_keeps_unknown_placeholders(script: ScriptBot) -> None:
+    (reply,) = await run(script, stored("order 42 now"))
+    assert reply.payload == {"text": "Order 42  now {unknown}", "n": 1}
+
+
+async def test_rule_may_give_zero_replies(script: ScriptBot) -> None:
+    assert await run(script, stored("x", type="image")) == []
+
+
+async def test_default_answers_when_no_rule_matches(script: ScriptBot) -> None:
+    assert [r.payload for r in await run(script, stored("what?"))] == [{"text": "Sorry: what?"}]
+
+
+async def test_toml_rules_work_too(tmp_path: Path) -> None:
+    path = tmp_path / "rules.toml"
+    path.write_text('[[rules]]\nmatch = {text = "ping"}\nreplies = [{type = "text", payload = {text = "pong"}}]\n')
+    assert [r.payload for r in await run(ScriptBot(str(path)), stored("ping"))] == [{"text": "pong"}]
+    assert await run(ScriptBot(str(path)), stored("other")) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ("rules: {}", "'rules' must be a list"),
+        ("rules: [{match: {regex: '('}, replies: []}]", "rule 0: invalid regex"),
+        ("rules: [{match: {}, replies: [{payload: 1}]}]", "rule 0 reply 0"),
+        ("rules: [{match: {}, replies: []}, {match: {colour: red}, replies: []}]", "rule 1: unknown match keys"),
+        ("rules: [{match: {}, replies: [{type: t, delay: 999}]}]", "delay"),
+        ("rules: [{match: {}}]", "'replies' must be a list"),
+        (": not yaml :", "not valid YAML"),
+    ],
+)
+async def test_invalid_rules_fail_at_start_naming_file_and_rule(tmp_path: Path, content: str, named: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=named) as e:
+        await ScriptBot(str(path)).start()
+    assert str(path) in str(e.value)
+
+
+def test_create_bot_builds_the_configured_bot(tmp_path: Path) -> None:
+    assert isinstance(create_bot(Config()), EchoBot)
+    assert isinstance(create_bot(replace(Config(), bot="script", bot_script="x.yaml")), ScriptBot)

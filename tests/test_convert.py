@@ -1,0 +1,52 @@
+"""JSON ↔ google.protobuf.Value round-trips exactly; what cannot is refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.convert import json_to_value, reply_to_proto, value_to_json
+from sidecar.models import Reply, canonical_json
+from sidecar.validate import normalize_numbers
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**53), max_value=2**53)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=30,
+)
+
+
+@given(json_values)
+def test_any_json_value_round_trips_exactly(value: object) -> None:
+    back = value_to_json(json_to_value(value))
+    assert back == value
+    # The ingress normalizes integral floats (validate.normalize_numbers); after that, bytes match too.
+    assert canonical_json(back) == canonical_json(normalize_numbers(value))
+
+
+@pytest.mark.parametrize("bad", [2**53 + 1, -(2**60), math.nan, math.inf, {1: "x"}, object()])
+def test_values_that_cannot_round_trip_are_refused(bad: object) -> None:
+    with pytest.raises(ValueError):
+        json_to_value(bad)
+
+
+def test_empty_containers_stay_containers() -> None:
+    assert value_to_json(json_to_value({})) == {}
+    assert value_to_json(json_to_value([])) == []
+    assert value_to_json(json_to_value({"a": {}})) == {"a": {}}
+
+
+def test_reply_to_proto_carries_every_field() -> None:
+    r = Reply("c", 3, "text", {"text": "hi"}, "bu", "bm", "bc", "u", "m", 1700000000.25)
+    p = reply_to_proto(r)
+    assert (p.conversation_id, p.sequence, p.type, p.bot_user_id, p.bot_message_id) == ("c", 3, "text", "bu", "bm")
+    assert (p.bot_conversation_id, p.user_id, p.in_reply_to) == ("bc", "u", "m")
+    assert value_to_json(p.payload) == {"text": "hi"}
+    assert p.created_at.seconds == 1700000000 and p.created_at.nanos == 250_000_000
