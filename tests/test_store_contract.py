@@ -1,0 +1,211 @@
+"""One contract, every store: the same tests run against memory and SQLite."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from sidecar.errors import Conflict
+from sidecar.models import InboundMessage, ReplyDraft
+from sidecar.store.base import Store
+from sidecar.store.memory import MemoryStore
+from sidecar.store.sqlite import SqliteStore
+
+Factory = Callable[..., Awaitable[Store]]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
+    opened: list[Store] = []
+
+    async def make(retention: int = 10000) -> Store:
+        if request.param == "memory":
+            store: Store = MemoryStore(retention=retention)
+        else:
+            store = SqliteStore(str(tmp_path / f"s{len(opened)}.db"), sync="normal", retention=retention)
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(make_store: Factory) -> Store:
+    return await make_store()
+
+
+def msg(conversation: str = "c1", message_id: str = "m1", text: str = "hi", user: str = "u1") -> InboundMessage:
+    return InboundMessage.normalized(
+        user_id=user, message_id=message_id, conversation_id=conversation, type="text", text=text, payload=None
+    )
+
+
+def draft(key: str, text: str = "r") -> ReplyDraft:
+    return ReplyDraft(type="text", payload={"text": text}, dedupe_key=key, user_id="u1", bot_message_id=f"bm-{key}")
+
+
+async def test_accept_stores_a_pending_message_and_recognises_a_duplicate(store: Store) -> None:
+    first = await store.accept(msg(), now=1.0)
+    assert not first.duplicate
+    again = await store.accept(msg(), now=2.0)
+    assert again.duplicate and again.stored.id == first.stored.id and again.stored.received_at == 1.0
+    assert [m.id for m in await store.pending_messages(10)] == [first.stored.id]
+
+
+async def test_same_message_id_with_other_content_is_a_conflict(store: Store) -> None:
+    await store.accept(msg(text="one"), now=1.0)
+    with pytest.raises(Conflict):
+        await store.accept(msg(text="two"), now=1.0)
+
+
+async def test_same_message_id_in_another_conversation_is_another_message(store: Store) -> None:
+    a = await store.accept(msg("c1"), now=1.0)
+    b = await store.accept(msg("c2"), now=1.0)
+    assert not b.duplicate and a.stored.id != b.stored.id
+
+
+async def test_pending_messages_come_in_arrival_order_and_leave_when_completed(store: Store) -> None:
+    ids = [(await store.accept(msg(message_id=f"m{i}"), now=10.0 - i)).stored.id for i in range(5)]
+    assert [m.id for m in await store.pending_messages(3)] == ids[:3]
+    await store.complete_message(ids[1])
+    assert [m.id for m in await store.pending_messages(10)] == [ids[0], *ids[2:]]
+
+
+async def test_attempts_are_counted_and_a_dead_message_can_be_replayed(store: Store) -> None:
+    stored = (await store.accept(msg(), now=1.0)).stored
+    assert await store.record_attempt(stored.id, "boom") == 1
+    assert await store.record_attempt(stored.id, "boom") == 2
+    letter = await store.dead_letter_message(stored.id, "gave up", now=5.0)
+    assert letter.kind == "message" and letter.attempts == 2 and letter.body["messageId"] == "m1"
+    assert await store.pending_messages(10) == []
+    assert await store.replay_dead_letter(letter.id, now=6.0)
+    (again,) = await store.pending_messages(10)
+    assert again.id == stored.id and again.attempts == 0
+    assert await store.get_dead_letter(letter.id) is None
+
+
+async def test_sequences_start_at_one_and_have_no_gaps(store: Store) -> None:
+    replies = await store.append_replies("c1", [draft("a"), draft("b")], now=1.0, outbox=False)
+    assert [r.sequence for r in replies] == [1, 2]
+    more = await store.append_replies("c1", [draft("c")], now=2.0, outbox=False)
+    assert [r.sequence for r in more] == [3]
+    assert await store.last_sequence("c1") == 3
+    assert await store.last_sequence("other") == 0
+    other = await store.append_replies("c2", [draft("a")], now=1.0, outbox=False)
+    assert [r.sequence for r in other] == [1]
+
+
+async def test_concurrent_appends_to_one_conversation_stay_gapless(store: Store) -> None:
+    results = await asyncio.gather(
+        *(store.append_replies("c1", [draft(f"k{i}")], now=1.0, outbox=True) for i in range(200))
+    )
+    sequences = sorted(r.sequence for batch in results for r in batch)
+    assert sequences == list(range(1, 201))
+    assert [r.sequence for r in await store.replies_after("c1", 0, 1000)] == list(range(1, 201))
+
+
+async def test_a_known_dedupe_key_is_not_appended_twice(store: Store) -> None:
+    await store.append_replies("c1", [draft("a")], now=1.0, outbox=True)
+    again = await store.append_replies("c1", [draft("a"), draft("b")], now=2.0, outbox=True)
+    assert [(r.sequence, r.payload) for r in again] == [(2, {"text": "r"})]
+    assert [d.reply.sequence for d in [await store.head_delivery("c1")] if d] == [1]
+
+
+async def test_replies_after_pages_in_order_with_every_field(store: Store) -> None:
+    d = ReplyDraft("card", {"x": [1, 2.5, None]}, "k", "u1", "m1", "bu", "bm", "bc")
+    await store.append_replies("c1", [d, draft("b")], now=7.0, outbox=False)
+    (r,) = await store.replies_after("c1", 0, 1)
+    assert (r.conversation_id, r.sequence, r.type, r.payload) == ("c1", 1, "card", {"x": [1, 2.5, None]})
+    assert (r.user_id, r.in_reply_to, r.bot_user_id, r.bot_message_id, r.bot_conversation_id) == (
+        "u1", "m1", "bu", "bm", "bc"
+    )  # fmt: skip
+    assert r.created_at == 7.0
+    assert [x.sequence for x in await store.replies_after("c1", 1, 10)] == [2]
+
+
+async def test_retention_trims_old_replies_but_never_undelivered_or_dead_ones(make_store: Factory) -> None:
+    store = await make_store(retention=3)
+    await store.append_replies("c1", [draft(f"k{i}") for i in range(5)], now=1.0, outbox=False)
+    assert await store.first_retained_sequence("c1") == 3
+    assert [r.sequence for r in await store.replies_after("c1", 0, 10)] == [3, 4, 5]
+    # With an outbox: sequence 6 stays queued, so nothing from 6 on may be trimmed.
+    await store.append_replies("c2", [draft("a")], now=1.0, outbox=True)
+    await store.append_replies("c2", [draft(f"k{i}") for i in range(6)], now=1.0, outbox=False)
+    assert await store.first_retained_sequence("c2") == 1
+    await store.delivery_dead("c2", 1, attempts=3, error="HTTP 400", now=2.0)
+    await store.append_replies("c2", [draft("z")], now=3.0, outbox=False)
+    assert await store.first_retained_sequence("c2") == 1  # pinned by the dead letter
+    (letter,) = await store.list_dead_letters()
+    await store.purge_dead_letters([letter.id])
+    await store.append_replies("c2", [draft("y")], now=3.0, outbox=False)
+    assert await store.first_retained_sequence("c2") == 9 - 3 + 1
+
+
+async def test_unknown_conversation_has_nothing_trimmed_and_no_user(store: Store) -> None:
+    assert await store.first_retained_sequence("nope") == 1
+    assert await store.conversation_user("nope") is None
+    await store.accept(msg(user="alice"), now=1.0)
+    await store.accept(msg(message_id="m2", user="bob"), now=1.0)
+    assert await store.conversation_user("c1") == "bob"
+
+
+async def test_outbox_offers_each_conversations_lowest_reply_when_due(store: Store) -> None:
+    await store.append_replies("c1", [draft("a"), draft("b")], now=1.0, outbox=True)
+    await store.append_replies("c2", [draft("a")], now=2.0, outbox=True)
+    due = await store.due_deliveries(now=5.0, limit=10)
+    assert [(d.reply.conversation_id, d.reply.sequence) for d in due] == [("c1", 1), ("c2", 1)]
+    assert await store.next_due_at() == 1.0
+    await store.delivery_failed("c1", 1, attempts=1, first_attempt_at=5.0, next_attempt_at=9.0, error="HTTP 503")
+    due = await store.due_deliveries(now=6.0, limit=10)
+    assert [(d.reply.conversation_id, d.reply.sequence) for d in due] == [("c2", 1)]  # c1/2 waits behind c1/1
+    head = await store.head_delivery("c1")
+    assert head is not None and (head.attempts, head.first_attempt_at, head.next_attempt_at, head.last_error) == (
+        1, 5.0, 9.0, "HTTP 503"
+    )  # fmt: skip
+    assert await store.next_due_at() == 2.0
+    await store.delivery_succeeded("c2", 1)
+    assert await store.next_due_at() == 9.0
+    assert await store.head_delivery("c2") is None
+    await store.delivery_succeeded("c1", 1)
+    head = await store.head_delivery("c1")
+    assert head is not None and head.reply.sequence == 2 and head.attempts == 0
+
+
+async def test_dead_reply_lets_the_next_proceed_and_replay_puts_it_first_again(store: Store) -> None:
+    await store.append_replies("c1", [draft("a"), draft("b")], now=1.0, outbox=True)
+    letter = await store.delivery_dead("c1", 1, attempts=4, error="HTTP 400", now=3.0)
+    assert letter.kind == "reply" and letter.sequence == 1 and letter.extra["webhook_id"] == "bm-a"
+    assert letter.body["conversationId"] == "c1" and set(letter.body) == {
+        "type", "payload", "conversationId", "botpressUserId", "botpressMessageId", "botpressConversationId"
+    }  # fmt: skip
+    head = await store.head_delivery("c1")
+    assert head is not None and head.reply.sequence == 2
+    assert [d.id for d in await store.list_dead_letters(kind="reply", conversation_id="c1")] == [letter.id]
+    assert await store.list_dead_letters(kind="message") == []
+    assert await store.replay_dead_letter(letter.id, now=4.0)
+    head = await store.head_delivery("c1")
+    assert head is not None and head.reply.sequence == 1 and head.attempts == 0
+    assert await store.replay_dead_letter(letter.id, now=4.0) is False
+
+
+async def test_purge_removes_dead_letters_for_good(store: Store) -> None:
+    await store.append_replies("c1", [draft("a"), draft("b")], now=1.0, outbox=True)
+    a = await store.delivery_dead("c1", 1, attempts=1, error="x", now=2.0)
+    b = await store.delivery_dead("c1", 2, attempts=1, error="y", now=3.0)
+    assert [d.id for d in await store.list_dead_letters()] == [a.id, b.id]
+    assert await store.purge_dead_letters([a.id, "unknown"]) == 1
+    assert [d.id for d in await store.list_dead_letters()] == [b.id]
+    got = await store.get_dead_letter(b.id)
+    assert got is not None and got.error == "y"
+
+
+async def test_ping_answers_while_open_and_close_is_idempotent(store: Store) -> None:
+    await store.ping()
+    await store.close()
+    await store.close()

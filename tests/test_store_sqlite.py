@@ -1,0 +1,79 @@
+"""SQLite specifics: everything survives a reopen, WAL is on, concurrent writes share commits."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from sidecar.store.sqlite import SqliteStore
+from tests.test_store_contract import draft, msg
+
+
+async def test_reopening_the_file_keeps_messages_replies_sequences_outbox_and_dead_letters(tmp_path: Path) -> None:
+    path = str(tmp_path / "nested" / "dir" / "s.db")
+    store = SqliteStore(path)
+    await store.open()
+    pending = (await store.accept(msg(message_id="m1"), now=1.0)).stored
+    done = (await store.accept(msg(message_id="m2"), now=2.0)).stored
+    await store.complete_message(done.id)
+    await store.append_replies("c1", [draft("a"), draft("b"), draft("c")], now=3.0, outbox=True)
+    await store.delivery_succeeded("c1", 1)
+    await store.delivery_failed("c1", 2, attempts=2, first_attempt_at=4.0, next_attempt_at=9.0, error="HTTP 503")
+    letter = await store.delivery_dead("c1", 2, attempts=3, error="HTTP 410", now=5.0)
+    await store.close()
+
+    again = SqliteStore(path)
+    await again.open()
+    try:
+        assert [m.id for m in await again.pending_messages(10)] == [pending.id]
+        assert (await again.accept(msg(message_id="m2"), now=9.0)).duplicate
+        assert await again.last_sequence("c1") == 3
+        head = await again.head_delivery("c1")
+        assert head is not None and head.reply.sequence == 3
+        assert [d.id for d in await again.list_dead_letters()] == [letter.id]
+        (appended,) = await again.append_replies("c1", [draft("d")], now=6.0, outbox=False)
+        assert appended.sequence == 4
+        assert [r.sequence for r in await again.replies_after("c1", 0, 10)] == [1, 2, 3, 4]
+    finally:
+        await again.close()
+
+
+async def test_the_database_runs_in_wal_mode_with_a_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    await store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+
+
+async def test_concurrent_accepts_share_commits(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "s.db"), sync="full")
+    await store.open()
+    try:
+        before = store.commits
+        results = await asyncio.gather(*(store.accept(msg(message_id=f"m{i}"), now=1.0) for i in range(300)))
+        assert all(not r.duplicate for r in results)
+        assert store.commits - before < 300
+        assert len(await store.pending_messages(1000)) == 300
+    finally:
+        await store.close()
+
+
+async def test_a_conflict_in_a_batch_does_not_undo_the_other_operations(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+        await store.accept(msg(message_id="x", text="one"), now=1.0)
+        results = await asyncio.gather(
+            store.accept(msg(message_id="a"), now=1.0),
+            store.accept(msg(message_id="x", text="two"), now=1.0),
+            store.accept(msg(message_id="b"), now=1.0),
+            return_exceptions=True,
+        )
+        assert [type(r).__name__ for r in results] == ["AcceptResult", "Conflict", "AcceptResult"]
+        assert {m.message.message_id for m in await store.pending_messages(10)} == {"x", "a", "b"}
+    finally:
+        await store.close()
