@@ -9,7 +9,6 @@ import signal
 import ssl
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 from aiohttp import web
@@ -19,14 +18,12 @@ from sidecar.auth import TokenChecker
 from sidecar.bots import create_bot
 from sidecar.config import Config, ConfigError, split_addr
 from sidecar.core import Core
+from sidecar.delivery.webhook import WebhookDelivery
 from sidecar.ingress.grpc import SERVING, build_server
 from sidecar.ingress.http import HttpIngress
 from sidecar.models import JSON
 from sidecar.observability import Metrics, setup_logging
 from sidecar.store import create_store
-
-if TYPE_CHECKING:
-    from sidecar.delivery.webhook import WebhookDelivery
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +39,7 @@ class App:
         self.metrics = Metrics()
         self.store = create_store(config)
         self.bot = create_bot(config)
-        self.webhook: WebhookDelivery | None = None
-        if config.response_url:
-            from sidecar.delivery.webhook import WebhookDelivery
-
-            self.webhook = WebhookDelivery(config, self.store, self.metrics)
+        self.webhook = WebhookDelivery(config, self.store, self.metrics) if config.response_url else None
         self.core = Core(config, self.store, self.bot, self.metrics, self.webhook)
         self.tokens = TokenChecker(config.auth_tokens, config.auth_tokens_file)
         callback_tokens = TokenChecker(config.callback_tokens)

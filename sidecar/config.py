@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import ipaddress
 import tomllib
 import types
@@ -13,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from standardwebhooks.webhooks import Webhook
 
 ENV_PREFIX = "SIDECAR_"
 
@@ -242,10 +243,12 @@ def validate(c: Config) -> None:
     for secret in c.webhook_secret.split():
         if not secret.startswith("whsec_"):
             _fail("webhook_secret", "each secret must look like whsec_<base64>")
+        key = secret[len("whsec_") :]
         try:
-            base64.b64decode(secret[len("whsec_") :], validate=True)
-        except binascii.Error:
-            _fail("webhook_secret", "the part after whsec_ is not valid base64")
+            base64.b64decode(key + "=" * (-len(key) % 4), validate=True)
+            Webhook(secret)  # and the signer's own checks (e.g. not empty)
+        except Exception:  # noqa: BLE001 - binascii.Error or the library's own error types
+            _fail("webhook_secret", "the part after whsec_ must be non-empty base64")
     scheme = urlsplit(c.store).scheme
     if scheme not in {"memory", "sqlite", "redis"}:
         _fail("store", f"expected sqlite:///path, memory:// or redis://host:port/db, got {c.store!r}")

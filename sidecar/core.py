@@ -6,12 +6,12 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Protocol
 
+from sidecar.backoff import full_jitter
 from sidecar.bots.base import Bot, BotError, BotReply
 from sidecar.config import Config
 from sidecar.delivery.stream import Broker, ReplyStream, draining_error
@@ -27,11 +27,6 @@ class Notifier(Protocol):
     """The webhook worker as the core sees it: told when replies were queued."""
 
     def notify(self, conversation_id: str) -> None: ...
-
-
-def full_jitter(attempt: int, initial: float, cap: float) -> float:
-    """Delay before retry number ``attempt`` (1-based): uniform in [0, min(cap, initial·2^(attempt-1))]."""
-    return random.uniform(0, min(cap, initial * 2 ** min(attempt - 1, 62)))
 
 
 class Core:

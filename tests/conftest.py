@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -95,6 +96,19 @@ async def start_app(tmp_path: Path) -> AsyncIterator[StartApp]:
         await running.session.close()
         await running.app.drain(0.5)
         await running.app.stop()
+
+
+async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll an async probe until it returns something truthy, with a deadline (for state with no event)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = await probe()
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.01)
 
 
 def message(conversation: str = "c1", message_id: str = "m1", text: str = "hello", **extra: Any) -> dict[str, Any]:

@@ -1,0 +1,251 @@
+"""The outbox worker: POSTs replies to the response URL, in order per conversation, until acknowledged."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import functools
+import logging
+import time
+from datetime import UTC, datetime
+
+import aiohttp
+import orjson
+from standardwebhooks.webhooks import Webhook
+
+from sidecar.backoff import full_jitter
+from sidecar.config import Config
+from sidecar.models import Delivery
+from sidecar.observability import Metrics
+from sidecar.store.base import Store
+
+log = logging.getLogger(__name__)
+
+_BATCH = 256
+_RETRYABLE = {408, 429}
+
+
+class Outcome:
+    """What one attempt tells the worker to do next."""
+
+    __slots__ = ("error", "kind", "retry_after")
+
+    def __init__(self, kind: str, error: str = "", retry_after: float | None = None) -> None:
+        self.kind = kind  # ok | retry | rejected | error | timeout
+        self.error = error
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+class WebhookDelivery:
+    """Delivers the outbox. Per conversation only the lowest queued reply is attempted,
+    so replies arrive in order; conversations proceed concurrently, bounded.
+
+    Every decision is written to the store before the next step, so a
+    restart resumes exactly here: nothing is lost, and a reply acknowledged
+    by the receiver but not yet marked may be POSTed again with the same
+    ``webhook-id`` (at-least-once, deduplicable).
+    """
+
+    def __init__(self, config: Config, store: Store, metrics: Metrics) -> None:
+        self._config = config
+        self._store = store
+        self._metrics = metrics
+        self._signers = [Webhook(secret) for secret in config.webhook_secret.split()]
+        self._session: aiohttp.ClientSession | None = None
+        self._wake = asyncio.Event()
+        self._in_flight: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(config.webhook_concurrency)
+        self._scheduler: asyncio.Task[None] | None = None
+        self._draining = False
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=self._config.webhook_concurrency, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(connector=connector, json_serialize=lambda v: orjson.dumps(v).decode())
+        self._scheduler = asyncio.create_task(self._schedule(), name="webhook-scheduler")
+
+    def notify(self, conversation_id: str) -> None:
+        """New replies were queued; cheap enough to call on every append."""
+        self._wake.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Start nothing new; attempts in flight may finish within timeout, the rest stay queued."""
+        self._draining = True
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+        tasks = list(self._in_flight.values())
+        if tasks:
+            _, still = await asyncio.wait(tasks, timeout=timeout)
+            for task in still:
+                task.cancel()
+            await asyncio.gather(*still, return_exceptions=True)
+
+    async def stop(self) -> None:
+        self._draining = True
+        tasks = [t for t in (self._scheduler, *self._in_flight.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # --- scheduling -------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        while not self._draining:
+            self._wake.clear()
+            try:
+                now = time.time()
+                for delivery in await self._store.due_deliveries(now, _BATCH):
+                    conversation_id = delivery.reply.conversation_id
+                    if conversation_id not in self._in_flight:
+                        task = asyncio.create_task(self._run_conversation(delivery))
+                        self._in_flight[conversation_id] = task
+                        task.add_done_callback(functools.partial(self._finished, conversation_id))
+                next_due = await self._store.next_due_at()
+            except Exception:
+                log.exception("webhook scheduler failed to read the outbox; retrying")
+                next_due = time.time() + 1.0
+            delay = None if next_due is None else max(0.0, next_due - time.time())
+            if delay == 0.0 and self._in_flight:
+                delay = None  # due heads are all in flight: their tasks notify when done
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _finished(self, conversation_id: str, _: asyncio.Task[None]) -> None:
+        self._in_flight.pop(conversation_id, None)
+
+    async def _run_conversation(self, delivery: Delivery | None) -> None:
+        """Deliver one conversation's queued replies in order while they are due."""
+        conversation_id = delivery.reply.conversation_id if delivery else ""
+        try:
+            while delivery is not None and not self._draining and delivery.next_attempt_at <= time.time():
+                async with self._slots:
+                    delivered = await self._attempt(delivery)
+                if not delivered:
+                    break
+                delivery = await self._store.head_delivery(conversation_id)
+        finally:
+            self._wake.set()  # the scheduler re-reads the outbox for this conversation's next step
+
+    # --- one attempt ---------------------------------------------------------------
+
+    async def _attempt(self, delivery: Delivery) -> bool:
+        """POST one reply and record the result; True when it left the outbox (delivered or dead)."""
+        reply = delivery.reply
+        now = time.time()
+        first = delivery.first_attempt_at or now
+        attempts = delivery.attempts + 1
+        outcome = await self._post(delivery)
+        self._metrics.webhook_attempts.labels(outcome.kind).inc()
+        if outcome.kind == "ok":
+            await self._store.delivery_succeeded(reply.conversation_id, reply.sequence)
+            return True
+        give_up = (
+            outcome.kind == "rejected"
+            or attempts >= self._config.webhook_max_attempts
+            or now - first >= self._config.webhook_max_age
+        )
+        if give_up:
+            await self._store.delivery_dead(
+                reply.conversation_id, reply.sequence, attempts=attempts, error=outcome.error, now=now
+            )
+            self._metrics.dead_letters.labels("reply").inc()
+            log.warning(
+                "reply dead-lettered",
+                extra={"conversation_id": reply.conversation_id, "sequence": reply.sequence,
+                       "attempts": attempts, "error": outcome.error},
+            )  # fmt: skip
+            return True
+        delay = full_jitter(attempts, self._config.webhook_backoff_initial, self._config.webhook_backoff_max)
+        if outcome.retry_after is not None:
+            delay = min(outcome.retry_after, self._config.webhook_retry_after_max)
+        await self._store.delivery_failed(
+            reply.conversation_id, reply.sequence,
+            attempts=attempts, first_attempt_at=first, next_attempt_at=now + delay, error=outcome.error,
+        )  # fmt: skip
+        log.info(
+            "webhook attempt failed; will retry",
+            extra={"conversation_id": reply.conversation_id, "sequence": reply.sequence,
+                   "attempt": attempts, "error": outcome.error, "retry_in": round(delay, 3)},
+        )  # fmt: skip
+        return False
+
+    def headers(self, delivery: Delivery, body: bytes) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self._config.response_authorization:
+            headers["Authorization"] = self._config.response_authorization
+        if self._signers:
+            # The id is the reply's bot message id: the same for every retry
+            # and replay, so receivers can deduplicate on it.
+            msg_id = delivery.reply.bot_message_id
+            now = datetime.now(UTC)
+            text = body.decode()
+            headers["webhook-id"] = msg_id
+            headers["webhook-timestamp"] = str(int(now.timestamp()))
+            headers["webhook-signature"] = " ".join(s.sign(msg_id, now, text) for s in self._signers)
+        return headers
+
+    async def _post(self, delivery: Delivery) -> Outcome:
+        assert self._session is not None
+        body = orjson.dumps(delivery.reply.webhook_body())
+        timeout = aiohttp.ClientTimeout(total=self._config.webhook_timeout)
+        started = time.perf_counter()
+        try:
+            async with self._session.post(
+                self._config.response_url, data=body, headers=self.headers(delivery, body), timeout=timeout,
+                allow_redirects=False,
+            ) as resp:  # fmt: skip
+                await resp.read()
+                status = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
+        except TimeoutError:
+            return Outcome("timeout", f"timeout after {self._config.webhook_timeout:g}s")
+        except aiohttp.ClientConnectorError:
+            return Outcome("error", "connection refused or unreachable")
+        except aiohttp.ClientError as e:
+            return Outcome("error", f"connection error ({type(e).__name__})")
+        finally:
+            self._metrics.webhook_latency.observe(time.perf_counter() - started)
+        if 200 <= status < 300:
+            return Outcome("ok")
+        if status in _RETRYABLE or status >= 500:
+            return Outcome("retry", f"HTTP {status}", retry_after)
+        return Outcome("rejected", f"HTTP {status}")
+
+    async def check_response_url(self) -> str:
+        """The hosted integration's install check: POST {"type":"test","payload":"test"}, expect 200."""
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                self._config.response_url,
+                json={"type": "test", "payload": "test"},
+                headers={"Authorization": self._config.response_authorization}
+                if self._config.response_authorization
+                else None,
+                timeout=aiohttp.ClientTimeout(total=self._config.webhook_timeout),
+                allow_redirects=False,
+            ) as resp:
+                await resp.read()
+                return "ok" if resp.status == 200 else f"answered HTTP {resp.status}"
+        except TimeoutError:
+            return "timed out"
+        except aiohttp.ClientError:
+            return "unreachable"

@@ -1,0 +1,110 @@
+"""A real HTTP receiver for webhook tests: records every POST, answers as scripted per conversation."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    raw: bytes
+    body: Any
+    status: int
+
+
+@dataclass
+class Script:
+    """Answers for one conversation, consumed in order; then ``then`` for ever."""
+
+    statuses: collections.deque[int] = field(default_factory=collections.deque)
+    then: int = 200
+    retry_after: str | None = None
+    hang: bool = False
+
+
+class Receiver:
+    """``async with Receiver() as r``: r.url to POST to, r.requests, r.wait_for(n)."""
+
+    def __init__(self, path: str = "/replies") -> None:
+        self.path = path
+        self.requests: list[Received] = []
+        self.scripts: dict[str, Script] = {}
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        self._release = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    def script(self, conversation_id: str, *statuses: int, then: int = 200, retry_after: str | None = None,
+               hang: bool = False) -> None:  # fmt: skip
+        self.scripts[conversation_id] = Script(collections.deque(statuses), then, retry_after, hang)
+
+    async def __aenter__(self) -> Receiver:
+        app = web.Application()
+        app.router.add_post(self.path, self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        body = orjson.loads(raw) if raw else None
+        conversation = body.get("conversationId", "") if isinstance(body, dict) else ""
+        script = self.scripts.get(conversation)
+        status = 200
+        headers = {}
+        if script is not None:
+            if script.hang:
+                await self._release.wait()
+            status = script.statuses.popleft() if script.statuses else script.then
+            if script.retry_after and status != 200:
+                headers["Retry-After"] = script.retry_after
+        async with self._changed:
+            self.requests.append(Received(dict(request.headers), raw, body, status))
+            self._changed.notify_all()
+        return web.Response(status=status, headers=headers)
+
+    def delivered(self, conversation_id: str | None = None) -> list[Any]:
+        """Bodies answered 2xx, in arrival order."""
+        return [
+            r.body
+            for r in self.requests
+            if 200 <= r.status < 300 and (conversation_id is None or r.body.get("conversationId") == conversation_id)
+        ]
+
+    async def wait_for(self, count: int, *, conversation_id: str | None = None, ok: bool = True,
+                       timeout: float = 10.0) -> list[Received]:  # fmt: skip
+        """Wait until ``count`` requests (2xx ones with ok) arrived for the conversation."""
+
+        def matching() -> list[Received]:
+            return [
+                r
+                for r in self.requests
+                if (not ok or 200 <= r.status < 300)
+                and (
+                    conversation_id is None
+                    or (isinstance(r.body, dict) and r.body.get("conversationId") == conversation_id)
+                )
+            ]
+
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: len(matching()) >= count)
+        return matching()

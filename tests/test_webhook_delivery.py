@@ -1,0 +1,201 @@
+"""Webhook delivery through real sockets: exact body, order, retries, dead letters, signatures, restarts."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import aiohttp
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from sidecar.delivery.webhook import parse_retry_after
+from sidecar.models import DeadLetter
+from tests.conftest import Running, StartApp, eventually, message
+from tests.procs import free_port
+from tests.receiver import Receiver
+
+SECRET_A = "whsec_" + base64.b64encode(b"a" * 24).decode()
+SECRET_B = "whsec_" + base64.b64encode(b"b" * 24).decode()
+
+
+async def send_texts(s: Running, conversation: str, texts: list[str]) -> None:
+    for i, text in enumerate(texts):
+        resp = await s.post(message(conversation, f"{conversation}-m{i}", text))
+        assert resp.status == 200
+
+
+async def test_each_reply_is_one_post_with_exactly_the_six_integration_fields(start_app: StartApp) -> None:
+    async with Receiver() as r:
+        s = await start_app(response_url=r.url)
+        await send_texts(s, "c1", ["hello"])
+        (got,) = await r.wait_for(1)
+    assert set(got.body) == {
+        "type", "payload", "conversationId", "botpressUserId", "botpressMessageId", "botpressConversationId"
+    }  # fmt: skip
+    assert got.body["type"] == "text" and got.body["payload"] == {"text": "hello"}
+    assert got.body["conversationId"] == "c1"
+    assert got.headers["Content-Type"] == "application/json"
+    assert "webhook-signature" not in got.headers and "Authorization" not in got.headers
+
+
+async def test_receiver_failing_with_503_then_recovering_gets_every_reply_in_order_once(start_app: StartApp) -> None:
+    async with Receiver() as r:
+        r.script("c1", 503, 503, 503)
+        s = await start_app(response_url=r.url)
+        texts = [f"t{i}" for i in range(6)]
+        await send_texts(s, "c1", texts)
+        await r.wait_for(6)
+    assert [b["payload"]["text"] for b in r.delivered("c1")] == texts
+    assert [x.status for x in r.requests[:3]] == [503, 503, 503]
+    ids = [b["botpressMessageId"] for b in r.delivered("c1")]
+    assert len(set(ids)) == 6
+
+
+async def test_a_non_retryable_4xx_dead_letters_the_reply_and_the_next_one_proceeds(start_app: StartApp) -> None:
+    async with Receiver() as r:
+        r.script("c1", 400)
+        s = await start_app(response_url=r.url)
+        await send_texts(s, "c1", ["refused", "accepted"])
+        await r.wait_for(1)
+    assert [b["payload"]["text"] for b in r.delivered("c1")] == ["accepted"]
+    (letter,) = await s.app.store.list_dead_letters()
+    assert letter.kind == "reply" and letter.sequence == 1 and letter.error == "HTTP 400" and letter.attempts == 1
+    assert letter.body["payload"] == {"text": "refused"}
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502])
+async def test_retryable_statuses_are_retried(start_app: StartApp, status: int) -> None:
+    async with Receiver() as r:
+        r.script("c1", status)
+        s = await start_app(response_url=r.url)
+        await send_texts(s, "c1", ["x"])
+        await r.wait_for(1)
+    assert [x.status for x in r.requests] == [status, 200]
+
+
+async def test_exhausted_attempts_dead_letter_the_reply_with_its_last_error(start_app: StartApp) -> None:
+    async with Receiver() as r:
+        r.script("c1", then=503)
+        s = await start_app(response_url=r.url, webhook_max_attempts=3)
+        await send_texts(s, "c1", ["never"])
+        await r.wait_for(3, ok=False)
+        letters = await dead_letters(s, 1)
+    assert letters[0].error == "HTTP 503" and letters[0].attempts == 3
+
+
+async def test_retry_after_is_honoured_and_capped(start_app: StartApp) -> None:
+    async with Receiver() as r:
+        r.script("c1", then=429, retry_after="120")
+        r.script("c2", then=503, retry_after="99999")
+        s = await start_app(response_url=r.url, webhook_retry_after_max=300)
+        before = time.time()
+        await send_texts(s, "c1", ["a"])
+        await send_texts(s, "c2", ["b"])
+        await r.wait_for(2, ok=False)
+        heads = {c: await head_attempted(s, c) for c in ("c1", "c2")}
+    assert 119 <= heads["c1"] - before <= 121 + (time.time() - before)
+    assert 299 <= heads["c2"] - before <= 301 + (time.time() - before)
+
+
+def test_retry_after_parses_seconds_and_http_dates() -> None:
+    now = 1_700_000_000.0
+    assert parse_retry_after("7", now) == 7.0
+    assert parse_retry_after("Tue, 14 Nov 2023 22:13:40 GMT", now) == pytest.approx(20.0)
+    assert parse_retry_after("soon", now) is None and parse_retry_after(None, now) is None
+
+
+async def test_signed_webhooks_verify_with_every_secret_and_keep_their_id_across_retries(
+    start_app: StartApp,
+) -> None:
+    async with Receiver() as r:
+        r.script("c1", 503, 503)
+        s = await start_app(response_url=r.url, webhook_secret=f"{SECRET_A} {SECRET_B}")
+        await send_texts(s, "c1", ["signed"])
+        await r.wait_for(1)
+    ids = {x.headers["webhook-id"] for x in r.requests}
+    assert len(r.requests) == 3 and len(ids) == 1
+    assert ids == {r.requests[-1].body["botpressMessageId"]}
+    for got in r.requests:
+        for secret in (SECRET_A, SECRET_B):
+            for sig in got.headers["webhook-signature"].split():
+                headers = {**got.headers, "webhook-signature": sig}
+                try:
+                    Webhook(secret).verify(got.raw, headers)
+                    break
+                except Exception:  # noqa: BLE001 - try the next signature
+                    continue
+            else:
+                raise AssertionError(f"no signature verifies with {secret[:10]}…")
+
+
+async def test_static_authorization_header_is_sent(start_app: StartApp) -> None:
+    async with Receiver() as r:
+        s = await start_app(response_url=r.url, response_authorization="Bearer receiver-token")
+        await send_texts(s, "c1", ["x"])
+        (got,) = await r.wait_for(1)
+    assert got.headers["Authorization"] == "Bearer receiver-token"
+
+
+async def test_a_stuck_conversation_does_not_hold_up_the_others(start_app: StartApp) -> None:
+    async with Receiver() as r:
+        r.script("slow", hang=True)
+        s = await start_app(response_url=r.url, webhook_timeout=30)
+        await send_texts(s, "slow", ["stuck"])
+        await send_texts(s, "fast", [f"f{i}" for i in range(5)])
+        await r.wait_for(5, conversation_id="fast")
+    assert [b["payload"]["text"] for b in r.delivered("fast")] == [f"f{i}" for i in range(5)]
+
+
+async def test_replies_queued_while_the_receiver_is_down_arrive_in_order_after_a_restart(
+    start_app: StartApp,
+) -> None:
+    port = free_port()  # nothing listens here yet: connection refused
+    url = f"http://127.0.0.1:{port}/replies"
+    s = await start_app(response_url=url, webhook_backoff_initial=0.2, webhook_backoff_max=0.5)
+    await send_texts(s, "c1", [f"t{i}" for i in range(4)])
+    await head_attempted(s, "c1")
+    await s.app.drain(0.5)
+    await s.app.stop()  # the same SQLite file is opened by the next start_app
+    r = Receiver()
+    r.port = port
+    async with r:
+        await start_app(response_url=url)
+        await r.wait_for(4)
+    assert [b["payload"]["text"] for b in r.delivered("c1")] == [f"t{i}" for i in range(4)]
+
+
+async def test_response_url_check_is_reported_in_readyz(start_app: StartApp) -> None:
+    async with Receiver() as r:
+        s = await start_app(response_url=r.url, check_response_url=True)
+        (probe,) = await r.wait_for(1)
+        assert probe.body == {"type": "test", "payload": "test"}
+        async with aiohttp.ClientSession() as session, session.get(s.admin + "/readyz") as resp:
+            assert (await resp.json())["details"]["response_url"] == "ok"
+    down = await start_app(response_url=f"http://127.0.0.1:{free_port()}/x", check_response_url=True)
+    async with aiohttp.ClientSession() as session, session.get(down.admin + "/readyz") as resp:
+        assert resp.status == 200  # reported, never refused
+        assert (await resp.json())["details"]["response_url"] == "unreachable"
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+async def dead_letters(s: Running, count: int) -> list[DeadLetter]:
+    async def probe() -> list[DeadLetter] | None:
+        letters = await s.app.store.list_dead_letters()
+        return letters if len(letters) >= count else None
+
+    result: list[DeadLetter] = await eventually(probe, what=f"{count} dead letters")
+    return result
+
+
+async def head_attempted(s: Running, conversation: str) -> float:
+    """The next attempt time of the conversation's head once a failed attempt is recorded."""
+
+    async def probe() -> float | None:
+        head = await s.app.store.head_delivery(conversation)
+        return head.next_attempt_at if head is not None and head.attempts >= 1 else None
+
+    when: float = await eventually(probe, what="a failed attempt")
+    return when
