@@ -7,26 +7,108 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sidecar.ingress.http import errors_middleware, json_response
-from sidecar.models import JSON
+from sidecar.auth import TokenChecker
+from sidecar.core import Core, Selection
+from sidecar.errors import FieldViolation, InvalidArgument, Unauthenticated
+from sidecar.ingress.http import errors_middleware, json_response, read_json
+from sidecar.models import JSON, DeadLetter
 from sidecar.observability import Metrics
 
 Readiness = Callable[[], Awaitable[tuple[bool, dict[str, JSON]]]]
 
 
-class AdminApp:
-    """Probes and metrics; further admin routes (dead letters) attach to ``app()``."""
+def dead_letter_json(d: DeadLetter) -> dict[str, JSON]:
+    return {
+        "id": d.id,
+        "kind": d.kind,
+        "conversationId": d.conversation_id,
+        "sequence": d.sequence,
+        "body": d.body,
+        "error": d.error,
+        "attempts": d.attempts,
+        "deadAt": d.dead_at,
+        **({"webhookId": d.extra["webhook_id"]} if "webhook_id" in d.extra else {}),
+    }
 
-    def __init__(self, metrics: Metrics, readiness: Readiness) -> None:
+
+class AdminApp:
+    """Probes and metrics (open, for kubelet), and the dead-letter API (admin token required).
+
+    With no admin token configured the API is closed: it can read message
+    contents and change what gets delivered.
+    """
+
+    def __init__(self, metrics: Metrics, readiness: Readiness, core: Core, tokens: TokenChecker) -> None:
         self._metrics = metrics
         self._readiness = readiness
+        self._core = core
+        self._tokens = tokens
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[errors_middleware], client_max_size=64 * 1024)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/v1/dead-letters", self.list_dead_letters)
+        app.router.add_get("/v1/dead-letters/{id}", self.get_dead_letter)
+        app.router.add_post("/v1/dead-letters/replay", self.replay)
+        app.router.add_post("/v1/dead-letters/purge", self.purge)
         return app
+
+    def _authorize(self, request: web.Request) -> None:
+        if not self._tokens.enabled:
+            raise Unauthenticated("the admin API is disabled: set SIDECAR_ADMIN_TOKENS")
+        if not self._tokens.check(request.headers.get("Authorization")):
+            raise Unauthenticated()
+
+    async def list_dead_letters(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        query = request.query
+        kind = query.get("kind") or None
+        if kind not in (None, "reply", "message"):
+            raise InvalidArgument("kind must be reply or message", details=(FieldViolation("kind", "unknown"),))
+        try:
+            limit = min(max(int(query.get("limit", "100")), 1), 1000)
+        except ValueError:
+            raise InvalidArgument(
+                "limit must be a number", details=(FieldViolation("limit", "not a number"),)
+            ) from None
+        letters = await self._core.list_dead_letters(
+            kind=kind, conversation_id=query.get("conversationId") or None, limit=limit
+        )
+        return json_response({"deadLetters": [dead_letter_json(d) for d in letters]})
+
+    async def get_dead_letter(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        return json_response(dead_letter_json(await self._core.get_dead_letter(request.match_info["id"])))
+
+    async def replay(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        return json_response({"replayed": await self._core.replay_dead_letters(await self._selection(request))})
+
+    async def purge(self, request: web.Request) -> web.Response:
+        self._authorize(request)
+        return json_response({"purged": await self._core.purge_dead_letters(await self._selection(request))})
+
+    @staticmethod
+    async def _selection(request: web.Request) -> Selection:
+        """``{"ids": [...]}``, ``{"conversationId": "..."}`` or ``{"all": true}``, optionally with ``kind``."""
+        body = await read_json(request, 64 * 1024)
+        if not isinstance(body, dict):
+            raise InvalidArgument("the body must be a JSON object", details=(FieldViolation("body", "not an object"),))
+        ids = body.get("ids", [])
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise InvalidArgument("ids must be a list of strings", details=(FieldViolation("ids", "wrong type"),))
+        conversation_id = body.get("conversationId", "")
+        everything = body.get("all", False)
+        kind = body.get("kind")
+        if (
+            not isinstance(conversation_id, str)
+            or not isinstance(everything, bool)
+            or kind not in (None, "reply", "message")
+        ):
+            raise InvalidArgument("conversationId must be a string, all a boolean, kind reply or message")
+        return Selection(ids=tuple(ids), conversation_id=conversation_id, everything=everything, kind=kind)
 
     async def healthz(self, request: web.Request) -> web.Response:
         """Alive: the event loop answers. Says nothing about dependencies, on purpose:

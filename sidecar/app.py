@@ -44,7 +44,7 @@ class App:
         self.tokens = TokenChecker(config.auth_tokens, config.auth_tokens_file)
         callback_tokens = TokenChecker(config.callback_tokens)
         self._http = HttpIngress(config, self.core, self.metrics, self.tokens, callback_tokens)
-        self._admin = AdminApp(self.metrics, self.readiness)
+        self._admin = AdminApp(self.metrics, self.readiness, self.core, TokenChecker(config.admin_tokens))
         self._runners: list[web.AppRunner] = []
         self._grpc: grpc.aio.Server | None = None
         self._health: object = None

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from importlib import metadata
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from sidecar.config import Config, ConfigError, describe, load
 from sidecar.models import JSON
@@ -238,12 +238,76 @@ def _tail(args: argparse.Namespace) -> int:
 # --- dlq (hook) -----------------------------------------------------------------
 
 
-def add_dlq_parser(subparsers: Subparsers) -> None:
-    """Hook for `sidecar dlq list|show|replay|purge` (dead letters via the admin API), added by a later issue.
+DEFAULT_ADMIN = "http://127.0.0.1:9090"
 
-    Register a "dlq" subparser here with its own sub-subparsers and ``set_defaults(handler=...)``; a handler
-    takes the parsed arguments and returns the exit code. Keep the client code in sidecar/client.py.
-    """
+
+def add_dlq_parser(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "dlq",
+        help="list, inspect, replay or purge dead letters (through the admin API)",
+        description="Dead letters are replies the response URL never accepted and messages the bot could not "
+        "handle. Replay puts them back: a reply re-enters its conversation's outbox at its sequence (order and "
+        "webhook-id are kept), a message goes back to the bot.",
+    )
+    parser.add_argument("--admin", default=DEFAULT_ADMIN, help=f"admin listener URL (default {DEFAULT_ADMIN})")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("SIDECAR_ADMIN_TOKEN"),
+        help="admin bearer token, one of SIDECAR_ADMIN_TOKENS (default: $SIDECAR_ADMIN_TOKEN)",
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    ls = commands.add_parser("list", help="print dead letters, oldest first, one JSON object per line")
+    ls.add_argument("--kind", choices=("reply", "message"), help="only replies or only messages")
+    ls.add_argument("--conversation", help="only this conversation")
+    ls.add_argument("--limit", type=int, default=100, help="at most this many (default 100, max 1000)")
+    ls.set_defaults(handler=_dlq_list)
+    show = commands.add_parser("show", help="print one dead letter with its body and last error")
+    show.add_argument("id", help="the dead letter's id (from list)")
+    show.set_defaults(handler=_dlq_show)
+    for name, verb in (("replay", "put back for delivery"), ("purge", "delete for good")):
+        sub = commands.add_parser(name, help=f"{verb}: some ids, one conversation, or --all")
+        sub.add_argument("ids", nargs="*", help="dead letter ids")
+        sub.add_argument("--conversation", help="every dead letter of this conversation")
+        sub.add_argument("--all", action="store_true", help="every dead letter (of --kind, if given)")
+        sub.add_argument("--kind", choices=("reply", "message"), help="with --conversation or --all")
+        sub.set_defaults(handler=_dlq_change, verb=name)
+
+
+def _dlq_call(args: argparse.Namespace, method: str, path: str, body: JSON | None = None) -> int:
+    from sidecar import client
+    if urlsplit(args.admin).scheme not in {"http", "https"}:
+        print(f"sidecar dlq: --admin expects an http(s) URL, got {args.admin!r}", file=sys.stderr)
+        return 2
+    try:
+        answer = client.http_json(method, args.admin.rstrip("/") + path, args.token, body, args.timeout)
+    except client.ClientError as e:
+        print(f"sidecar dlq: {e}", file=sys.stderr)
+        return 1
+    items = answer.get("deadLetters") if isinstance(answer, dict) else None
+    for item in items if isinstance(items, list) else [answer]:
+        print(json.dumps(item, ensure_ascii=False), flush=True)
+    return 0
+
+
+def _dlq_list(args: argparse.Namespace) -> int:
+    query = {"limit": str(args.limit), "kind": args.kind or "", "conversationId": args.conversation or ""}
+    return _dlq_call(args, "GET", "/v1/dead-letters?" + urlencode({k: v for k, v in query.items() if v}))
+
+
+def _dlq_show(args: argparse.Namespace) -> int:
+    return _dlq_call(args, "GET", "/v1/dead-letters/" + quote(args.id, safe=""))
+
+
+def _dlq_change(args: argparse.Namespace) -> int:
+    chosen = bool(args.ids) + bool(args.conversation) + bool(args.all)
+    if chosen != 1:
+        print(f"sidecar dlq {args.verb}: give ids, or --conversation C, or --all (exactly one)", file=sys.stderr)
+        return 2
+    body: dict[str, JSON] = {"ids": args.ids, "conversationId": args.conversation or "", "all": args.all}
+    if args.kind:
+        body["kind"] = args.kind
+    return _dlq_call(args, "POST", f"/v1/dead-letters/{args.verb}", body)
 
 
 # --- entry point ----------------------------------------------------------------

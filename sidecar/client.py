@@ -121,11 +121,17 @@ def send_http(url: str, token: str | None, message: Outgoing, timeout: float) ->
     }
     if message.payload is not None:  # absent: the sidecar uses {"text": text}, as the hosted integration does
         body["payload"] = message.payload
+    return http_json("POST", url, token, body, timeout)
+
+
+def http_json(method: str, url: str, token: str | None, body: JSON | None, timeout: float) -> JSON:
+    """One JSON request (body may be None), its JSON answer; ClientError with the server's error otherwise."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    data = None if body is None else json.dumps(body).encode()
     # The CLI checked that the scheme is http(s): file:// and friends never get here.
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")  # noqa: S310
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             raw = response.read()

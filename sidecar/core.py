@@ -8,15 +8,16 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from sidecar.backoff import full_jitter
 from sidecar.bots.base import Bot, BotError, BotReply
 from sidecar.config import Config
 from sidecar.delivery.stream import Broker, ReplyStream, draining_error
-from sidecar.errors import NotFound, Overloaded, Unavailable
-from sidecar.models import AcceptResult, InboundMessage, Reply, ReplyDraft, StoredMessage, sidecar_id
+from sidecar.errors import FieldViolation, InvalidArgument, NotFound, Overloaded, Unavailable
+from sidecar.models import AcceptResult, DeadLetter, InboundMessage, Reply, ReplyDraft, StoredMessage, sidecar_id
 from sidecar.observability import Metrics
 from sidecar.store.base import Store
 
@@ -27,6 +28,16 @@ class Notifier(Protocol):
     """The webhook worker as the core sees it: told when replies were queued."""
 
     def notify(self, conversation_id: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which dead letters an operation applies to: by ids, one conversation, or all (of a kind)."""
+
+    ids: tuple[str, ...] = ()
+    conversation_id: str = ""
+    everything: bool = False
+    kind: str | None = None
 
 
 class Core:
@@ -45,6 +56,7 @@ class Core:
         self._webhook = webhook
         self.broker = Broker(config.stream_queue_size)
         self._lanes: dict[str, collections.deque[StoredMessage]] = {}
+        self._queued: set[str] = set()  # ids in some lane: a reload must not enqueue them twice
         self._tasks: set[asyncio.Task[None]] = set()
         self._bot_slots = asyncio.Semaphore(config.bot_concurrency)
         self._pending = 0
@@ -100,6 +112,9 @@ class Core:
         return result
 
     def _enqueue(self, stored: StoredMessage) -> None:
+        if stored.id in self._queued:
+            return
+        self._queued.add(stored.id)
         self._pending += 1
         self._metrics.pending_messages.set(self._pending)
         lane = self._lanes.get(stored.conversation_id)
@@ -125,7 +140,7 @@ class Core:
                     if self._stopping.is_set():
                         break
                     await self._handle(lane[0])
-                lane.popleft()
+                self._queued.discard(lane.popleft().id)
                 self._pending -= 1
                 self._metrics.pending_messages.set(self._pending)
         finally:
@@ -206,6 +221,69 @@ class Core:
             if self._webhook is not None:
                 self._webhook.notify(conversation_id)
         return replies
+
+    # --- dead letters ----------------------------------------------------------
+
+    async def list_dead_letters(
+        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100
+    ) -> list[DeadLetter]:
+        return await self._store.list_dead_letters(kind=kind, conversation_id=conversation_id, limit=limit)
+
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter:
+        letter = await self._store.get_dead_letter(dead_letter_id)
+        if letter is None:
+            raise NotFound("no dead letter has this id")
+        return letter
+
+    async def replay_dead_letters(self, selection: Selection) -> int:
+        """Put dead letters back: replies re-enter the outbox at their sequence (so order
+        and webhook-id are kept), messages go back to their conversation's lane."""
+        replayed = 0
+        messages = False
+        now = time.time()
+        async for letter in self._selected(selection):
+            if await self._store.replay_dead_letter(letter.id, now=now):
+                replayed += 1
+                messages |= letter.kind == "message"
+                if letter.kind == "reply" and self._webhook is not None:
+                    self._webhook.notify(letter.conversation_id)
+        if messages:
+            for stored in await self._store.pending_messages(self._config.max_pending_messages):
+                self._enqueue(stored)
+        log.info("dead letters replayed", extra={"count": replayed})
+        return replayed
+
+    async def purge_dead_letters(self, selection: Selection) -> int:
+        purged = 0
+        async for letter in self._selected(selection):
+            purged += await self._store.purge_dead_letters([letter.id])
+        log.info("dead letters purged", extra={"count": purged})
+        return purged
+
+    async def _selected(self, selection: Selection) -> AsyncIterator[DeadLetter]:
+        if selection.ids:
+            for dead_letter_id in selection.ids:
+                letter = await self._store.get_dead_letter(dead_letter_id)
+                if letter is not None:
+                    yield letter
+            return
+        if not selection.everything and not selection.conversation_id:
+            raise InvalidArgument(
+                "say which dead letters: ids, a conversationId, or all",
+                details=(FieldViolation("selection", "empty"),),
+            )
+        # Replay and purge remove what they touch, so the first page is always the next one.
+        seen: set[str] = set()
+        while True:
+            page = await self._store.list_dead_letters(
+                kind=selection.kind, conversation_id=selection.conversation_id or None, limit=500
+            )
+            page = [d for d in page if d.id not in seen]
+            if not page:
+                return
+            for letter in page:
+                seen.add(letter.id)
+                yield letter
 
     # --- replies from asynchronous bots ---------------------------------------
 

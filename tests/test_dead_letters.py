@@ -1,0 +1,132 @@
+"""Dead letters: visible, replayable in order with their webhook-id, purgeable — by API and CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Running, StartApp, eventually, message
+from tests.receiver import Receiver
+from tests.test_webhook_delivery import SECRET_A, dead_letters, send_texts
+
+ADMIN = "admin-secret"
+
+
+async def api(s: Running, method: str, path: str, body: Any = None, token: str | None = ADMIN) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with s.session.request(method, s.admin + path, json=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def cli(s: Running, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "dlq", "--admin", s.admin, "--token", ADMIN, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_the_admin_api_is_closed_without_admin_tokens_and_refuses_wrong_ones(start_app: StartApp) -> None:
+    s = await start_app()
+    status, body = await api(s, "GET", "/v1/dead-letters")
+    assert status == 401 and "SIDECAR_ADMIN_TOKENS" in body["error"]["message"]
+    s2 = await start_app(admin_tokens=(ADMIN,))
+    assert (await api(s2, "GET", "/v1/dead-letters", token="wrong"))[0] == 401
+    assert (await api(s2, "GET", "/v1/dead-letters"))[0] == 200
+    # probes stay open for kubelet
+    async with s2.session.get(s2.admin + "/healthz") as resp:
+        assert resp.status == 200
+
+
+async def test_replaying_a_conversation_redelivers_its_dead_replies_in_order_with_their_webhook_ids(
+    start_app: StartApp,
+) -> None:
+    async with Receiver() as r:
+        r.script("c1", 400, 400)  # the first two replies are refused for good
+        s = await start_app(response_url=r.url, admin_tokens=(ADMIN,), webhook_secret=SECRET_A)
+        await send_texts(s, "c1", ["one", "two", "three"])
+        await r.wait_for(1)
+        await dead_letters(s, 2)
+        status, listed = await api(s, "GET", "/v1/dead-letters?kind=reply&conversationId=c1")
+        assert status == 200
+        letters = listed["deadLetters"]
+        assert [(d["sequence"], d["error"], d["body"]["payload"]["text"]) for d in letters] == [
+            (1, "HTTP 400", "one"),
+            (2, "HTTP 400", "two"),
+        ]
+        first_ids = [x.headers["webhook-id"] for x in r.requests[:2]]
+        assert [d["webhookId"] for d in letters] == first_ids
+        status, one = await api(s, "GET", f"/v1/dead-letters/{letters[0]['id']}")
+        assert status == 200 and one["id"] == letters[0]["id"]
+        status, answer = await api(s, "POST", "/v1/dead-letters/replay", {"conversationId": "c1"})
+        assert (status, answer) == (200, {"replayed": 2})
+        await r.wait_for(3)
+    redelivered = [x for x in r.requests[3:] if x.status == 200]
+    assert [x.body["payload"]["text"] for x in redelivered] == ["one", "two"]
+    assert [x.headers["webhook-id"] for x in redelivered] == first_ids
+    assert (await api(s, "GET", "/v1/dead-letters"))[1] == {"deadLetters": []}
+
+
+async def test_purge_deletes_dead_letters_and_unknown_ids_are_404(start_app: StartApp) -> None:
+    async with Receiver() as r:
+        r.script("c1", then=410)
+        s = await start_app(response_url=r.url, admin_tokens=(ADMIN,))
+        await send_texts(s, "c1", ["a", "b"])
+        await dead_letters(s, 2)
+    status, answer = await api(s, "POST", "/v1/dead-letters/purge", {"all": True})
+    assert (status, answer) == (200, {"purged": 2})
+    assert (await api(s, "GET", "/v1/dead-letters/nope"))[0] == 404
+    status, body = await api(s, "POST", "/v1/dead-letters/replay", {})
+    assert status == 400 and body["error"]["code"] == "invalid_argument"
+
+
+async def test_a_message_the_bot_keeps_failing_is_dead_lettered_and_replayed_after_the_fix(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    rules = tmp_path / "slow.yaml"
+    rules.write_text("rules:\n  - match: {}\n    replies: [{type: text, payload: {text: late}, delay: 5}]\n")
+    broken = await start_app(bot="script", bot_script=str(rules), bot_timeout=0.05, bot_max_attempts=2)
+    await broken.post(message(text="help"))
+    (letter,) = await dead_letters(broken, 1)
+    assert letter.kind == "message" and letter.attempts == 2 and letter.error.startswith("timeout")
+    assert letter.body["text"] == "help"
+    await broken.app.drain(0.5)
+    await broken.app.stop()
+    fixed = await start_app(admin_tokens=(ADMIN,))  # same SQLite file, echo bot
+    status, answer = await api(fixed, "POST", "/v1/dead-letters/replay", {"ids": [letter.id]})
+    assert (status, answer) == (200, {"replayed": 1})
+
+    async def replied() -> bool:
+        return await fixed.app.store.last_sequence("c1") == 1
+
+    await eventually(replied, what="the replayed message's reply")
+
+
+async def test_the_cli_lists_shows_replays_and_purges(start_app: StartApp) -> None:
+    async with Receiver() as r:
+        r.script("c1", 400)
+        r.script("c2", 400)
+        s = await start_app(response_url=r.url, admin_tokens=(ADMIN,))
+        await send_texts(s, "c1", ["x"])
+        await send_texts(s, "c2", ["y"])
+        await dead_letters(s, 2)
+        code, out, err = await cli(s, "list")
+        assert code == 0, err
+        listed = [json.loads(line) for line in out.splitlines()]
+        assert sorted(d["conversationId"] for d in listed) == ["c1", "c2"]
+        code, out, _ = await cli(s, "show", listed[0]["id"])
+        assert code == 0 and json.loads(out)["id"] == listed[0]["id"]
+        code, out, _ = await cli(s, "replay", "--conversation", "c1")
+        assert code == 0 and json.loads(out) == {"replayed": 1}
+        await r.wait_for(1, conversation_id="c1")
+        code, out, _ = await cli(s, "purge", "--all")
+        assert code == 0 and json.loads(out) == {"purged": 1}
+        code, _, err = await cli(s, "replay")
+        assert code == 2 and "exactly one" in err
+        code, _, err = await cli(s, "show", "missing")
+        assert code == 1 and "404" in err
