@@ -21,7 +21,11 @@ class Received:
 
 @dataclass
 class Script:
-    """Answers for one conversation, consumed in order; then ``then`` for ever."""
+    """Answers for one conversation, consumed in order; then ``then`` for ever.
+
+    A status of 0 means: never answer (until the receiver closes), like a
+    receiver too slow for the sender's timeout.
+    """
 
     statuses: collections.deque[int] = field(default_factory=collections.deque)
     then: int = 200
@@ -72,9 +76,9 @@ class Receiver:
         status = 200
         headers = {}
         if script is not None:
-            if script.hang:
-                await self._release.wait()
             status = script.statuses.popleft() if script.statuses else script.then
+            if script.hang or status == 0:
+                await self._release.wait()
             if script.retry_after and status != 200:
                 headers["Retry-After"] = script.retry_after
         async with self._changed:

@@ -137,6 +137,25 @@ async def test_static_authorization_header_is_sent(start_app: StartApp) -> None:
     assert got.headers["Authorization"] == "Bearer receiver-token"
 
 
+async def test_an_outage_of_refusals_then_errors_then_timeouts_ends_with_everything_in_order(
+    start_app: StartApp,
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/replies"
+    s = await start_app(response_url=url, webhook_timeout=0.2, webhook_backoff_max=0.1)
+    texts = [f"t{i}" for i in range(5)]
+    await send_texts(s, "c1", texts)
+    await head_attempted(s, "c1")  # connection refused: nothing listens yet
+    r = Receiver()
+    r.port = port
+    r.script("c1", 503, 503, 0, 0)  # then errors, then answers slower than the timeout
+    async with r:
+        await r.wait_for(5)
+    assert [b["payload"]["text"] for b in r.delivered("c1")] == texts
+    head = await s.app.store.head_delivery("c1")
+    assert head is None
+
+
 async def test_a_stuck_conversation_does_not_hold_up_the_others(start_app: StartApp) -> None:
     async with Receiver() as r:
         r.script("slow", hang=True)

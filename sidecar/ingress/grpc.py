@@ -19,6 +19,7 @@ from sidecar.config import Config
 from sidecar.convert import reply_to_proto, send_request_to_fields
 from sidecar.core import Core
 from sidecar.errors import FieldViolation, Internal, InvalidArgument, SidecarError, Unauthenticated
+from sidecar.models import InboundMessage
 from sidecar.observability import Metrics
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar.validate import PROTO_NAMES, message_from_fields
@@ -59,6 +60,19 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: SidecarError
     raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
 
 
+def message_from_request(request: sidecar_pb2.SendMessageRequest, config: Config) -> InboundMessage:
+    """A SendMessageRequest as a validated message, or InvalidArgument naming proto fields."""
+    try:
+        fields = send_request_to_fields(request)
+    except (ValueError, RecursionError):
+        raise InvalidArgument(
+            "the payload is invalid", details=(FieldViolation("payload", "not representable"),)
+        ) from None
+    return message_from_fields(
+        fields, max_id_length=config.max_id_length, max_payload_depth=config.max_payload_depth, names=PROTO_NAMES
+    )
+
+
 class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
     """Translates protobuf ↔ core models; every decision is the core's."""
 
@@ -82,16 +96,7 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
         outcome = "rejected"
         try:
             self._authorize(context)
-            try:
-                fields = send_request_to_fields(request)
-            except ValueError as e:
-                raise InvalidArgument("the payload is invalid", details=(FieldViolation("payload", str(e)),)) from None
-            message = message_from_fields(
-                fields,
-                max_id_length=self._config.max_id_length,
-                max_payload_depth=self._config.max_payload_depth,
-                names=PROTO_NAMES,
-            )
+            message = message_from_request(request, self._config)
             result = await self._core.send(message)
             outcome = "duplicate" if result.duplicate else "accepted"
             return sidecar_pb2.SendMessageResponse(

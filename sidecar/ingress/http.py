@@ -80,6 +80,11 @@ async def read_json(request: web.Request, max_bytes: int) -> JSON:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes") from None
+    return parse_json(raw)
+
+
+def parse_json(raw: bytes) -> JSON:
+    """Strict JSON or InvalidArgument: the only way a body becomes data."""
     try:
         # orjson is strict (UTF-8, no NaN/Infinity, no lone surrogates, depth limit)
         value = orjson.loads(raw)

@@ -1,0 +1,65 @@
+"""Bearer tokens: one checker for HTTP and gRPC, rotated through a file without a restart."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+
+from sidecar.auth import TokenChecker
+from tests.conftest import StartApp, message
+from tests.test_grpc_ingress import request
+
+
+def rotate(path: Path, *tokens: str) -> None:
+    path.write_text("# mounted from a Secret\n" + "\n".join(tokens) + "\n")
+    # A rotated Secret volume gets a new mtime; make sure it differs even on coarse clocks.
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+
+
+def test_no_tokens_lets_everyone_through_and_any_token_must_match_exactly() -> None:
+    assert TokenChecker().check(None)
+    checker = TokenChecker(("alpha", "beta"))
+    assert checker.check("Bearer alpha") and checker.check("BEARER beta") and checker.check("bearer  beta ")
+    for header in (None, "", "alpha", "Bearer", "Bearer alph", "Bearer alphaa", "Basic alpha", "Bearer gamma"):
+        assert not checker.check(header), header
+
+
+def test_a_token_file_is_reread_when_it_changes_and_kept_when_it_vanishes(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    rotate(path, "old")
+    checker = TokenChecker(file=str(path))
+    assert checker.check("Bearer old")
+    rotate(path, "new")
+    assert checker.check("Bearer new") and not checker.check("Bearer old")
+    path.unlink()  # a Secret volume swap: keep the last good tokens
+    assert checker.check("Bearer new")
+
+
+async def test_rotating_the_token_file_applies_to_http_and_grpc_without_restart(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    path = tmp_path / "tokens"
+    rotate(path, "old")
+    s = await start_app(auth_tokens_file=str(path))
+    assert (await s.post(message("c1", "m1"), token="old")).status == 200
+    rotate(path, "new")
+    assert (await s.post(message("c1", "m2"), token="old")).status == 401
+    assert (await s.post(message("c1", "m3"), token="new")).status == 200
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await s.stub.SendMessage(request(message_id="g1"), metadata=(("authorization", "Bearer old"),))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ok = await s.stub.SendMessage(request(message_id="g2"), metadata=(("authorization", "Bearer new"),))
+    assert ok.duplicate is False
+
+
+async def test_callback_endpoint_has_its_own_tokens(start_app: StartApp) -> None:
+    s = await start_app(auth_tokens=("ingress",), callback_tokens=("callback",))
+    await s.post(message(), token="ingress")
+    reply = {"type": "text", "payload": {"text": "later"}, "conversationId": "c1", "botpressMessageId": "b1"}
+    assert (await s.post(reply, token="ingress", path="/bot/replies")).status == 401
+    assert (await s.post(reply, token="callback", path="/bot/replies")).status == 200
+    assert (await s.post(message(message_id="m9"), token="callback")).status == 401
