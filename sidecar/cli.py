@@ -276,6 +276,7 @@ def add_dlq_parser(subparsers: Subparsers) -> None:
 
 def _dlq_call(args: argparse.Namespace, method: str, path: str, body: JSON | None = None) -> int:
     from sidecar import client
+
     if urlsplit(args.admin).scheme not in {"http", "https"}:
         print(f"sidecar dlq: --admin expects an http(s) URL, got {args.admin!r}", file=sys.stderr)
         return 2
