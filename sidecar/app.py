@@ -38,7 +38,7 @@ class App:
         self.config = config
         self.metrics = Metrics()
         self.store = create_store(config)
-        self.bot = create_bot(config)
+        self.bot = create_bot(config, self.metrics)
         self.webhook = WebhookDelivery(config, self.store, self.metrics) if config.response_url else None
         self.core = Core(config, self.store, self.bot, self.metrics, self.webhook)
         self.tokens = TokenChecker(config.auth_tokens, config.auth_tokens_file)

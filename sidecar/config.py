@@ -66,6 +66,8 @@ class Config:
     bot_max_attempts: int = _opt(10, "bot attempts before a message is dead-lettered")
     bot_backoff_initial: float = _opt(0.5, "first bot retry delay in seconds (full jitter)")
     bot_backoff_max: float = _opt(30.0, "cap of the bot retry delay in seconds")
+    bot_breaker_failures: int = _opt(5, "consecutive http/botpress bot failures that open its circuit breaker")
+    bot_breaker_cooldown: float = _opt(30.0, "seconds an open breaker waits before letting one call through")
     bot_concurrency: int = _opt(64, "messages handed to the bot at once (one per conversation at a time)")
     # --- store ---
     store: str = _opt("sqlite:///./data/sidecar.db", "sqlite:///path, memory:// or redis://host:port/db")
@@ -234,6 +236,8 @@ def validate(c: Config) -> None:
         _fail("bot", f"expected echo, script, http or botpress, got {c.bot!r}")
     if c.bot in {"http", "botpress"} and not _is_http_url(c.bot_url):
         _fail("bot_url", f"the {c.bot} bot needs an http(s) URL")
+    if c.bot == "botpress" and not c.bot_token:
+        _fail("bot_token", "the botpress bot needs the integration's personal access token")
     if c.bot == "script" and not c.bot_script:
         _fail("bot_script", "the script bot needs a rules file")
     if c.bot_format not in {"json", "rasa"}:
@@ -263,7 +267,8 @@ def validate(c: Config) -> None:
     positive = (
         "webhook_timeout", "webhook_max_attempts", "webhook_max_age", "webhook_backoff_initial",
         "webhook_backoff_max", "webhook_concurrency", "bot_timeout", "bot_max_attempts",
-        "bot_backoff_initial", "bot_backoff_max", "bot_concurrency", "reply_retention",
+        "bot_backoff_initial", "bot_backoff_max", "bot_concurrency", "bot_breaker_failures", "bot_breaker_cooldown",
+        "reply_retention",
         "max_body_bytes", "max_id_length", "max_payload_depth", "max_pending_messages",
         "stream_queue_size", "max_streams",
     )  # fmt: skip

@@ -168,10 +168,11 @@ class Core:
                 await self._append(stored.conversation_id, [draft], source="bot")
 
             started = time.perf_counter()
+            counts = True
             try:
                 await asyncio.wait_for(self._bot.handle(stored, emit), self._config.bot_timeout)
             except BotError as e:
-                error, outcome, retry = str(e), "error", e.retryable
+                error, outcome, retry, counts = str(e), "error", e.retryable, e.counts
             except TimeoutError:
                 error, outcome, retry = f"timeout after {self._config.bot_timeout:g}s", "timeout", True
             except asyncio.CancelledError:
@@ -184,6 +185,12 @@ class Core:
                 self._metrics.bot_latency.labels(bot).observe(time.perf_counter() - started)
                 await self._store.complete_message(stored.id)
                 return
+            if not counts:
+                self._metrics.bot_calls.labels(bot, "not_tried").inc()
+                delay = full_jitter(max(attempts, 1), self._config.bot_backoff_initial, self._config.bot_backoff_max)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                continue
             self._metrics.bot_calls.labels(bot, outcome if retry else "rejected").inc()
             self._metrics.bot_latency.labels(bot).observe(time.perf_counter() - started)
             attempts = await self._store.record_attempt(stored.id, error)

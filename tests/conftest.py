@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -98,12 +99,14 @@ async def start_app(tmp_path: Path) -> AsyncIterator[StartApp]:
         await running.app.stop()
 
 
-async def eventually(probe: Callable[[], Awaitable[Any]], timeout: float = 10.0, what: str = "condition") -> Any:
-    """Poll an async probe until it returns something truthy, with a deadline (for state with no event)."""
+async def eventually(probe: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll a probe (sync or async) until it returns something truthy, with a deadline (for state with no event)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        result = await probe()
+        result = probe()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         if loop.time() > deadline:

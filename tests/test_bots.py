@@ -13,6 +13,7 @@ from sidecar.bots.echo import EchoBot
 from sidecar.bots.script import ScriptBot
 from sidecar.config import Config, ConfigError
 from sidecar.models import InboundMessage, StoredMessage
+from sidecar.observability import Metrics
 
 
 def stored(text: str = "hello", type: str = "text") -> StoredMessage:
@@ -109,5 +110,6 @@ async def test_invalid_rules_fail_at_start_naming_file_and_rule(tmp_path: Path, 
 
 
 def test_create_bot_builds_the_configured_bot(tmp_path: Path) -> None:
-    assert isinstance(create_bot(Config()), EchoBot)
-    assert isinstance(create_bot(replace(Config(), bot="script", bot_script="x.yaml")), ScriptBot)
+    metrics = Metrics()
+    assert isinstance(create_bot(Config(), metrics), EchoBot)
+    assert isinstance(create_bot(replace(Config(), bot="script", bot_script="x.yaml"), metrics), ScriptBot)

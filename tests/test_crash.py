@@ -105,7 +105,7 @@ async def test_kill_9_under_load_loses_nothing_accepted_and_doubles_nothing(tmp_
             await asyncio.to_thread(second.start)
             # Everything acknowledged must now reach the receiver.
             await eventually(
-                lambda: done(acked <= {b["payload"]["text"] for b in receiver.delivered()}),
+                lambda: acked <= {b["payload"]["text"] for b in receiver.delivered()},
                 60,
                 "acked replies delivered",
             )
@@ -114,10 +114,10 @@ async def test_kill_9_under_load_loses_nothing_accepted_and_doubles_nothing(tmp_
             logs = await read_logs(tmp_path / "sidecar.db")
             wanted = {r.bot_message_id for log in logs.values() for r in log}
             await eventually(
-                lambda: done(wanted <= {b["botpressMessageId"] for b in receiver.delivered()}), 60, "outbox drained"
+                lambda: wanted <= {b["botpressMessageId"] for b in receiver.delivered()}, 60, "outbox drained"
             )
             await eventually(
-                lambda: done(all(len(seen) >= len(logs[c]) for c, seen in streams.items())), 30, "streams caught up"
+                lambda: all(len(seen) >= len(logs[c]) for c, seen in streams.items()), 30, "streams caught up"
             )
             stop.set()
             for task in followers:
@@ -145,10 +145,6 @@ async def test_kill_9_under_load_loses_nothing_accepted_and_doubles_nothing(tmp_
     assert len(by_webhook_id) == len(produced)
     for conversation, seen in streams.items():
         assert seen == list(range(1, len(logs[conversation]) + 1)), f"stream {conversation} repeated or lost"
-
-
-async def done(value: bool) -> bool:
-    return value
 
 
 async def wait_idle(p: SidecarProcess) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from sidecar.bots.base import Bot
-from sidecar.config import Config, ConfigError
+from sidecar.config import Config
+from sidecar.observability import Metrics
 
 
-def create_bot(config: Config) -> Bot:
+def create_bot(config: Config, metrics: Metrics) -> Bot:
     """The bot named by ``config.bot``; constructing it does no I/O (``start`` does)."""
     if config.bot == "echo":
         from sidecar.bots.echo import EchoBot
@@ -16,4 +17,10 @@ def create_bot(config: Config) -> Bot:
         from sidecar.bots.script import ScriptBot
 
         return ScriptBot(config.bot_script)
-    raise ConfigError(f"bot (SIDECAR_BOT): the {config.bot} bot is not built yet")
+    if config.bot == "http":
+        from sidecar.bots.http import HttpBot
+
+        return HttpBot(config, metrics)
+    from sidecar.bots.botpress import BotpressBot  # config validation admits nothing else
+
+    return BotpressBot(config, metrics)

@@ -25,11 +25,17 @@ Emit = Callable[[BotReply], Awaitable[None]]
 
 
 class BotError(Exception):
-    """A bot failed. ``retryable=False`` means retrying cannot help (e.g. a 4xx)."""
+    """A bot failed. ``retryable=False`` means retrying cannot help (e.g. a 4xx): dead-letter now.
 
-    def __init__(self, message: str, *, retryable: bool = True) -> None:
+    ``counts=False`` means the bot was not even tried (its circuit breaker is
+    open): the message waits without using up its attempts, so an outage of
+    the bot delays messages instead of dead-lettering them.
+    """
+
+    def __init__(self, message: str, *, retryable: bool = True, counts: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.counts = counts
 
 
 class Bot(abc.ABC):

@@ -1,0 +1,32 @@
+"""The `botpress` bot: a Botpress bot behind its "Messaging API" integration.
+
+Each message is POSTed to the integration's webhook URL in the exact SPEC §2
+format with ``Authorization: bearer <personal access token>``. Botpress
+answers with the created objects, not with replies: the bot's replies arrive
+later at the sidecar's ``POST /bot/replies`` (the integration's "Response
+Endpoint URL"), in the SPEC §3 format, routed by ``conversationId`` and
+keeping Botpress's ids.
+"""
+
+from __future__ import annotations
+
+from sidecar.bots.base import BotReply, Emit
+from sidecar.bots.http import HttpBot, message_json
+from sidecar.models import JSON, StoredMessage
+
+
+class BotpressBot(HttpBot):
+    name = "botpress"
+
+    def request_body(self, message: StoredMessage) -> JSON:
+        return message_json(message)
+
+    def headers(self) -> dict[str, str]:
+        # The integration documents the lower-case scheme; the sidecar's own ingress accepts either.
+        return {"Content-Type": "application/json", "Authorization": f"bearer {self._config.bot_token}"}
+
+    def replies(self, answer: JSON) -> list[BotReply]:
+        return []  # replies come through /bot/replies
+
+    async def handle(self, message: StoredMessage, emit: Emit) -> None:
+        await self.call(message)

@@ -1,0 +1,204 @@
+"""The http bot (JSON and Rasa modes), the callback endpoint, and the botpress bot between two sidecars."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from sidecar.convert import value_to_json
+from tests.bot_server import BotServer
+from tests.conftest import Running, StartApp, eventually, message
+from tests.procs import free_port
+from tests.receiver import Receiver
+from tests.test_grpc_ingress import request, wait_until
+from tests.test_streams import read_n, subscribe
+from tests.test_webhook_delivery import dead_letters
+
+CALLBACK = "callback-token"
+
+
+async def echo_later(body: Any) -> tuple[int, Any]:
+    return 200, [{"type": "text", "payload": {"text": f"sync: {body['text']}"}}]
+
+
+async def replies_of(s: Running, conversation: str, count: int) -> list[Any]:
+    call = subscribe(s, conversation, after=0)
+    got = await read_n(call, count)
+    call.cancel()
+    return got
+
+
+async def callback(s: Running, body: Any, token: str | None = CALLBACK, path: str = "/bot/replies") -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with s.session.post(s.http + path, json=body, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_json_bot_gets_the_message_with_its_token_and_answers_synchronously(start_app: StartApp) -> None:
+    async with BotServer(echo_later) as bot:
+        s = await start_app(bot="http", bot_url=bot.url, bot_token="bot-secret")
+        await s.stub.SendMessage(request(text="hi", payload={"text": "hi", "x": 1}))
+        (reply,) = await replies_of(s, "c1", 1)
+    headers, body = bot.requests[0]
+    assert headers["Authorization"] == "Bearer bot-secret"
+    assert body == {"userId": "u1", "messageId": "m1", "conversationId": "c1", "type": "text", "text": "hi",
+                    "payload": {"text": "hi", "x": 1}}  # fmt: skip
+    assert value_to_json(reply.payload) == {"text": "sync: hi"} and reply.in_reply_to == "m1"
+
+
+async def test_an_asynchronous_bot_replies_later_through_the_callback_once_even_if_retried(
+    start_app: StartApp,
+) -> None:
+    async def nothing_now(body: Any) -> tuple[int, Any]:
+        return 200, []
+
+    async with BotServer(nothing_now) as bot:
+        s = await start_app(bot="http", bot_url=bot.url, callback_tokens=(CALLBACK,))
+        await s.post(message(text="hi"))
+        await bot.wait_for(1)
+        later = {"type": "text", "payload": {"text": "later"}, "conversationId": "c1",
+                 "botpressUserId": "bu", "botpressMessageId": "bm-1", "botpressConversationId": "bc"}  # fmt: skip
+        assert (await callback(s, later))[0] == 200
+        assert (await callback(s, later))[0] == 200  # a retried callback
+        (reply,) = await replies_of(s, "c1", 1)
+    assert await s.app.store.last_sequence("c1") == 1
+    assert (reply.bot_user_id, reply.bot_message_id, reply.bot_conversation_id) == ("bu", "bm-1", "bc")
+    assert value_to_json(reply.payload) == {"text": "later"}
+
+
+async def test_callback_errors_have_the_error_shape(start_app: StartApp) -> None:
+    s = await start_app(callback_tokens=(CALLBACK,), callback_secret_path="s3cr3t-path")
+    unknown = {"type": "text", "payload": {}, "conversationId": "never-seen"}
+    status, body = await callback(s, unknown)
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, body = await callback(s, {"type": "", "conversationId": "c1"})
+    assert status == 400 and {d["field"] for d in body["error"]["details"]} == {"type", "payload"}
+    assert (await callback(s, unknown, token=None))[0] == 401
+    # Senders that cannot add a header use the secret path instead.
+    await s.post(message())
+    ok = {"type": "text", "payload": {"text": "x"}, "conversationId": "c1", "botpressMessageId": "z"}
+    assert (await callback(s, ok, token=None, path="/bot/replies/s3cr3t-path"))[0] == 200
+    assert (await callback(s, ok, token=None, path="/bot/replies/wrong"))[0] == 404
+
+
+async def test_callback_is_closed_without_callback_tokens(start_app: StartApp) -> None:
+    s = await start_app()
+    await s.post(message())
+    ok = {"type": "text", "payload": {"text": "x"}, "conversationId": "c1"}
+    assert (await callback(s, ok, token="anything"))[0] == 401
+
+
+async def test_a_bot_that_refuses_a_message_dead_letters_it_with_the_reason(start_app: StartApp) -> None:
+    async def refuse(body: Any) -> tuple[int, Any]:
+        return 422, {"error": "cannot handle"}
+
+    async with BotServer(refuse) as bot:
+        s = await start_app(bot="http", bot_url=bot.url)
+        await s.post(message(text="bad"))
+        (letter,) = await dead_letters(s, 1)
+    assert letter.kind == "message" and letter.error == "the bot refused the message: HTTP 422"
+    assert letter.body["text"] == "bad" and len(bot.requests) == 1
+
+
+async def test_a_failing_bot_is_retried_and_its_replies_are_not_doubled(start_app: StartApp) -> None:
+    answers = [503, 503, 200]
+
+    async def flaky(body: Any) -> tuple[int, Any]:
+        return answers.pop(0), [{"type": "text", "payload": {"text": "ok"}}, {"type": "text", "payload": {"n": 2}}]
+
+    async with BotServer(flaky) as bot:
+        s = await start_app(bot="http", bot_url=bot.url)
+        await s.post(message())
+        replies = await replies_of(s, "c1", 2)
+    assert [r.sequence for r in replies] == [1, 2] and len(bot.requests) == 3
+    assert await s.app.store.pending_messages(10) == []
+
+
+async def test_a_bot_outage_opens_the_breaker_and_delays_messages_instead_of_losing_them(
+    start_app: StartApp,
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/bot"
+    s = await start_app(bot="http", bot_url=url, bot_breaker_failures=2, bot_breaker_cooldown=0.3,
+                        bot_max_attempts=3)  # fmt: skip
+    for i in range(3):
+        await s.post(message(f"c{i}", f"m{i}"))
+    bot_ = s.app.bot
+    await eventually(lambda: bot_.breaker.open, what="an open breaker")  # type: ignore[attr-defined]
+    metrics = await admin_metrics(s)
+    assert 'sidecar_bot_breaker_open{bot="http"} 1.0' in metrics
+    server = BotServer(echo_later)
+    server.port = port
+    async with server:
+        for i in range(3):
+            (reply,) = await replies_of(s, f"c{i}", 1)
+            assert value_to_json(reply.payload) == {"text": "sync: hello"}
+    assert await s.app.store.list_dead_letters() == []
+    assert 'sidecar_bot_breaker_open{bot="http"} 0.0' in await admin_metrics(s)
+
+
+async def test_rasa_mode_speaks_the_rest_channel_and_maps_every_answer_kind(start_app: StartApp) -> None:
+    async def rasa(body: Any) -> tuple[int, Any]:
+        sender = body["sender"]
+        return 200, [
+            {"recipient_id": sender, "text": "Hello!"},
+            {"recipient_id": sender, "text": "Pick one", "buttons": [{"title": "Yes", "payload": "/affirm"}]},
+            {"recipient_id": sender, "image": "https://example.com/cat.png"},
+            {"recipient_id": sender, "attachment": "https://example.com/menu.pdf"},
+            {"recipient_id": sender, "custom": {"kind": "card", "id": 7}},
+        ]
+
+    async with BotServer(rasa, path="/webhooks/rest/webhook") as bot:
+        s = await start_app(bot="http", bot_url=bot.url, bot_format="rasa")
+        await s.post(message(text="hi there"))
+        replies = await replies_of(s, "c1", 5)
+    _, body = bot.requests[0]
+    assert body["sender"] == "c1" and body["message"] == "hi there"
+    assert body["metadata"]["userId"] == "u1" and body["metadata"]["messageId"] == "m1"
+    assert [(r.type, value_to_json(r.payload)) for r in replies] == [
+        ("text", {"text": "Hello!"}),
+        ("choice", {"text": "Pick one", "options": [{"label": "Yes", "value": "/affirm"}]}),
+        ("image", {"imageUrl": "https://example.com/cat.png"}),
+        ("file", {"fileUrl": "https://example.com/menu.pdf"}),
+        ("custom", {"kind": "card", "id": 7}),
+    ]
+
+
+async def test_two_chained_sidecars_speak_both_sides_of_the_messaging_api(start_app: StartApp) -> None:
+    """A (botpress bot) → B's /webhook; B (echo) → A's /bot/replies; a subscriber on A sees B's replies."""
+    a_http = free_port()
+    async with Receiver() as a_webhook:
+        b = await start_app(
+            auth_tokens=("pat-of-b",),
+            response_url=f"http://127.0.0.1:{a_http}/bot/replies",
+            response_authorization=f"Bearer {CALLBACK}",
+            store="memory://",
+        )
+        a = await start_app(
+            http_addr=f"127.0.0.1:{a_http}",
+            bot="botpress",
+            bot_url=b.http + "/webhook",
+            bot_token="pat-of-b",
+            callback_tokens=(CALLBACK,),
+            response_url=a_webhook.url,
+        )
+        call = subscribe(a, "conv-42")
+        await wait_until(lambda: len(a.app.core.broker) == 1)
+        await a.stub.SendMessage(request("conv-42", "msg-1", "ping across"))
+        (reply,) = await read_n(call, 1)
+        call.cancel()
+        (posted,) = await a_webhook.wait_for(1)
+    assert value_to_json(reply.payload) == {"text": "ping across"}
+    # B's ids, as the Botpress integration would send its own, are kept on A's reply.
+    b_reply = (await b.app.store.replies_after("conv-42", 0, 10))[0]
+    assert (reply.bot_user_id, reply.bot_message_id, reply.bot_conversation_id) == (
+        b_reply.bot_user_id, b_reply.bot_message_id, b_reply.bot_conversation_id
+    )  # fmt: skip
+    assert posted.body["botpressMessageId"] == b_reply.bot_message_id
+    assert await b.app.store.conversation_user("conv-42") == "u1"
+
+
+async def admin_metrics(s: Running) -> str:
+    async with aiohttp.ClientSession() as session, session.get(s.admin + "/metrics") as resp:
+        return await resp.text()
