@@ -82,6 +82,14 @@ async def test_callback_errors_have_the_error_shape(start_app: StartApp) -> None
     assert (await callback(s, ok, token=None, path="/bot/replies/wrong"))[0] == 404
 
 
+async def test_the_integrations_install_check_is_answered_200_and_appends_nothing(start_app: StartApp) -> None:
+    s = await start_app(callback_tokens=(CALLBACK,), callback_secret_path="s3cr3t")
+    probe = {"type": "test", "payload": "test"}
+    assert await callback(s, probe) == (200, {"appended": []})
+    assert await callback(s, probe, token=None, path="/bot/replies/s3cr3t") == (200, {"appended": []})
+    assert (await callback(s, probe, token=None))[0] == 401
+
+
 async def test_callback_is_closed_without_callback_tokens(start_app: StartApp) -> None:
     s = await start_app()
     await s.post(message())

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+INSTALL_CHECK = {"type": "test", "payload": "test"}
+
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/")
 
 # aiohttp's own HTTP errors (404, 405, …) are rendered in the one error shape too.
@@ -211,6 +213,10 @@ class HttpIngress:
 
     async def _accept_bot_replies(self, request: web.Request) -> web.Response:
         body = await read_json(request, self._config.max_body_bytes)
+        if body == INSTALL_CHECK:
+            # The Messaging API integration probes its Response Endpoint URL with
+            # this body when installed and expects 200: answer it, append nothing.
+            return json_response({"appended": []})
         items = body if isinstance(body, list) else [body]
         if not items:
             raise InvalidArgument("no reply in the body", details=(FieldViolation("body", "empty list"),))
