@@ -132,6 +132,7 @@ class App:
             log.warning("store ping failed", extra={"error": type(e).__name__})
             details["store"] = "unreachable"
         details["pending_messages"] = self.core.pending
+        details["streams"] = self.core.streams
         if self.webhook is not None:
             details["response_url"] = self._response_url_check
         ready = self._started and not self._draining and details["store"] == "ok"

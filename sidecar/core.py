@@ -76,6 +76,10 @@ class Core:
     def pending(self) -> int:
         return self._pending
 
+    @property
+    def streams(self) -> int:
+        return self._streams
+
     async def start(self) -> None:
         """Resume every message accepted before a restart but not yet handled."""
         recovered = await self._load_pending()

@@ -130,6 +130,9 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
         except SidecarError as e:
             await abort(context, e)
         try:
+            # Headers now, not with the first reply: the client learns the
+            # subscription is live (wait_for_connection) before any reply exists.
+            await context.send_initial_metadata(())
             await self._pump(stream, context)
         except SidecarError as e:
             # Leave the broker first: a client that stopped reading must not

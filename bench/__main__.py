@@ -1,0 +1,233 @@
+"""`python -m bench [--quick] [--json FILE]`: the sidecar beside bare baselines, in one run, as ratios.
+
+Every server runs in its own process and the load in another, all on
+loopback; every phase is bounded in time and every child is killed on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench.report import Figure, render
+
+_children: list[subprocess.Popen[str]] = []
+
+
+def _kill_all() -> None:
+    for p in _children:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+atexit.register(_kill_all)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[str]:
+    out = log.open("a") if log else subprocess.PIPE
+    p = subprocess.Popen(
+        [sys.executable, *args], env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT
+        if log else None, text=True,
+    )  # fmt: skip
+    _children.append(p)
+    return p
+
+
+def wait_line(p: subprocess.Popen[str], word: str, timeout: float = 30) -> None:
+    assert p.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if word in line:
+            return
+        if not line and p.poll() is not None:
+            raise SystemExit(f"bench: a child exited early ({p.args})")
+    raise SystemExit(f"bench: {p.args} not ready in {timeout}s")
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as r:  # loopback only
+        return json.loads(r.read())
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise SystemExit("bench: no VmRSS")
+
+
+def load(figure: str, timeout: float = 300, **args: Any) -> dict[str, Any]:
+    """Run one load figure in its own process; its last stdout line is the JSON result."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.load", figure, json.dumps(args)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise SystemExit(f"bench: load {figure} failed:\n{done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+class Sidecar:
+    """`python -m sidecar serve` with durable defaults (echo bot, SQLite, synchronous=FULL)."""
+
+    def __init__(self, tmp: Path, name: str, **env: str) -> None:
+        self.http, self.grpc, self.admin = free_port(), free_port(), free_port()
+        self.env = {
+            "SIDECAR_HTTP_ADDR": f"127.0.0.1:{self.http}",
+            "SIDECAR_GRPC_ADDR": f"127.0.0.1:{self.grpc}",
+            "SIDECAR_ADMIN_ADDR": f"127.0.0.1:{self.admin}",
+            "SIDECAR_STORE": f"sqlite:///{tmp}/{name}.db",
+            "SIDECAR_LOG_LEVEL": "WARNING",
+            "SIDECAR_MAX_PENDING_MESSAGES": "1000000",
+            "SIDECAR_CHECK_RESPONSE_URL": "false",
+            **env,
+        }
+        self.proc = spawn(["-m", "sidecar", "serve"], self.env, tmp / f"{name}.log")
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                get_json(f"http://127.0.0.1:{self.admin}/readyz")
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"bench: sidecar did not start; see {tmp / (name + '.log')}") from None
+                time.sleep(0.1)
+
+    def readyz(self) -> dict[str, Any]:
+        details: dict[str, Any] = get_json(f"http://127.0.0.1:{self.admin}/readyz")["details"]
+        return details
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small counts and short phases (under a minute)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args()
+    q = args.quick
+    duration = 2.0 if q else 8.0
+    concurrency = 64
+    conversations = 256
+    streams = 1000 if q else 10_000
+    fan = 200 if q else 1000
+    webhook_n = 2000 if q else 10_000
+    webhook_conversations = 100
+
+    tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
+    figures: list[Figure] = []
+    started = time.monotonic()
+    try:
+        bare_grpc, bare_http = free_port(), free_port()
+        bare = spawn(["-m", "bench.baselines", "servers", str(bare_grpc), str(bare_http)])
+        wait_line(bare, "ready")
+        side = Sidecar(tmp, "ingest")
+        bare_target, side_target = f"127.0.0.1:{bare_grpc}", f"127.0.0.1:{side.grpc}"
+
+        def ingest(figure: str, **kw: Any) -> float:
+            load(figure, **{**kw, "duration": 1.0})  # warm-up, discarded
+            return float(load(figure, **kw)["rate"])
+
+        common = {"duration": duration, "concurrency": concurrency, "conversations": conversations}
+        b = ingest("grpc_ingest", target=bare_target, bare=True, **common)
+        s = ingest("grpc_ingest", target=side_target, bare=False, **common)
+        figures.append(Figure("gRPC ingest", "msgs/s", b, s, s / b, ">= 0.6", s / b >= 0.6))
+        b = ingest("http_ingest", url=f"http://127.0.0.1:{bare_http}/webhook", **common)
+        s_http = ingest("http_ingest", url=f"http://127.0.0.1:{side.http}/webhook", **common)
+        figures.append(Figure("HTTP ingest", "msgs/s", b, s_http, s_http / b, ">= 0.6", s_http / b >= 0.6))
+
+        rate = max(10.0, s / 2)
+        lat = {"rate": rate, "duration": duration, "conversations": 50}
+        lb = load("latency", target=bare_target, bare=True, **lat)
+        ls = load("latency", target=side_target, bare=False, **lat)
+        ratio = ls["p50_ms"] / lb["p50_ms"]
+        figures.append(Figure(f"e2e latency p50 @ {rate:.0f}/s", "ms", lb["p50_ms"], ls["p50_ms"], ratio, "<= 3x",
+                              ratio <= 3, higher_is_better=False))  # fmt: skip
+        figures.append(Figure("e2e latency p99", "ms", lb["p99_ms"], ls["p99_ms"], ls["p99_ms"] / lb["p99_ms"], "-",
+                              None, higher_is_better=False))  # fmt: skip
+
+        before = rss_kib(side.proc.pid)
+        holder = subprocess.Popen(
+            [sys.executable, "-m", "bench.load", "streams",
+             json.dumps({"target": side_target, "bare": False, "count": streams, "hold": 5.0})],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        _children.append(holder)  # type: ignore[arg-type]
+        wait_line(holder, "opened", timeout=120)
+        deadline = time.monotonic() + 30
+        while side.readyz().get("streams", streams) < streams and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
+        per_stream = (rss_kib(side.proc.pid) - before) / streams
+        holder.wait(60)
+        figures.append(Figure(f"RSS per idle stream ({streams})", "KiB", None, per_stream, per_stream, "<= 20 KiB",
+                              per_stream <= 20, higher_is_better=False))  # fmt: skip
+        fo = load("fanout", target=side_target, subscribers=fan, messages=5)
+        figures.append(Figure(f"fan-out to {fan} subscribers p50", "ms", None, fo["p50_ms"], None, "-", None,
+                              higher_is_better=False))  # fmt: skip
+        figures.append(Figure(f"fan-out to {fan} subscribers p99", "ms", None, fo["p99_ms"], None, "-", None,
+                              higher_is_better=False))  # fmt: skip
+        side.stop()
+
+        # Webhook delivery: fill the outbox while the receiver is down, then let it all flow.
+        receiver_port = free_port()
+        hook = Sidecar(tmp, "webhook", SIDECAR_RESPONSE_URL=f"http://127.0.0.1:{receiver_port}/replies",
+                       SIDECAR_WEBHOOK_BACKOFF_INITIAL="0.05", SIDECAR_WEBHOOK_BACKOFF_MAX="0.2",
+                       SIDECAR_WEBHOOK_MAX_ATTEMPTS="1000")  # fmt: skip
+        load("send_batch", target=f"127.0.0.1:{hook.grpc}", count=webhook_n, conversations=webhook_conversations,
+             concurrency=webhook_conversations)  # fmt: skip
+        while hook.readyz()["pending_messages"]:
+            time.sleep(0.1)
+        receiver = spawn(["-m", "bench.baselines", "receiver", str(receiver_port)])
+        wait_line(receiver, "ready")
+        stats_url = f"http://127.0.0.1:{receiver_port}/stats"
+        deadline = time.monotonic() + 300
+        while (stats := get_json(stats_url))["count"] < webhook_n and time.monotonic() < deadline:
+            time.sleep(0.1)
+        side_rate = stats["count"] / stats["span"]
+        order_ok = stats["order_ok"]
+        hook.stop()
+        urllib.request.urlopen(  # loopback only
+            urllib.request.Request(f"http://127.0.0.1:{receiver_port}/reset", method="POST"), timeout=5
+        ).read()
+        load("webhook_client", url=f"http://127.0.0.1:{receiver_port}/replies", count=webhook_n,
+             conversations=webhook_conversations)  # fmt: skip
+        base = get_json(stats_url)
+        base_rate = base["count"] / base["span"]
+        name = "webhook delivery" + ("" if order_ok else " (ORDER BROKEN)")
+        ok = side_rate / base_rate >= 0.5 and order_ok
+        figures.append(Figure(name, "replies/s", base_rate, side_rate, side_rate / base_rate, ">= 0.5", ok))
+    finally:
+        _kill_all()
+
+    machine = f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
+    print(render(figures, machine, "quick" if q else "full", time.monotonic() - started))
+    if args.json:
+        Path(args.json).write_text(json.dumps([f.as_dict() for f in figures], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
