@@ -231,29 +231,53 @@ class SqliteStore(Store):
     def _run_batch(self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
         loop = self._loop
         assert loop is not None
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            results = self._transaction(conn, batch, isolate=False)
+        except _Retry:
+            # Some operation raised after others had written: redo the batch
+            # with each operation in its own SAVEPOINT, so only that one fails.
+            results = self._transaction(conn, batch, isolate=True)
+        except sqlite3.Error as e:
+            log.error("sqlite transaction failed", extra={"error": str(e), "operations": len(batch)})
+            results = [(future, None, e) for _, future in batch]
+        for future, result, error in results:
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+    def _transaction(
+        self, conn: sqlite3.Connection, batch: list[tuple[Op, asyncio.Future[Any]]], *, isolate: bool
+    ) -> list[tuple[asyncio.Future[Any], Any, BaseException | None]]:
+        """One transaction for the whole batch, committed once.
+
+        Operations are pure functions of the database, so the batch can be
+        re-run from scratch. Without ``isolate`` (the fast path: no SAVEPOINT
+        statements) the first exception rolls everything back and raises _Retry.
+        """
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             for op, future in batch:
+                if not isolate:
+                    try:
+                        results.append((future, op(conn), None))
+                    except Exception:  # noqa: BLE001 - rolled back and redone in isolation
+                        raise _Retry from None
+                    continue
                 conn.execute("SAVEPOINT op")
                 try:
                     result = op(conn)
                 except Exception as e:  # noqa: BLE001 - handed to the caller
                     conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
                     results.append((future, None, e))
                 else:
-                    conn.execute("RELEASE op")
                     results.append((future, result, None))
+                conn.execute("RELEASE op")
             conn.execute("COMMIT")
-            self.commits += 1
-        except sqlite3.Error as e:
-            log.error("sqlite transaction failed", extra={"error": str(e), "operations": len(batch)})
+        except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            results = [(future, None, e) for _, future in batch]
-        for future, result, error in results:
-            loop.call_soon_threadsafe(_settle, future, result, error)
+            raise
+        self.commits += 1
+        return results
 
     # --- inbound messages ---------------------------------------------------------
 
@@ -263,17 +287,17 @@ class SqliteStore(Store):
         payload = orjson.dumps(message.payload)
 
         def op(c: sqlite3.Connection) -> AcceptResult:
-            row = c.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (key,)).fetchone()
-            if row is not None:
+            inserted = c.execute(
+                "INSERT OR IGNORE INTO messages (id, conversation_id, message_id, user_id, type, text, payload,"
+                " fingerprint, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, message.conversation_id, message.message_id, message.user_id, message.type, message.text,
+                 payload, fingerprint, now),
+            ).rowcount  # fmt: skip
+            if not inserted:
+                row = c.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (key,)).fetchone()
                 if row[7] != fingerprint:
                     raise Conflict()
                 return AcceptResult(_message(row), duplicate=True)
-            c.execute(
-                "INSERT INTO messages (id, conversation_id, message_id, user_id, type, text, payload, fingerprint,"
-                " received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, message.conversation_id, message.message_id, message.user_id, message.type, message.text,
-                 payload, fingerprint, now),
-            )  # fmt: skip
             c.execute(
                 "INSERT INTO conversations (conversation_id, user_id) VALUES (?, ?)"
                 " ON CONFLICT(conversation_id) DO UPDATE SET user_id = excluded.user_id",
@@ -330,24 +354,24 @@ class SqliteStore(Store):
         rows = [(d, orjson.dumps(d.payload)) for d in drafts]
 
         def op(c: sqlite3.Connection) -> list[Reply]:
-            c.execute("INSERT OR IGNORE INTO conversations (conversation_id) VALUES (?)", (conversation_id,))
-            last = c.execute(
-                "SELECT last_sequence FROM conversations WHERE conversation_id = ?", (conversation_id,)
-            ).fetchone()[0]
+            row = c.execute(
+                "SELECT last_sequence, first_retained FROM conversations WHERE conversation_id = ?", (conversation_id,)
+            ).fetchone()
+            if row is None:
+                c.execute("INSERT INTO conversations (conversation_id) VALUES (?)", (conversation_id,))
+                row = (0, 1)
+            last, first = row
             appended = []
             for d, payload in rows:
-                seen = c.execute(
-                    "SELECT 1 FROM replies WHERE conversation_id = ? AND dedupe_key = ?",
-                    (conversation_id, d.dedupe_key),
-                ).fetchone()
-                if seen:
+                # The dedupe key's UNIQUE index turns a repeat into a no-op: one statement, no pre-check.
+                inserted = c.execute(
+                    "INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (conversation_id, last + 1, d.dedupe_key, d.type, payload, d.bot_user_id, d.bot_message_id,
+                     d.bot_conversation_id, d.user_id, d.in_reply_to, now),
+                ).rowcount  # fmt: skip
+                if not inserted:
                     continue
                 last += 1
-                c.execute(
-                    "INSERT INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (conversation_id, last, d.dedupe_key, d.type, payload, d.bot_user_id, d.bot_message_id,
-                     d.bot_conversation_id, d.user_id, d.in_reply_to, now),
-                )  # fmt: skip
                 if outbox:
                     c.execute(
                         "INSERT INTO outbox (conversation_id, sequence, next_attempt_at) VALUES (?, ?, ?)",
@@ -361,7 +385,8 @@ class SqliteStore(Store):
                 c.execute(
                     "UPDATE conversations SET last_sequence = ? WHERE conversation_id = ?", (last, conversation_id)
                 )
-                self._trim(c, conversation_id)
+                if last - self._retention >= first:
+                    self._trim(c, conversation_id)
             return appended
 
         return await self._run(op)
@@ -561,6 +586,10 @@ def _insert_dead(
          orjson.dumps(extra)),
     )  # fmt: skip
     return letter
+
+
+class _Retry(Exception):
+    """An operation failed inside a fast-path batch: redo it with savepoints."""
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
