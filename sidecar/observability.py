@@ -13,6 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
+INGRESS_OUTCOMES = ("accepted", "duplicate", "rejected", "overloaded", "unavailable")
+
+
 class Metrics:
     """Every metric the sidecar exports; names are part of the operator's contract."""
 
@@ -72,6 +75,13 @@ class Metrics:
         self.stream_cutoffs = Counter(
             "sidecar_stream_cutoffs_total", "Subscribers cut off for falling behind", registry=r
         )
+
+
+def ingress_metrics(metrics: Metrics, protocol: str) -> tuple[dict[str, Counter], Histogram]:
+    """One protocol's message counters by outcome and its latency histogram, resolved once:
+    ``labels()`` takes a lock and walks a dict, too much for every request."""
+    counters = {outcome: metrics.messages.labels(protocol, outcome) for outcome in INGRESS_OUTCOMES}
+    return counters, metrics.ingress_latency.labels(protocol)
 
 
 class _JsonFormatter(logging.Formatter):

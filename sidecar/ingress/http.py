@@ -25,7 +25,7 @@ from sidecar.errors import (
     UnsupportedMediaType,
 )
 from sidecar.models import JSON, AcceptResult
-from sidecar.observability import Metrics
+from sidecar.observability import Metrics, ingress_metrics
 from sidecar.validate import message_from_fields, payload_problem
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,7 @@ class HttpIngress:
         self._metrics = metrics
         self._tokens = tokens
         self._callback_tokens = callback_tokens
+        self._outcomes, self._latency = ingress_metrics(metrics, "http")
 
     def app(self) -> web.Application:
         # Our own limit check gives the 413 its error shape; aiohttp's is the backstop.
@@ -198,8 +199,8 @@ class HttpIngress:
             outcome = {"overloaded": "overloaded", "unavailable": "unavailable"}.get(e.code, "rejected")
             raise
         finally:
-            self._metrics.messages.labels("http", outcome).inc()
-            self._metrics.ingress_latency.labels("http").observe(time.perf_counter() - started)
+            self._outcomes[outcome].inc()
+            self._latency.observe(time.perf_counter() - started)
 
     async def bot_replies(self, request: web.Request) -> web.Response:
         """Replies from an asynchronous bot, in the integration's outbound format (SPEC §3)."""
