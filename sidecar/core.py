@@ -65,6 +65,10 @@ class Core:
         self._draining = False
         self._stopping = asyncio.Event()
         self._streams = 0
+        # Metric children resolved once: labels() costs a lock and a dict walk per call.
+        self._bot_ok = metrics.bot_calls.labels(bot.name, "ok")
+        self._bot_ok_latency = metrics.bot_latency.labels(bot.name)
+        self._replies_by_bot = metrics.replies.labels("bot")
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -174,7 +178,9 @@ class Core:
             started = time.perf_counter()
             counts = True
             try:
-                await asyncio.wait_for(self._bot.handle(stored, emit), self._config.bot_timeout)
+                # asyncio.timeout, not wait_for: no extra task per message.
+                async with asyncio.timeout(self._config.bot_timeout):
+                    await self._bot.handle(stored, emit)
             except BotError as e:
                 error, outcome, retry, counts = str(e), "error", e.retryable, e.counts
             except TimeoutError:
@@ -185,8 +191,8 @@ class Core:
                 log.exception("bot raised", extra=_ids(stored))
                 error, outcome, retry = f"bot raised {type(e).__name__}", "error", True
             else:
-                self._metrics.bot_calls.labels(bot, "ok").inc()
-                self._metrics.bot_latency.labels(bot).observe(time.perf_counter() - started)
+                self._bot_ok.inc()
+                self._bot_ok_latency.observe(time.perf_counter() - started)
                 await self._store.complete_message(stored.id)
                 return
             if not counts:
@@ -228,7 +234,7 @@ class Core:
         for reply in replies:
             self.broker.publish(reply)
         if replies:
-            self._metrics.replies.labels(source).inc(len(replies))
+            (self._replies_by_bot if source == "bot" else self._metrics.replies.labels(source)).inc(len(replies))
             if self._webhook is not None:
                 self._webhook.notify(conversation_id)
         return replies

@@ -17,20 +17,22 @@ class Subscription:
     """One subscriber's bounded buffer of live replies.
 
     A deque plus an event rather than an asyncio.Queue: publish must never
-    block the publisher, and an overflow has to be noticed by the consumer
-    even while it is stuck writing to a slow client (``cut_off``).
+    block the publisher, and an overflow has to reach the consumer even
+    while it is stuck writing to a slow client (``on_cut_off``). A callback,
+    not a second Event and a task waiting on it: idle streams are the
+    sidecar's largest population, and every object per stream counts.
     """
 
-    __slots__ = ("buffer", "closed", "conversation_id", "cut_off", "limit", "wakeup")
+    __slots__ = ("buffer", "closed", "conversation_id", "limit", "on_cut_off", "wakeup")
 
     def __init__(self, conversation_id: str, limit: int) -> None:
         self.conversation_id = conversation_id
         self.limit = limit
         self.buffer: collections.deque[Reply] = collections.deque()
         self.wakeup = asyncio.Event()
-        self.cut_off = asyncio.Event()
-        """Set when the subscriber must end: it fell behind, or the sidecar drains."""
         self.closed: SidecarError | None = None
+        """Why the subscriber must end (it fell behind, or the sidecar drains); None while open."""
+        self.on_cut_off: Callable[[], None] | None = None
 
     def offer(self, reply: Reply) -> bool:
         """Buffer a live reply; False (and cut off) when the buffer is full."""
@@ -46,8 +48,9 @@ class Subscription:
     def close(self, reason: SidecarError) -> None:
         if self.closed is None:
             self.closed = reason
-            self.cut_off.set()
             self.wakeup.set()
+            if self.on_cut_off is not None:
+                self.on_cut_off()
 
 
 class Broker:
@@ -135,9 +138,10 @@ class ReplyStream:
             raise
         return cls(store, broker, sub, after, on_close)
 
-    @property
-    def cut_off(self) -> asyncio.Event:
-        return self._sub.cut_off
+    def on_cut_off(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` (once) when the stream is closed from outside: the consumer fell
+        behind or the sidecar drains. For a consumer that may be blocked on something else."""
+        self._sub.on_cut_off = callback
 
     @property
     def close_reason(self) -> SidecarError | None:

@@ -20,7 +20,7 @@ from sidecar.convert import reply_to_proto, send_request_to_fields
 from sidecar.core import Core
 from sidecar.errors import FieldViolation, Internal, InvalidArgument, SidecarError, Unauthenticated
 from sidecar.models import InboundMessage
-from sidecar.observability import Metrics
+from sidecar.observability import Metrics, ingress_metrics
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar.validate import PROTO_NAMES, message_from_fields
 
@@ -81,6 +81,7 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
         self._core = core
         self._metrics = metrics
         self._tokens = tokens
+        self._outcomes, self._latency = ingress_metrics(metrics, "grpc")
 
     def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if not self._tokens.enabled:
@@ -109,8 +110,8 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
             log.exception("unhandled error in SendMessage")
             await abort(context, Internal())
         finally:
-            self._metrics.messages.labels("grpc", outcome).inc()
-            self._metrics.ingress_latency.labels("grpc").observe(time.perf_counter() - started)
+            self._outcomes[outcome].inc()
+            self._latency.observe(time.perf_counter() - started)
 
     # A coroutine writing with context.write() rather than an async generator:
     # each write must race the subscriber's cut-off (see _pump).
@@ -150,20 +151,30 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
 
     @staticmethod
     async def _pump(stream: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        # A client that stops reading blocks context.write() on flow control;
-        # racing each write against cut_off lets the broker end such a
-        # stream (RESOURCE_EXHAUSTED) instead of buffering without bound.
-        cut_off = asyncio.ensure_future(stream.cut_off.wait())
+        # A client that stops reading blocks context.write() on flow control.
+        # The broker's cut-off cancels this task wherever it waits, so such a
+        # stream ends (RESOURCE_EXHAUSTED) instead of buffering without bound;
+        # the common path awaits each write directly, with no task per reply.
+        task = asyncio.current_task()
+        assert task is not None
+        cut = False
+
+        def cut_off() -> None:
+            nonlocal cut
+            cut = True
+            task.cancel()
+
+        stream.on_cut_off(cut_off)
         try:
             async for reply in stream:
-                write = asyncio.ensure_future(context.write(reply_to_proto(reply)))
-                done, _ = await asyncio.wait((write, cut_off), return_when=asyncio.FIRST_COMPLETED)
-                if write not in done:
-                    write.cancel()
-                    raise stream.close_reason
-                write.result()
+                await context.write(reply_to_proto(reply))
+        except asyncio.CancelledError:
+            if not cut:
+                raise  # the client went away or the server is stopping
+            task.uncancel()
+            raise stream.close_reason from None
         finally:
-            cut_off.cancel()
+            stream.on_cut_off(None)
 
 
 def build_server(
