@@ -94,15 +94,35 @@ def parse_json(raw: bytes) -> JSON:
         raise InvalidArgument(
             "the body is not valid JSON (UTF-8)", details=(FieldViolation("body", "invalid JSON"),)
         ) from None
-    if isinstance(value, dict | list) and b'"' in raw:
-        # …but keeps the last of duplicate keys silently; an ambiguous body is refused instead.
+    # orjson keeps the last of duplicate keys silently; an ambiguous body is refused instead.
+    # Every key is followed by a colon, so as many colons as parsed keys proves there was no
+    # duplicate without a second parse; otherwise (colons in strings, or a duplicate) decide
+    # with the slow, exact parser.
+    if isinstance(value, dict | list) and raw.count(b":") != _key_count(value):
         try:
             json.loads(raw, object_pairs_hook=_no_duplicate_keys)
         except _DuplicateKeyError as e:
             raise InvalidArgument(
                 "the body has a duplicate key", details=(FieldViolation(e.key[:64], "duplicate key"),)
             ) from None
+        except RecursionError:
+            raise InvalidArgument(
+                "the body is nested too deeply", details=(FieldViolation("body", "nested too deeply"),)
+            ) from None
     return value
+
+
+def _key_count(value: JSON) -> int:
+    """Object keys anywhere in a parsed value (iterative: depth is not checked yet)."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 class _DuplicateKeyError(ValueError):
