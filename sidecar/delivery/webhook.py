@@ -129,8 +129,10 @@ class WebhookDelivery:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
-    def _finished(self, conversation_id: str, _: asyncio.Task[None]) -> None:
-        self._in_flight.pop(conversation_id, None)
+    def _finished(self, conversation_id: str, task: asyncio.Task[None]) -> None:
+        # Only its own entry: a successor may already run for this conversation.
+        if self._in_flight.get(conversation_id) is task:
+            del self._in_flight[conversation_id]
 
     async def _run_conversation(self, delivery: Delivery | None) -> None:
         """Deliver one conversation's queued replies in order while they are due."""
@@ -143,6 +145,11 @@ class WebhookDelivery:
                     break
                 delivery = await self._store.head_delivery(conversation_id)
         finally:
+            # Leave the in-flight set before waking the scheduler: it runs before this
+            # task's done callbacks, and would otherwise see the conversation as busy,
+            # skip its due head and sleep with nothing left to wake it.
+            if self._in_flight.get(conversation_id) is asyncio.current_task():
+                del self._in_flight[conversation_id]
             self._wake.set()  # the scheduler re-reads the outbox for this conversation's next step
 
     # --- one attempt ---------------------------------------------------------------
