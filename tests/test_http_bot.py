@@ -120,7 +120,12 @@ async def test_a_failing_bot_is_retried_and_its_replies_are_not_doubled(start_ap
         await s.post(message())
         replies = await replies_of(s, "c1", 2)
     assert [r.sequence for r in replies] == [1, 2] and len(bot.requests) == 3
-    assert await s.app.store.pending_messages(10) == []
+    # The message is marked handled just after its replies commit.
+    await eventually(lambda: _no_pending(s), what="the message marked handled")
+
+
+async def _no_pending(s: Running) -> bool:
+    return await s.app.store.pending_messages(10) == []
 
 
 async def test_a_bot_outage_opens_the_breaker_and_delays_messages_instead_of_losing_them(

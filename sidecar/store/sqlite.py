@@ -150,6 +150,10 @@ class SqliteStore(Store):
     Operations are plain functions of the connection and never await, so a
     batch is atomic with respect to the loop; an operation that raises is
     retried alone (see ``_execute``) so it cannot undo the others.
+
+    Pure reads use a second, read-only connection and run at once: under WAL
+    they see the last commit and never wait for the writer. Every write a
+    caller awaited has committed, so it reads its own writes.
     """
 
     def __init__(self, path: str, *, sync: str = "full", retention: int = 10000) -> None:
@@ -157,6 +161,7 @@ class SqliteStore(Store):
         self._sync = sync.upper()
         self._retention = retention
         self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: list[tuple[Op, asyncio.Future[Any]]] = []
@@ -176,7 +181,11 @@ class SqliteStore(Store):
         self._idle.set()
         try:
             self._conn = await self._loop.run_in_executor(self._thread, self._connect)
+            self._reader = await self._loop.run_in_executor(self._thread, self._connect_reader)
         except BaseException:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
             self._thread.shutdown(wait=False)
             self._thread = None
             raise
@@ -189,6 +198,9 @@ class SqliteStore(Store):
             self._idle.clear()
             await self._idle.wait()
         self._conn = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         await self._loop.run_in_executor(thread, conn.close)
         thread.shutdown(wait=True)
         self._thread = None
@@ -206,6 +218,25 @@ class SqliteStore(Store):
             self._busy = True
             self._loop.call_soon(self._flush)
         return await future
+
+    async def _read(self, op: Callable[[sqlite3.Cursor], T]) -> T:
+        """Run a read on its own connection, at once: WAL readers see the last commit
+        and never wait for the writer, so a read does not sit through a batch's fsync."""
+        if self._reader is None:
+            raise RuntimeError("the store is not open")
+        cursor = self._reader.cursor()
+        try:
+            return op(cursor)
+        finally:
+            # Resets a statement left mid-result (fetchone): an open statement would keep
+            # its read transaction, and every later read would see that old snapshot.
+            cursor.close()
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA query_only=1")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
 
     def _connect(self) -> sqlite3.Connection:
         Path(self._path).parent.mkdir(parents=True, exist_ok=True)
@@ -340,7 +371,7 @@ class SqliteStore(Store):
 
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
         sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE state = 'pending' ORDER BY arrival LIMIT ?"
-        return await self._run(lambda c: [_message(r) for r in c.execute(sql, (limit,))])
+        return await self._read(lambda c: [_message(r) for r in c.execute(sql, (limit,))])
 
     async def record_attempt(self, message_id: str, error: str) -> int:
         def op(c: sqlite3.Connection) -> int:
@@ -446,16 +477,16 @@ class SqliteStore(Store):
             f"SELECT {_REPLY_COLUMNS} FROM replies r WHERE r.conversation_id = ? AND r.sequence > ?"
             " ORDER BY r.sequence LIMIT ?"
         )
-        return await self._run(lambda c: [_reply(r) for r in c.execute(sql, (conversation_id, after, limit))])
+        return await self._read(lambda c: [_reply(r) for r in c.execute(sql, (conversation_id, after, limit))])
 
     async def _conversation_field(self, conversation_id: str, column: str, default: Any) -> Any:
         sql = f"SELECT {column} FROM conversations WHERE conversation_id = ?"
 
-        def op(c: sqlite3.Connection) -> Any:
+        def op(c: sqlite3.Cursor) -> Any:
             row = c.execute(sql, (conversation_id,)).fetchone()
             return row[0] if row else default
 
-        return await self._run(op)
+        return await self._read(op)
 
     async def last_sequence(self, conversation_id: str) -> int:
         return int(await self._conversation_field(conversation_id, "last_sequence", 0))
@@ -471,16 +502,16 @@ class SqliteStore(Store):
 
     async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
         sql = _HEADS + " AND o.next_attempt_at <= ? ORDER BY o.next_attempt_at LIMIT ?"
-        return await self._run(lambda c: [_delivery(r) for r in c.execute(sql, (now, limit))])
+        return await self._read(lambda c: [_delivery(r) for r in c.execute(sql, (now, limit))])
 
     async def head_delivery(self, conversation_id: str) -> Delivery | None:
         sql = _HEADS + " AND o.conversation_id = ?"
 
-        def op(c: sqlite3.Connection) -> Delivery | None:
+        def op(c: sqlite3.Cursor) -> Delivery | None:
             row = c.execute(sql, (conversation_id,)).fetchone()
             return _delivery(row) if row else None
 
-        return await self._run(op)
+        return await self._read(op)
 
     async def next_due_at(self) -> float | None:
         sql = (
@@ -488,11 +519,11 @@ class SqliteStore(Store):
             " (SELECT MIN(i.sequence) FROM outbox i WHERE i.conversation_id = o.conversation_id)"
         )
 
-        def op(c: sqlite3.Connection) -> float | None:
+        def op(c: sqlite3.Cursor) -> float | None:
             row = c.execute(sql).fetchone()
             return None if row[0] is None else float(row[0])
 
-        return await self._run(op)
+        return await self._read(op)
 
     async def delivery_succeeded(self, conversation_id: str, sequence: int) -> None:
         def op(c: sqlite3.Connection) -> None:
@@ -552,14 +583,14 @@ class SqliteStore(Store):
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY ord LIMIT ?"
-        return await self._run(lambda c: [_dead_letter(r) for r in c.execute(sql, (*args, limit))])
+        return await self._read(lambda c: [_dead_letter(r) for r in c.execute(sql, (*args, limit))])
 
     async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
-        def op(c: sqlite3.Connection) -> DeadLetter | None:
+        def op(c: sqlite3.Cursor) -> DeadLetter | None:
             row = c.execute(f"SELECT {_DEAD_COLUMNS} FROM dead_letters WHERE id = ?", (dead_letter_id,)).fetchone()
             return _dead_letter(row) if row else None
 
-        return await self._run(op)
+        return await self._read(op)
 
     async def replay_dead_letter(self, dead_letter_id: str, *, now: float) -> bool:
         def op(c: sqlite3.Connection) -> bool:
