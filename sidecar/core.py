@@ -180,7 +180,7 @@ class Core:
             try:
                 # asyncio.timeout, not wait_for: no extra task per message.
                 async with asyncio.timeout(self._config.bot_timeout):
-                    await self._bot.handle(stored, emit)
+                    returned = await self._bot.handle(stored, emit)
             except BotError as e:
                 error, outcome, retry, counts = str(e), "error", e.retryable, e.counts
             except TimeoutError:
@@ -193,7 +193,16 @@ class Core:
             else:
                 self._bot_ok.inc()
                 self._bot_ok_latency.observe(time.perf_counter() - started)
-                await self._store.complete_message(stored.id)
+                if returned and emitted == 0:
+                    self._metrics.end_to_end.observe(max(0.0, time.time() - stored.received_at))
+                drafts = [self._draft(stored, r, f"{stored.id}/{emitted + i}") for i, r in enumerate(returned)]
+                # The returned replies and "handled" in one store step: one commit
+                # instead of two, and no window in which a crash re-runs the bot
+                # although its replies are stored.
+                replies = await self._store.finish_message(
+                    stored.id, stored.conversation_id, drafts, now=time.time(), outbox=self._webhook is not None
+                )
+                self._published(stored.conversation_id, replies, source="bot")
                 return
             if not counts:
                 self._metrics.bot_calls.labels(bot, "not_tried").inc()
@@ -231,13 +240,17 @@ class Core:
         replies = await self._store.append_replies(
             conversation_id, drafts, now=time.time(), outbox=self._webhook is not None
         )
+        self._published(conversation_id, replies, source=source)
+        return replies
+
+    def _published(self, conversation_id: str, replies: Sequence[Reply], *, source: str) -> None:
+        """Committed replies go live: to subscribers now, to the webhook worker's queue."""
         for reply in replies:
             self.broker.publish(reply)
         if replies:
             (self._replies_by_bot if source == "bot" else self._metrics.replies.labels(source)).inc(len(replies))
             if self._webhook is not None:
                 self._webhook.notify(conversation_id)
-        return replies
 
     # --- dead letters ----------------------------------------------------------
 

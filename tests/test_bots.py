@@ -30,7 +30,7 @@ async def run(bot: object, message: StoredMessage) -> list[BotReply]:
         out.append(reply)
 
     await bot.start()  # type: ignore[attr-defined]
-    await bot.handle(message, emit)  # type: ignore[attr-defined]
+    out += await bot.handle(message, emit)  # type: ignore[attr-defined]
     return out
 
 

@@ -209,3 +209,23 @@ async def test_ping_answers_while_open_and_close_is_idempotent(store: Store) -> 
     await store.ping()
     await store.close()
     await store.close()
+
+
+async def test_finish_message_appends_the_last_replies_and_marks_the_message_handled(store: Store) -> None:
+    accepted = await store.accept(msg(message_id="m1"), now=1.0)
+    await store.append_replies("c1", [draft("m1/0", "early")], now=1.0, outbox=True)
+    replies = await store.finish_message(
+        accepted.stored.id, "c1", [draft("m1/1", "last"), draft("m1/2", "after")], now=2.0, outbox=True
+    )
+    assert [(r.sequence, r.payload["text"]) for r in replies] == [(2, "last"), (3, "after")]
+    assert await store.pending_messages(10) == []
+    # A re-run after a crash repeats the keys: nothing is appended twice.
+    assert await store.finish_message(accepted.stored.id, "c1", [draft("m1/1", "last")], now=3.0, outbox=True) == []
+    assert [r.sequence for r in await store.replies_after("c1", 0, 10)] == [1, 2, 3]
+
+
+async def test_finish_message_without_replies_only_marks_it_handled(store: Store) -> None:
+    accepted = await store.accept(msg(message_id="m1"), now=1.0)
+    assert await store.finish_message(accepted.stored.id, "c1", [], now=2.0, outbox=True) == []
+    assert await store.pending_messages(10) == []
+    assert await store.last_sequence("c1") == 0

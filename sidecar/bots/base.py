@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from sidecar.models import JSON, StoredMessage
@@ -41,12 +41,16 @@ class BotError(Exception):
 class Bot(abc.ABC):
     """A bot: the core calls ``handle`` once per attempt at a message.
 
-    ``handle`` may call ``emit`` any number of times, possibly with delays in
-    between; each reply is durable and visible to subscribers when ``emit``
-    returns. If ``handle`` raises, the core retries the whole message later.
-    Replies emitted before the failure are not duplicated on retry, as long
-    as the bot emits the same replies in the same order (the core keys them
-    by message and position).
+    ``handle`` returns its replies; the core appends them and marks the
+    message handled in one step, so a crash can never leave replies stored
+    for a message that will be handed to the bot again. Replies that must
+    go out before ``handle`` ends (say, before a delay) go through ``emit``,
+    any number of times; each is durable and visible to subscribers when
+    ``emit`` returns, and the returned ones follow them. If ``handle``
+    raises, the core retries the whole message later. Replies emitted
+    before the failure are not duplicated on retry, as long as the bot
+    produces the same replies in the same order (the core keys them by
+    message and position).
     """
 
     name: str = "bot"
@@ -58,5 +62,5 @@ class Bot(abc.ABC):
         """Release what start() opened."""
 
     @abc.abstractmethod
-    async def handle(self, message: StoredMessage, emit: Emit) -> None:
-        """Handle one message; emit its replies."""
+    async def handle(self, message: StoredMessage, emit: Emit) -> Sequence[BotReply]:
+        """Handle one message: emit early replies, return the rest (often all of them)."""

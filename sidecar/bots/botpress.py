@@ -28,5 +28,6 @@ class BotpressBot(HttpBot):
     def replies(self, answer: JSON) -> list[BotReply]:
         return []  # replies come through /bot/replies
 
-    async def handle(self, message: StoredMessage, emit: Emit) -> None:
+    async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
         await self.call(message)
+        return []

@@ -15,6 +15,7 @@ class EchoBot(Bot):
 
     name = "echo"
 
-    async def handle(self, message: StoredMessage, emit: Emit) -> None:
+    async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
         if message.message.type == "text":
-            await emit(BotReply(type="text", payload={"text": message.message.text}))
+            return [BotReply(type="text", payload={"text": message.message.text})]
+        return []

@@ -184,11 +184,9 @@ class HttpBot(Bot):
             headers["Authorization"] = f"Bearer {self._config.bot_token}"
         return headers
 
-    async def handle(self, message: StoredMessage, emit: Emit) -> None:
-        answer = await self.call(message)
-        # Check every reply before emitting any, so a bad answer is refused whole.
-        for reply in self.replies(answer):
-            await emit(reply)
+    async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
+        # replies() checks every reply before returning any, so a bad answer is refused whole.
+        return self.replies(await self.call(message))
 
     async def call(self, message: StoredMessage) -> JSON:
         """One POST through the breaker; BotError says whether to retry."""

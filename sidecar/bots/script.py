@@ -82,7 +82,7 @@ class ScriptBot(Bot):
     async def start(self) -> None:
         self._rules, self._default = load_rules(self._path)
 
-    async def handle(self, message: StoredMessage, emit: Emit) -> None:
+    async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
         m = message.message
         values = {
             "text": m.text,
@@ -98,10 +98,16 @@ class ScriptBot(Bot):
                 values.update(groups)
                 replies = rule.replies
                 break
+        ready: list[BotReply] = []
         for reply in replies:
             if reply.delay:
+                # What comes before a pause goes out now, not after it.
+                for early in ready:
+                    await emit(early)
+                ready = []
                 await asyncio.sleep(reply.delay)
-            await emit(BotReply(type=reply.type, payload=_substitute(reply.payload, values)))
+            ready.append(BotReply(type=reply.type, payload=_substitute(reply.payload, values)))
+        return ready
 
 
 def _substitute(value: JSON, values: dict[str, str]) -> JSON:

@@ -59,6 +59,18 @@ class Store(abc.ABC):
     async def complete_message(self, message_id: str) -> None:
         """Mark a message handled: the bot will not be called for it again."""
 
+    async def finish_message(
+        self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
+    ) -> list[Reply]:
+        """Append a message's last replies and mark it handled, as one step where the store can.
+
+        This default takes two steps: a crash between them re-runs the bot,
+        and the replies' dedupe keys keep that from doubling anything.
+        """
+        replies = await self.append_replies(conversation_id, drafts, now=now, outbox=outbox) if drafts else []
+        await self.complete_message(message_id)
+        return replies
+
     @abc.abstractmethod
     async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter:
         """Give up on a message: it leaves the pending set and joins the dead letters."""

@@ -413,44 +413,60 @@ class SqliteStore(Store):
         self, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
     ) -> list[Reply]:
         rows = [(d, orjson.dumps(d.payload)) for d in drafts]
+        return await self._run(lambda c: self._append(c, conversation_id, rows, now, outbox))
+
+    async def finish_message(
+        self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
+    ) -> list[Reply]:
+        rows = [(d, orjson.dumps(d.payload)) for d in drafts]
 
         def op(c: sqlite3.Connection) -> list[Reply]:
-            row = c.execute(
-                "SELECT last_sequence, first_retained FROM conversations WHERE conversation_id = ?", (conversation_id,)
-            ).fetchone()
-            if row is None:
-                c.execute("INSERT INTO conversations (conversation_id) VALUES (?)", (conversation_id,))
-                row = (0, 1)
-            last, first = row
-            appended = []
-            for d, payload in rows:
-                # The dedupe key's UNIQUE index turns a repeat into a no-op: one statement, no pre-check.
-                inserted = c.execute(
-                    "INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (conversation_id, last + 1, d.dedupe_key, d.type, payload, d.bot_user_id, d.bot_message_id,
-                     d.bot_conversation_id, d.user_id, d.in_reply_to, now),
-                ).rowcount  # fmt: skip
-                if not inserted:
-                    continue
-                last += 1
-                if outbox:
-                    c.execute(
-                        "INSERT INTO outbox (conversation_id, sequence, next_attempt_at) VALUES (?, ?, ?)",
-                        (conversation_id, last, now),
-                    )
-                appended.append(
-                    Reply(conversation_id, last, d.type, d.payload, d.bot_user_id, d.bot_message_id,
-                          d.bot_conversation_id, d.user_id, d.in_reply_to, now)
-                )  # fmt: skip
-            if appended:
-                c.execute(
-                    "UPDATE conversations SET last_sequence = ? WHERE conversation_id = ?", (last, conversation_id)
-                )
-                if last - self._retention >= first:
-                    self._trim(c, conversation_id)
-            return appended
+            replies = self._append(c, conversation_id, rows, now, outbox) if rows else []
+            c.execute("UPDATE messages SET state = 'done' WHERE id = ?", (message_id,))
+            return replies
 
         return await self._run(op)
+
+    def _append(
+        self,
+        c: sqlite3.Connection,
+        conversation_id: str,
+        rows: list[tuple[ReplyDraft, bytes]],
+        now: float,
+        outbox: bool,
+    ) -> list[Reply]:
+        row = c.execute(
+            "SELECT last_sequence, first_retained FROM conversations WHERE conversation_id = ?", (conversation_id,)
+        ).fetchone()
+        if row is None:
+            c.execute("INSERT INTO conversations (conversation_id) VALUES (?)", (conversation_id,))
+            row = (0, 1)
+        last, first = row
+        appended = []
+        for d, payload in rows:
+            # The dedupe key's UNIQUE index turns a repeat into a no-op: one statement, no pre-check.
+            inserted = c.execute(
+                "INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, last + 1, d.dedupe_key, d.type, payload, d.bot_user_id, d.bot_message_id,
+                 d.bot_conversation_id, d.user_id, d.in_reply_to, now),
+            ).rowcount  # fmt: skip
+            if not inserted:
+                continue
+            last += 1
+            if outbox:
+                c.execute(
+                    "INSERT INTO outbox (conversation_id, sequence, next_attempt_at) VALUES (?, ?, ?)",
+                    (conversation_id, last, now),
+                )
+            appended.append(
+                Reply(conversation_id, last, d.type, d.payload, d.bot_user_id, d.bot_message_id,
+                      d.bot_conversation_id, d.user_id, d.in_reply_to, now)
+            )  # fmt: skip
+        if appended:
+            c.execute("UPDATE conversations SET last_sequence = ? WHERE conversation_id = ?", (last, conversation_id))
+            if last - self._retention >= first:
+                self._trim(c, conversation_id)
+        return appended
 
     def _trim(self, c: sqlite3.Connection, conversation_id: str) -> None:
         """Drop replies beyond retention, never past the oldest one still owed or dead-lettered."""
