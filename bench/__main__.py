@@ -11,6 +11,7 @@ import atexit
 import json
 import os
 import platform
+import select
 import socket
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def wait_line(p: subprocess.Popen[str], word: str, timeout: float = 30) -> None:
     assert p.stdout is not None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        # select before readline: a child that prints nothing must not hang the bench.
+        if not select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            break
         line = p.stdout.readline()
         if word in line:
             return

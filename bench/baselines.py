@@ -26,7 +26,8 @@ async def _echo(request: sidecar_pb2.SendMessageRequest, context: object) -> sid
     return sidecar_pb2.SendMessageResponse(message_id=request.message_id, conversation_id=request.conversation_id)
 
 
-async def _stream(request: sidecar_pb2.SubscribeRequest, context: object):  # type: ignore[no-untyped-def]
+async def _stream(request: sidecar_pb2.SubscribeRequest, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def,type-arg]
+    await context.send_initial_metadata(())  # as the sidecar does: the client sees the stream open
     await asyncio.Event().wait()  # idle, like a Subscribe with no replies
     yield sidecar_pb2.Reply()
 
@@ -38,7 +39,15 @@ async def _http(request: web.Request) -> web.Response:
 
 
 async def servers(grpc_port: int, http_port: int) -> None:
-    server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 1000)])
+    # Same server options as the sidecar: 1000 streams per connection, and room
+    # for a burst of 10,000 calls waiting to be picked up (grpc's default cancels past 1000).
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_concurrent_streams", 1000),
+            ("grpc.server.max_pending_requests", 20000),
+            ("grpc.server.max_pending_requests_hard_limit", 40000),
+        ]
+    )
     handlers = {
         "Echo": grpc.unary_unary_rpc_method_handler(
             _echo,

@@ -19,6 +19,18 @@ import uvloop
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
 
+def _channels(target: str, streams: int) -> list[grpc.aio.Channel]:
+    """Enough channels for ``streams`` concurrent streams at the server's 1000 per connection.
+
+    Each with its own subchannel pool: grpc otherwise shares one connection
+    between channels to the same target, and streams past the limit wait forever.
+    """
+    return [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", i)])
+        for i in range((streams + 999) // 1000)
+    ]
+
+
 def _request(conversation: str, text: str) -> sidecar_pb2.SendMessageRequest:
     return sidecar_pb2.SendMessageRequest(
         user_id="bench-user", message_id=str(uuid.uuid4()), conversation_id=conversation, type="text", text=text
@@ -204,7 +216,7 @@ async def webhook_client(url: str, count: int, conversations: int) -> dict[str, 
 
 async def streams(target: str, bare: bool, count: int, hold: float) -> dict[str, Any]:
     """Open ``count`` idle streams over channels of ≤1000 streams, hold them ``hold`` seconds, close."""
-    channels = [grpc.aio.insecure_channel(target) for _ in range((count + 999) // 1000)]
+    channels = _channels(target, count)
     calls = []
     for i in range(count):
         channel = channels[i // 1000]
@@ -229,7 +241,7 @@ async def streams(target: str, bare: bool, count: int, hold: float) -> dict[str,
 
 async def fanout(target: str, subscribers: int, messages: int) -> dict[str, Any]:
     """``subscribers`` streams on one conversation; per message, the delay until each subscriber has the reply."""
-    channels = [grpc.aio.insecure_channel(target) for _ in range((subscribers + 999) // 1000)]
+    channels = _channels(target, subscribers)
     samples: list[float] = []
     sent_at: dict[str, float] = {}
     got = [0] * messages

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from sidecar.bots.base import BotReply
-from sidecar.v1 import sidecar_pb2
-from tests.conftest import Running, StartApp
+from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.conftest import Running, StartApp, eventually
 from tests.test_grpc_ingress import request, wait_for_sequence, wait_until
 
 
@@ -166,3 +166,30 @@ async def test_grpc_client_that_stops_reading_is_cut_off(start_app: StartApp) ->
                 await call.read()
     codes.append(e.value.code())
     assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED]
+
+
+async def test_a_burst_of_thousands_of_subscribers_all_get_their_stream(start_app: StartApp) -> None:
+    """A fleet reconnecting at once: grpc core's default backlog would CANCEL calls past 1000."""
+    s = await start_app()
+    count = 3000
+    channels = [
+        # A subchannel pool of its own per channel: one connection each, 1000 streams apiece.
+        grpc.aio.insecure_channel(f"127.0.0.1:{s.app.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(count // 1000)
+    ]
+    try:
+        calls = [
+            sidecar_pb2_grpc.MessagingServiceStub(channels[i % len(channels)]).Subscribe(
+                sidecar_pb2.SubscribeRequest(conversation_id=f"burst{i}")
+            )
+            for i in range(count)
+        ]
+        results = await asyncio.gather(*(c.wait_for_connection() for c in calls), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        assert not failures, f"{len(failures)} of {count} failed, first: {failures[0]!r}"
+        await eventually(lambda: len(s.app.core.broker) == count, what=f"{count} subscriptions")
+        for c in calls:
+            c.cancel()
+    finally:
+        for channel in channels:
+            await channel.close()

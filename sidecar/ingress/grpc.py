@@ -185,6 +185,12 @@ def build_server(
         options=[
             ("grpc.max_receive_message_length", config.max_body_bytes),
             ("grpc.max_concurrent_streams", 1000),
+            # Calls that arrived but the asyncio server has not picked up yet.
+            # grpc core cancels them at random past 1000 (all past 3000), so a
+            # burst of reconnecting subscribers after a restart would see
+            # CANCELLED; our own limit (max_streams) is the one that should bite.
+            ("grpc.server.max_pending_requests", config.max_streams),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_streams),
             # Idle Subscribe streams must survive proxies; answer client pings.
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
