@@ -27,10 +27,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check sidecar tests bench
 	$(VENV)/bin/ruff format --check sidecar tests bench
-	$(VENV)/bin/mypy sidecar
+	$(VENV)/bin/mypy sidecar bench
+	$(VENV)/bin/mypy -p tests
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy sidecar
+	$(VENV)/bin/mypy sidecar bench
+	$(VENV)/bin/mypy -p tests
 
 define protoc
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m grpc_tools.protoc -Iproto --python_out=$(1) --grpc_python_out=$(1) \

@@ -26,7 +26,7 @@ async def _echo(request: sidecar_pb2.SendMessageRequest, context: object) -> sid
     return sidecar_pb2.SendMessageResponse(message_id=request.message_id, conversation_id=request.conversation_id)
 
 
-async def _stream(request: sidecar_pb2.SubscribeRequest, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def,type-arg]
+async def _stream(request: sidecar_pb2.SubscribeRequest, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
     await context.send_initial_metadata(())  # as the sidecar does: the client sees the stream open
     await asyncio.Event().wait()  # idle, like a Subscribe with no replies
     yield sidecar_pb2.Reply()

@@ -9,6 +9,7 @@ import resource
 import sys
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -278,7 +279,7 @@ async def fanout(target: str, subscribers: int, messages: int) -> dict[str, Any]
     return {**_percentiles(samples), "subscribers": subscribers, "last_ms": last_fanout * 1000}
 
 
-FIGURES = {
+FIGURES: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "grpc_ingest": grpc_ingest,
     "http_ingest": http_ingest,
     "latency": latency,
@@ -293,7 +294,7 @@ def main() -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     figure, args = sys.argv[1], json.loads(sys.argv[2])
-    result = uvloop.run(FIGURES[figure](**args))
+    result: dict[str, Any] = uvloop.run(FIGURES[figure](**args))
     print(json.dumps(result), flush=True)
 
 

@@ -51,7 +51,11 @@ def render(figures: list[Figure], machine: str, mode: str, seconds: float) -> st
     ratios = []
     for f in figures:
         for prefix, key in short.items():
-            if f.name.startswith(prefix) and f.ratio is not None:
+            if not f.name.startswith(prefix):
+                continue
+            if key == "stream_rss_kib":  # its target is absolute
+                ratios.append(f"{key}={f.sidecar:.2f}")
+            elif f.ratio is not None:
                 ratios.append(f"{key}={f.ratio:.2f}" + ("x" if key == "e2e_p50" else ""))
     lines += ["", "ratios: " + " ".join(ratios)]
     return "\n".join(lines)

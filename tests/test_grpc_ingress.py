@@ -27,7 +27,7 @@ def request(conversation: str = "c1", message_id: str = "m1", text: str = "hello
 
 
 def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     assert status is not None
     fields = []
     for detail in status.details:

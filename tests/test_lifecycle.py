@@ -32,7 +32,7 @@ async def read_sequences(target: str, conversation: str, after: int, count: int)
     async with grpc.aio.insecure_channel(target) as channel:
         stub = sidecar_pb2_grpc.MessagingServiceStub(channel)
         call = stub.Subscribe(sidecar_pb2.SubscribeRequest(conversation_id=conversation, after_sequence=after))
-        out = []
+        out: list[int] = []
         async with asyncio.timeout(15):
             while len(out) < count:
                 out.append((await call.read()).sequence)
@@ -42,7 +42,10 @@ async def read_sequences(target: str, conversation: str, after: int, count: int)
 
 async def send(target: str, **kw: str) -> sidecar_pb2.SendMessageResponse:
     async with grpc.aio.insecure_channel(target) as channel:
-        return await sidecar_pb2_grpc.MessagingServiceStub(channel).SendMessage(request(**kw))
+        response: sidecar_pb2.SendMessageResponse = await sidecar_pb2_grpc.MessagingServiceStub(channel).SendMessage(
+            request(**kw)
+        )
+        return response
 
 
 async def test_sigterm_ends_streams_with_unavailable_and_exits_zero(

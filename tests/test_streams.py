@@ -15,7 +15,7 @@ from tests.test_grpc_ingress import request, wait_for_sequence, wait_until
 
 
 async def read_n(call: Any, n: int, timeout: float = 10.0) -> list[Any]:
-    out = []
+    out: list[Any] = []
     async with asyncio.timeout(timeout):
         while len(out) < n:
             out.append(await call.read())
@@ -100,7 +100,7 @@ async def test_replies_committed_during_replay_appear_exactly_once(start_app: St
 
     async def consume(after: int) -> list[int]:
         stream = await core.subscribe("c1", after)
-        out = []
+        out: list[Any] = []
         try:
             async with asyncio.timeout(20):
                 async for reply in stream:
