@@ -177,6 +177,19 @@ async def test_outbox_offers_each_conversations_lowest_reply_when_due(store: Sto
     assert head is not None and head.reply.sequence == 2 and head.attempts == 0
 
 
+async def test_queued_deliveries_page_through_a_conversation_in_order(store: Store) -> None:
+    await store.append_replies("c1", [draft(f"k{i}", f"r{i}") for i in range(5)], now=1.0, outbox=True)
+    await store.append_replies("c2", [draft("other")], now=1.0, outbox=True)
+    page = await store.queued_deliveries("c1", 3)
+    assert [d.reply.sequence for d in page] == [1, 2, 3]
+    assert [d.reply.payload for d in page] == [{"text": f"r{i}"} for i in range(3)]
+    await store.delivery_failed("c1", 1, attempts=1, first_attempt_at=2.0, next_attempt_at=3.0, error="HTTP 503")
+    await store.delivery_succeeded("c1", 2)
+    page = await store.queued_deliveries("c1", 10)
+    assert [(d.reply.sequence, d.attempts) for d in page] == [(1, 1), (3, 0), (4, 0), (5, 0)]
+    assert await store.queued_deliveries("nobody", 10) == []
+
+
 async def test_dead_reply_lets_the_next_proceed_and_replay_puts_it_first_again(store: Store) -> None:
     await store.append_replies("c1", [draft("a"), draft("b")], now=1.0, outbox=True)
     letter = await store.delivery_dead("c1", 1, attempts=4, error="HTTP 400", now=3.0)

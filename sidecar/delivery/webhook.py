@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import email.utils
 import functools
@@ -23,6 +24,8 @@ from sidecar.store.base import Store
 log = logging.getLogger(__name__)
 
 _BATCH = 256
+_PAGE = 32
+"""Queued replies of one conversation read at once: one read per page instead of per reply."""
 _RETRYABLE = {408, 429}
 
 
@@ -30,9 +33,10 @@ class Outcome:
     """What one attempt tells the worker to do next."""
 
     __slots__ = ("error", "kind", "retry_after")
+    KINDS = ("ok", "retry", "rejected", "error", "timeout")
 
     def __init__(self, kind: str, error: str = "", retry_after: float | None = None) -> None:
-        self.kind = kind  # ok | retry | rejected | error | timeout
+        self.kind = kind  # one of KINDS
         self.error = error
         self.retry_after = retry_after
 
@@ -72,12 +76,18 @@ class WebhookDelivery:
         self._slots = asyncio.Semaphore(config.webhook_concurrency)
         self._scheduler: asyncio.Task[None] | None = None
         self._draining = False
+        # Resolved once: labels() takes a lock and walks a dict on every call.
+        self._attempts = {kind: metrics.webhook_attempts.labels(kind) for kind in Outcome.KINDS}
 
     # --- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=self._config.webhook_concurrency, enable_cleanup_closed=True)
-        self._session = aiohttp.ClientSession(connector=connector, json_serialize=lambda v: orjson.dumps(v).decode())
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            json_serialize=lambda v: orjson.dumps(v).decode(),
+            timeout=aiohttp.ClientTimeout(total=self._config.webhook_timeout),
+        )
         self._scheduler = asyncio.create_task(self._schedule(), name="webhook-scheduler")
 
     def notify(self, conversation_id: str) -> None:
@@ -134,16 +144,27 @@ class WebhookDelivery:
         if self._in_flight.get(conversation_id) is task:
             del self._in_flight[conversation_id]
 
-    async def _run_conversation(self, delivery: Delivery | None) -> None:
-        """Deliver one conversation's queued replies in order while they are due."""
-        conversation_id = delivery.reply.conversation_id if delivery else ""
+    async def _run_conversation(self, head: Delivery) -> None:
+        """Deliver one conversation's queued replies in order while they are due.
+
+        This task is the only one delivering the conversation (``_in_flight``),
+        so the queued replies read as a page stay what the store holds until
+        this task itself records their outcome.
+        """
+        conversation_id = head.reply.conversation_id
+        queue = collections.deque([head])
         try:
-            while delivery is not None and not self._draining and delivery.next_attempt_at <= time.time():
+            while queue and not self._draining:
+                delivery = queue[0]
+                if delivery.next_attempt_at > time.time():
+                    break
                 async with self._slots:
                     delivered = await self._attempt(delivery)
                 if not delivered:
                     break
-                delivery = await self._store.head_delivery(conversation_id)
+                queue.popleft()
+                if not queue:
+                    queue.extend(await self._store.queued_deliveries(conversation_id, _PAGE))
         finally:
             # Leave the in-flight set before waking the scheduler: it runs before this
             # task's done callbacks, and would otherwise see the conversation as busy,
@@ -161,7 +182,7 @@ class WebhookDelivery:
         first = delivery.first_attempt_at or now
         attempts = delivery.attempts + 1
         outcome = await self._post(delivery)
-        self._metrics.webhook_attempts.labels(outcome.kind).inc()
+        self._attempts[outcome.kind].inc()
         if outcome.kind == "ok":
             await self._store.delivery_succeeded(reply.conversation_id, reply.sequence)
             return True
@@ -213,11 +234,10 @@ class WebhookDelivery:
     async def _post(self, delivery: Delivery) -> Outcome:
         assert self._session is not None
         body = orjson.dumps(delivery.reply.webhook_body())
-        timeout = aiohttp.ClientTimeout(total=self._config.webhook_timeout)
         started = time.perf_counter()
         try:
             async with self._session.post(
-                self._config.response_url, data=body, headers=self.headers(delivery, body), timeout=timeout,
+                self._config.response_url, data=body, headers=self.headers(delivery, body),
                 allow_redirects=False,
             ) as resp:  # fmt: skip
                 await resp.read()

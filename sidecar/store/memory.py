@@ -187,9 +187,11 @@ class MemoryStore(Store):
         heads.sort(key=lambda d: d.next_attempt_at)
         return heads[:limit]
 
-    async def head_delivery(self, conversation_id: str) -> Delivery | None:
+    async def queued_deliveries(self, conversation_id: str, limit: int) -> list[Delivery]:
         conv = self._conversations.get(conversation_id)
-        return self._head(conv) if conv else None
+        if conv is None:
+            return []
+        return [conv.outbox[seq] for seq in sorted(conv.outbox)[:limit]]
 
     async def next_due_at(self) -> float | None:
         times = [h.next_attempt_at for c in self._conversations.values() if (h := self._head(c))]
