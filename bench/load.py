@@ -263,13 +263,17 @@ async def fanout(target: str, subscribers: int, messages: int) -> dict[str, Any]
 
     readers = [asyncio.create_task(read(i)) for i in range(subscribers)]
     await asyncio.sleep(2.0 + subscribers / 1000)  # every Subscribe reaches the broker
-    send = sidecar_pb2_grpc.MessagingServiceStub(channels[0]).SendMessage
+    # Its own connection: the subscribers' ones are full (1000 streams each),
+    # and a call waiting for a free stream would wait forever.
+    sender = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+    channels.append(sender)
+    send = sidecar_pb2_grpc.MessagingServiceStub(sender).SendMessage
     last_fanout = 0.0
     for k in range(messages):
         request = _request("fan", f"fan/{k}")
         index[request.message_id] = k
         sent_at[request.message_id] = time.monotonic()
-        await send(request)
+        await send(request, timeout=30)
         await asyncio.wait_for(all_in[k].wait(), 30)
         last_fanout = time.monotonic() - sent_at[request.message_id]
     for task in readers:
