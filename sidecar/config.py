@@ -70,7 +70,10 @@ class Config:
     bot_breaker_cooldown: float = _opt(30.0, "seconds an open breaker waits before letting one call through")
     bot_concurrency: int = _opt(64, "messages handed to the bot at once (one per conversation at a time)")
     # --- store ---
-    store: str = _opt("sqlite:///./data/sidecar.db", "sqlite:///path, memory:// or redis://host:port/db")
+    store: str = _opt(
+        "sqlite:///./data/sidecar.db",
+        "sqlite:///path or memory:// (redis://host:port/db is reserved, not built yet: refused at start)",
+    )
     store_sync: str = _opt("full", "SQLite synchronous mode: full survives power loss, normal only crashes")
     reply_retention: int = _opt(10000, "replies kept per conversation for replay (undelivered ones are always kept)")
     # --- limits ---

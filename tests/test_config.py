@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 
 from sidecar import config
-from sidecar.config import Config, ConfigError, load
+from sidecar.config import Config, ConfigError, load, validate
 
 
 def test_defaults_match_the_spec() -> None:
@@ -98,3 +98,12 @@ def test_configuration_doc_lists_every_setting() -> None:
     for flag, variable, _, _ in config.describe():
         assert variable in doc, f"{variable} missing from docs/configuration.md"
         assert flag in doc
+
+
+def test_a_redis_store_is_refused_with_a_clear_error_until_it_is_built() -> None:
+    from sidecar.store import create_store
+
+    config = replace(Config(), store="redis://127.0.0.1:6379/0")
+    validate(config)  # the SPEC's syntax is accepted...
+    with pytest.raises(ConfigError, match=r"SIDECAR_STORE.*redis:// is not built"):
+        create_store(config)  # ...and refused when the store is made, before any I/O

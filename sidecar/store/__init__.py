@@ -1,4 +1,4 @@
-"""Stores: memory, sqlite, redis behind one interface."""
+"""Stores behind one interface: memory and sqlite (redis:// is accepted by the config syntax, not built yet)."""
 
 from __future__ import annotations
 
@@ -19,4 +19,6 @@ def create_store(config: Config) -> Store:
         from sidecar.store.sqlite import SqliteStore
 
         return SqliteStore(sqlite_path(config.store), sync=config.store_sync, retention=config.reply_retention)
-    raise ConfigError(f"store (SIDECAR_STORE): {scheme} is not supported yet")
+    raise ConfigError(
+        f"store (SIDECAR_STORE): {scheme}:// is not built in this version; use sqlite:///path or memory://"
+    )
