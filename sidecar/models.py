@@ -63,6 +63,17 @@ class InboundMessage:
             payload = {**payload, "text": text}
         return InboundMessage(user_id, message_id, conversation_id, type, text, payload)
 
+    def api_json(self) -> dict[str, JSON]:
+        """The message in the Messaging API's field names (SPEC §2): what bots and dead letters see."""
+        return {
+            "userId": self.user_id,
+            "messageId": self.message_id,
+            "conversationId": self.conversation_id,
+            "type": self.type,
+            "text": self.text,
+            "payload": self.payload,
+        }
+
     def fingerprint(self) -> str:
         """What "same content" means for deduplication: every field but the ids."""
         body = canonical_json([self.user_id, self.type, self.text, self.payload])

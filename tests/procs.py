@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 
 def free_port() -> int:
@@ -19,22 +20,28 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without SIDECAR_* (a developer's settings must not leak in), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env.update(extra)
+    return env
+
+
 class SidecarProcess:
     """One `sidecar serve` child with its own ports; stderr goes to a log file for post-mortems."""
 
     def __init__(self, tmp: Path, **env: str) -> None:
         self.http_port, self.grpc_port, self.admin_port = free_port(), free_port(), free_port()
         self.log_path = tmp / f"sidecar-{self.http_port}.log"
-        self.env = {
-            **os.environ,
+        defaults = {
             "SIDECAR_HTTP_ADDR": f"127.0.0.1:{self.http_port}",
             "SIDECAR_GRPC_ADDR": f"127.0.0.1:{self.grpc_port}",
             "SIDECAR_ADMIN_ADDR": f"127.0.0.1:{self.admin_port}",
             "SIDECAR_STORE": f"sqlite:///{tmp}/sidecar.db",
             "SIDECAR_CHECK_RESPONSE_URL": "false",
             "SIDECAR_LOG_FORMAT": "json",
-            **env,
         }
+        self.env = clean_env(**{**defaults, **env})
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -45,7 +52,7 @@ class SidecarProcess:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, timeout: float = 20.0) -> SidecarProcess:
+    def start(self, timeout: float = 20.0) -> Self:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "serve"], env=self.env, stdout=log, stderr=log)
         log.close()

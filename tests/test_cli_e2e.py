@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,65 +15,27 @@ from typing import Any
 
 import pytest
 
+from tests.procs import SidecarProcess, clean_env
+
 TOKEN = "e2e-token"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    env.update(extra)
-    return env
-
-
-class Server:
-    """`python -m sidecar serve` on free loopback ports; start() waits for /readyz."""
+class Server(SidecarProcess):
+    """`python -m sidecar serve` on free loopback ports with the given store; start() waits for /readyz."""
 
     def __init__(self, tmp: Path, store: str, **env: str) -> None:
-        self.http_port, self.grpc_port, self.admin_port = free_port(), free_port(), free_port()
-        self.log_path = tmp / f"serve-{self.grpc_port}.log"
-        self.env = clean_env(
-            SIDECAR_HTTP_ADDR=f"127.0.0.1:{self.http_port}",
-            SIDECAR_GRPC_ADDR=f"127.0.0.1:{self.grpc_port}",
-            SIDECAR_ADMIN_ADDR=f"127.0.0.1:{self.admin_port}",
-            SIDECAR_STORE=store,
-            SIDECAR_STORE_SYNC="normal",
-            **env,
-        )
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(tmp, SIDECAR_STORE=store, SIDECAR_STORE_SYNC="normal", **env)
 
     @property
     def grpc(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return self.grpc_target
 
     @property
     def webhook(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/webhook"
-
-    def start(self, timeout: float = 20.0) -> Server:
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sidecar", "serve"], env=self.env, stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                url = f"http://127.0.0.1:{self.admin_port}/readyz"
-                with urllib.request.urlopen(url, timeout=1) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"serve not ready within {timeout}s:\n{self.log()}")
+        return f"{self.http}/webhook"
 
     def stop(self) -> int:
+        """SIGTERM and wait; a sidecar that does not stop is killed and fails the test."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -85,9 +44,6 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise AssertionError(f"serve did not stop on SIGTERM:\n{self.log()}") from None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
 
 
 def cli(*args: str, token: str | None = TOKEN, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -79,15 +79,7 @@ class CircuitBreaker:
 
 def message_json(message: StoredMessage) -> dict[str, JSON]:
     """The message in the Messaging API's field names (SPEC §2)."""
-    m = message.message
-    return {
-        "userId": m.user_id,
-        "messageId": m.message_id,
-        "conversationId": m.conversation_id,
-        "type": m.type,
-        "text": m.text,
-        "payload": m.payload,
-    }
+    return message.message.api_json()
 
 
 def rasa_request(message: StoredMessage) -> dict[str, JSON]:

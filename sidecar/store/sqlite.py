@@ -409,15 +409,7 @@ class SqliteStore(Store):
             stored = _message(row)
             m = stored.message
             c.execute("UPDATE messages SET state = 'dead', last_error = ? WHERE id = ?", (error[:500], message_id))
-            body = {
-                "userId": m.user_id,
-                "messageId": m.message_id,
-                "conversationId": m.conversation_id,
-                "type": m.type,
-                "text": m.text,
-                "payload": m.payload,
-            }
-            return _insert_dead(c, "message", m.conversation_id, 0, body, error, stored.attempts, now,
+            return _insert_dead(c, "message", m.conversation_id, 0, m.api_json(), error, stored.attempts, now,
                                 {"message_id": message_id})  # fmt: skip
 
         return await self._run(op)
