@@ -15,11 +15,10 @@ WORKDIR /src
 # stage only.
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
-# The redis extra makes SIDECAR_STORE=redis://... work without another image.
 # pip and setuptools are removed afterwards: nothing installs at run time.
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
     && python -m venv /opt/venv \
-    && /opt/venv/bin/pip install "$(ls /wheels/sidecar-*.whl)[redis]" \
+    && /opt/venv/bin/pip install "$(ls /wheels/sidecar-*.whl)" \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
     && /opt/venv/bin/sidecar --help > /dev/null
 
