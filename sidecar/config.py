@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from standardwebhooks.webhooks import Webhook
 
@@ -72,7 +72,7 @@ class Config:
     # --- store ---
     store: str = _opt(
         "sqlite:///./data/sidecar.db",
-        "sqlite:///path or memory:// (redis://host:port/db is reserved, not built yet: refused at start)",
+        "sqlite:///path, memory:// or redis://host:port/db[?prefix=...]",
     )
     store_sync: str = _opt("full", "SQLite synchronous mode: full survives power loss, normal only crashes")
     reply_retention: int = _opt(10000, "replies kept per conversation for replay (undelivered ones are always kept)")
@@ -93,8 +93,22 @@ class Config:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = "***" if f.metadata.get("secret") and value else value
+            if f.metadata.get("secret") and value:
+                value = "***"
+            elif isinstance(value, str) and "@" in value:
+                value = redact_url(value)  # a password inside a URL (a redis:// store, a bot URL)
+            out[f.name] = value
         return out
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***``: safe for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 # --- parsing ----------------------------------------------------------------

@@ -100,10 +100,22 @@ def test_configuration_doc_lists_every_setting() -> None:
         assert flag in doc
 
 
-def test_a_redis_store_is_refused_with_a_clear_error_until_it_is_built() -> None:
+def test_create_store_returns_a_redis_store_for_a_redis_url_without_io() -> None:
     from sidecar.store import create_store
+    from sidecar.store.redis import RedisStore
 
-    config = replace(Config(), store="redis://127.0.0.1:6379/0")
-    validate(config)  # the SPEC's syntax is accepted...
-    with pytest.raises(ConfigError, match=r"SIDECAR_STORE.*redis:// is not built"):
-        create_store(config)  # ...and refused when the store is made, before any I/O
+    # Port 1 on loopback answers nothing: constructing must not try to connect.
+    config = replace(Config(), store="redis://:hunter2@127.0.0.1:1/3?prefix=t1:", reply_retention=7)
+    validate(config)
+    store = create_store(config)
+    assert isinstance(store, RedisStore)
+    assert store.prefix == "t1:"
+    assert "hunter2" not in repr(store)
+
+
+def test_redacted_settings_mask_a_password_inside_a_url() -> None:
+    config = replace(Config(), store="redis://app:s3cret@redis:6379/0", bot_url="https://bot.example/hook")
+    shown = config.redacted()
+    assert shown["store"] == "redis://app:***@redis:6379/0"
+    assert shown["bot_url"] == "https://bot.example/hook"
+    assert "s3cret" not in repr(shown)

@@ -1,8 +1,10 @@
-"""One contract, every store: the same tests run against memory and SQLite."""
+"""One contract, every store: the same tests run against memory, SQLite and Redis."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -12,26 +14,61 @@ from sidecar.errors import Conflict
 from sidecar.models import InboundMessage, ReplyDraft
 from sidecar.store.base import Store
 from sidecar.store.memory import MemoryStore
+from sidecar.store.redis import RedisStore, RedisStoreError
 from sidecar.store.sqlite import SqliteStore
 
 Factory = Callable[..., Awaitable[Store]]
 
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/15")
 
-@pytest.fixture(params=["memory", "sqlite"])
+
+def redis_url(prefix: str) -> str:
+    """REDIS_URL with a key prefix of its own, so tests never see each other's keys."""
+    return f"{REDIS_URL}{'&' if '?' in REDIS_URL else '?'}prefix={prefix}"
+
+
+async def open_redis_or_skip(store: RedisStore) -> None:
+    """Open a Redis store; no server is a skip on a laptop and a failure in CI (CI=true)."""
+    try:
+        await store.open()
+    except RedisStoreError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Redis is required in CI (REDIS_URL={REDIS_URL}) but unreachable: {e}")
+        pytest.skip(f"no Redis at REDIS_URL ({e})")
+
+
+async def delete_prefix(store: RedisStore) -> None:
+    """Delete every key under the store's prefix (SCAN MATCH prefix* + DEL)."""
+    client = store._redis()
+    keys = [key async for key in client.scan_iter(match=f"{store.prefix}*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
     opened: list[Store] = []
 
     async def make(retention: int = 10000) -> Store:
         if request.param == "memory":
             store: Store = MemoryStore(retention=retention)
-        else:
+        elif request.param == "sqlite":
             store = SqliteStore(str(tmp_path / f"s{len(opened)}.db"), sync="normal", retention=retention)
+        else:
+            store = RedisStore(redis_url(f"test-{uuid.uuid4().hex}:"), retention=retention)
+            await open_redis_or_skip(store)
+            opened.append(store)
+            return store
         await store.open()
         opened.append(store)
         return store
 
     yield make
     for store in opened:
+        if isinstance(store, RedisStore):
+            # A test may have closed it (close is idempotent): reopen to clean up its keys.
+            await store.open()
+            await delete_prefix(store)
         await store.close()
 
 

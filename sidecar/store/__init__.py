@@ -1,4 +1,4 @@
-"""Stores behind one interface: memory and sqlite (redis:// is accepted by the config syntax, not built yet)."""
+"""Stores behind one interface: memory, sqlite and redis (``redis://host:port/db[?prefix=...]``)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def create_store(config: Config) -> Store:
         from sidecar.store.sqlite import SqliteStore
 
         return SqliteStore(sqlite_path(config.store), sync=config.store_sync, retention=config.reply_retention)
-    raise ConfigError(
-        f"store (SIDECAR_STORE): {scheme}:// is not built in this version; use sqlite:///path or memory://"
-    )
+    if scheme == "redis":
+        from sidecar.store.redis import RedisStore
+
+        return RedisStore(config.store, retention=config.reply_retention)
+    raise ConfigError(f"store (SIDECAR_STORE): unknown scheme {scheme}://; use sqlite:///path, memory:// or redis://")

@@ -1,0 +1,703 @@
+"""Redis store: every multi-key step is one Lua script, so Redis runs it atomically.
+
+``SIDECAR_STORE=redis://[user:password@]host:port/db[?prefix=sidecar:]``. Every
+key starts with the prefix (default ``sidecar:``), so several sidecars, or a
+test run, can share one database. Values are JSON (orjson) written by Python;
+the scripts copy them verbatim and never re-encode a float, so times and
+payloads come back bit for bit.
+
+Key layout (``P`` = prefix, ``C`` = a conversation id, as the client sent it):
+
+=============================  ===========  ==============================================================
+key                            type         holds
+=============================  ===========  ==============================================================
+``P msg:<message id>``         hash         ``data`` (JSON: the message, fingerprint, received_at),
+                                            ``fingerprint``, ``conversation_id``, ``arrival``,
+                                            ``attempts``, ``state`` (pending|done|dead), ``last_error``
+``P arrivals``                 string       counter: the arrival number of the last accepted message
+``P pending``                  sorted set   message id -> arrival number: the messages the bot still owes
+``P conv:C``                   hash         ``last`` (last sequence), ``first`` (first retained), ``user``
+``P log:C``                    sorted set   reply JSON (with its ``sequence``) -> sequence: the reply log
+``P keys:C``                   hash         dedupe key -> sequence (kept after the reply is trimmed)
+``P outbox:C``                 sorted set   sequence -> sequence: replies queued for the webhook
+``P delivery:C``               hash         sequence -> JSON (attempts, first/next attempt, last error)
+``P heads``                    sorted set   conversation id -> next_attempt_at of its lowest queued reply
+``P pinned:C``                 sorted set   dead letter id -> sequence: dead replies, never trimmed
+``P letter:<id>``              hash         one dead letter: kind, conversation_id, sequence, error,
+                                            attempts, dead_at, source (reply or message JSON), message_id
+``P letters``                  sorted set   dead letter id -> creation order (all of them)
+``P letters:conv:C``           sorted set   dead letter id -> creation order (one conversation's)
+``P letters:ord``              string       counter: creation order of the last dead letter
+=============================  ===========  ==============================================================
+
+Atomicity: each method is one Redis command or one script. Redis runs a
+script to the end before anything else, and writes it as one unit to the AOF
+and to replicas, so no crash of the sidecar can leave half of a step. The
+scripts do every read that can fail before their first write, and Redis
+refuses a script for lack of memory only at its first write, so a script
+never stops half-way either. Operations are not retried on a lost connection
+(a re-run of a script whose answer was lost could count twice); the caller's
+own retries apply, and the idempotent steps (accept, append, finish) are safe
+to repeat.
+
+Single Redis server only: the scripts derive key names from the prefix
+instead of declaring them in KEYS, and no hash tags are used, so Redis
+Cluster is not supported. The server must keep everything it is given:
+``maxmemory-policy noeviction`` (an evicting policy would silently drop
+messages and replies). Durability is the server's: see docs/configuration.md (Redis store).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import orjson
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
+
+from sidecar.config import ConfigError, redact_url
+from sidecar.errors import Conflict
+from sidecar.models import (
+    AcceptResult,
+    DeadLetter,
+    Delivery,
+    InboundMessage,
+    Reply,
+    ReplyDraft,
+    StoredMessage,
+    sidecar_id,
+)
+from sidecar.store.base import Store
+
+DEFAULT_PREFIX = "sidecar:"
+_ERROR_LIMIT = 500  # like the SQLite store: a stored error string stays bounded
+_LETTER_FIELDS = ("kind", "conversation_id", "sequence", "error", "attempts", "dead_at", "source", "message_id")
+_NO_DELIVERY = "sidecar: no queued delivery"
+_NO_MESSAGE = "sidecar: unknown message"
+
+# --- Lua ------------------------------------------------------------------------
+# ARGV[1] is always the key prefix. Numbers that are floats (times) reach Redis
+# as Python-formatted strings or as numbers decoded from JSON, never through
+# Lua's ``..`` (which keeps 14 digits): only integer sequences are concatenated.
+
+_HELPERS = """
+local P = ARGV[1]
+local function refresh_head(cid)
+  local head = redis.call('ZRANGE', P .. 'outbox:' .. cid, 0, 0)[1]
+  if head then
+    local state = cjson.decode(redis.call('HGET', P .. 'delivery:' .. cid, head))
+    redis.call('ZADD', P .. 'heads', state['next_attempt_at'], cid)
+  else
+    redis.call('ZREM', P .. 'heads', cid)
+  end
+end
+local function trim(cid, retention)
+  local conv = P .. 'conv:' .. cid
+  local last = tonumber(redis.call('HGET', conv, 'last') or '0')
+  local first = tonumber(redis.call('HGET', conv, 'first') or '1')
+  local upto = last - retention
+  if upto < first then return end
+  local owed = redis.call('ZRANGE', P .. 'outbox:' .. cid, 0, 0, 'WITHSCORES')[2]
+  if owed then upto = math.min(upto, tonumber(owed) - 1) end
+  local pinned = redis.call('ZRANGE', P .. 'pinned:' .. cid, 0, 0, 'WITHSCORES')[2]
+  if pinned then upto = math.min(upto, tonumber(pinned) - 1) end
+  if upto < first then return end
+  redis.call('ZREMRANGEBYSCORE', P .. 'log:' .. cid, '-inf', upto)
+  redis.call('HSET', conv, 'first', upto + 1)
+end
+local function complete(mid)
+  local m = P .. 'msg:' .. mid
+  if redis.call('EXISTS', m) == 1 then redis.call('HSET', m, 'state', 'done') end
+  redis.call('ZREM', P .. 'pending', mid)
+end
+local function new_letter(id, kind, cid, seq, err, attempts, dead_at, source, mid)
+  local ord = redis.call('INCR', P .. 'letters:ord')
+  redis.call('HSET', P .. 'letter:' .. id, 'kind', kind, 'conversation_id', cid, 'sequence', seq, 'error', err,
+             'attempts', attempts, 'dead_at', dead_at, 'source', source, 'message_id', mid)
+  redis.call('ZADD', P .. 'letters', ord, id)
+  redis.call('ZADD', P .. 'letters:conv:' .. cid, ord, id)
+end
+local function drop_letter(id, cid)
+  redis.call('DEL', P .. 'letter:' .. id)
+  redis.call('ZREM', P .. 'letters', id)
+  redis.call('ZREM', P .. 'letters:conv:' .. cid, id)
+end
+local function reply_at(cid, seq)
+  return redis.call('ZRANGEBYSCORE', P .. 'log:' .. cid, seq, seq, 'LIMIT', 0, 1)[1]
+end
+"""
+
+# ARGV: P, message id, conversation id, user id, fingerprint, data JSON
+_ACCEPT = """
+local m = P .. 'msg:' .. ARGV[2]
+local found = redis.call('HMGET', m, 'fingerprint', 'data', 'attempts')
+if found[1] then
+  if found[1] ~= ARGV[5] then return {'conflict'} end
+  return {'duplicate', found[2], found[3]}
+end
+local arrival = redis.call('INCR', P .. 'arrivals')
+redis.call('HSET', m, 'data', ARGV[6], 'fingerprint', ARGV[5], 'conversation_id', ARGV[3], 'arrival', arrival,
+           'attempts', 0, 'state', 'pending', 'last_error', '')
+redis.call('ZADD', P .. 'pending', arrival, ARGV[2])
+redis.call('HSET', P .. 'conv:' .. ARGV[3], 'user', ARGV[4])
+return {'accepted'}
+"""
+
+# ARGV: P, limit
+_PENDING = """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGE', P .. 'pending', 0, tonumber(ARGV[2]) - 1)) do
+  local f = redis.call('HMGET', P .. 'msg:' .. id, 'data', 'attempts')
+  out[#out + 1] = {id, f[1], f[2]}
+end
+return out
+"""
+
+# ARGV: P, message id, error
+_RECORD_ATTEMPT = """
+local m = P .. 'msg:' .. ARGV[2]
+if redis.call('EXISTS', m) == 0 then return 0 end
+redis.call('HSET', m, 'last_error', ARGV[3])
+return redis.call('HINCRBY', m, 'attempts', 1)
+"""
+
+# ARGV: P, message id
+_COMPLETE = """
+complete(ARGV[2])
+return 1
+"""
+
+# ARGV: P, message id, error, now, letter id
+_DEAD_MESSAGE = f"""
+local m = P .. 'msg:' .. ARGV[2]
+local f = redis.call('HMGET', m, 'data', 'attempts', 'conversation_id')
+if not f[1] then return redis.error_reply('{_NO_MESSAGE}') end
+redis.call('HSET', m, 'state', 'dead', 'last_error', ARGV[3])
+redis.call('ZREM', P .. 'pending', ARGV[2])
+new_letter(ARGV[5], 'message', f[3], 0, ARGV[3], f[2], ARGV[4], f[1], ARGV[2])
+return {{f[1], f[2]}}
+"""
+
+# ARGV: P, conversation id, now, outbox (1|0), retention, message id to complete (or ''),
+#       fresh delivery state JSON, then (dedupe key, reply JSON without its sequence) pairs
+_APPEND = """
+local cid = ARGV[2]
+local conv = P .. 'conv:' .. cid
+local keys = P .. 'keys:' .. cid
+local log = P .. 'log:' .. cid
+local outbox = ARGV[4] == '1'
+local last = tonumber(redis.call('HGET', conv, 'last') or '0')
+local appended = {}
+for i = 8, #ARGV, 2 do
+  if redis.call('HSETNX', keys, ARGV[i], last + 1) == 1 then
+    last = last + 1
+    local reply = '{"sequence":' .. last .. ',' .. string.sub(ARGV[i + 1], 2)
+    redis.call('ZADD', log, last, reply)
+    if outbox then
+      redis.call('ZADD', P .. 'outbox:' .. cid, last, last)
+      redis.call('HSET', P .. 'delivery:' .. cid, last, ARGV[7])
+    end
+    appended[#appended + 1] = reply
+  end
+end
+if #appended > 0 then
+  redis.call('HSET', conv, 'last', last)
+  if outbox then refresh_head(cid) end
+end
+-- Like the memory store: every append trims (a purge or a delivery may have unpinned old
+-- replies); finishing a message trims only when it brought replies.
+if ARGV[6] == '' or #ARGV >= 8 then trim(cid, tonumber(ARGV[5])) end
+if ARGV[6] ~= '' then complete(ARGV[6]) end
+return appended
+"""
+
+# ARGV: P, now, limit
+_DUE = """
+local out = {}
+for _, cid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'heads', '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))) do
+  local seq = redis.call('ZRANGE', P .. 'outbox:' .. cid, 0, 0)[1]
+  if seq then
+    out[#out + 1] = {cid, redis.call('HGET', P .. 'delivery:' .. cid, seq), reply_at(cid, seq)}
+  end
+end
+return out
+"""
+
+# ARGV: P, conversation id, limit
+_QUEUED = """
+local cid = ARGV[2]
+local out = {}
+for _, seq in ipairs(redis.call('ZRANGE', P .. 'outbox:' .. cid, 0, tonumber(ARGV[3]) - 1)) do
+  out[#out + 1] = {cid, redis.call('HGET', P .. 'delivery:' .. cid, seq), reply_at(cid, seq)}
+end
+return out
+"""
+
+# ARGV: P, conversation id, sequence, retention
+_SUCCEEDED = """
+local cid = ARGV[2]
+redis.call('ZREM', P .. 'outbox:' .. cid, ARGV[3])
+redis.call('HDEL', P .. 'delivery:' .. cid, ARGV[3])
+refresh_head(cid)
+trim(cid, tonumber(ARGV[4]))
+return 1
+"""
+
+# ARGV: P, conversation id, sequence, delivery state JSON
+_FAILED = """
+local cid = ARGV[2]
+if redis.call('HEXISTS', P .. 'delivery:' .. cid, ARGV[3]) == 1 then
+  redis.call('HSET', P .. 'delivery:' .. cid, ARGV[3], ARGV[4])
+  refresh_head(cid)
+end
+return 1
+"""
+
+# ARGV: P, conversation id, sequence, attempts, error, now, letter id
+_DEAD_REPLY = f"""
+local cid, seq = ARGV[2], ARGV[3]
+if not redis.call('ZSCORE', P .. 'outbox:' .. cid, seq) then return redis.error_reply('{_NO_DELIVERY}') end
+local reply = reply_at(cid, seq)
+if not reply then return redis.error_reply('{_NO_DELIVERY}') end
+redis.call('ZREM', P .. 'outbox:' .. cid, seq)
+redis.call('HDEL', P .. 'delivery:' .. cid, seq)
+refresh_head(cid)
+redis.call('ZADD', P .. 'pinned:' .. cid, seq, ARGV[7])
+new_letter(ARGV[7], 'reply', cid, seq, ARGV[5], ARGV[4], ARGV[6], reply, '')
+return reply
+"""
+
+# ARGV: P, letter id, fresh delivery state JSON
+_REPLAY = """
+local id = ARGV[2]
+local f = redis.call('HMGET', P .. 'letter:' .. id, 'kind', 'conversation_id', 'sequence', 'message_id')
+if not f[1] then return 0 end
+local cid = f[2]
+if f[1] == 'reply' then
+  local seq = f[3]
+  if not reply_at(cid, seq) then return redis.error_reply('sidecar: the dead reply is not in the log') end
+  redis.call('ZREM', P .. 'pinned:' .. cid, id)
+  redis.call('ZADD', P .. 'outbox:' .. cid, seq, seq)
+  redis.call('HSET', P .. 'delivery:' .. cid, seq, ARGV[3])
+  refresh_head(cid)
+else
+  local m = P .. 'msg:' .. f[4]
+  local arrival = redis.call('HGET', m, 'arrival')
+  if not arrival then return redis.error_reply('sidecar: the dead message is gone') end
+  redis.call('HSET', m, 'state', 'pending', 'attempts', 0)
+  redis.call('ZADD', P .. 'pending', arrival, f[4])
+end
+drop_letter(id, cid)
+return 1
+"""
+
+# ARGV: P, then letter ids
+_PURGE = """
+local removed = 0
+for i = 2, #ARGV do
+  local f = redis.call('HMGET', P .. 'letter:' .. ARGV[i], 'kind', 'conversation_id')
+  if f[1] then
+    if f[1] == 'reply' then redis.call('ZREM', P .. 'pinned:' .. f[2], ARGV[i]) end
+    drop_letter(ARGV[i], f[2])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+# ARGV: P, kind (or ''), by conversation (1|0), conversation id, limit
+_LIST_LETTERS = f"""
+local source = P .. 'letters'
+if ARGV[3] == '1' then source = P .. 'letters:conv:' .. ARGV[4] end
+local limit = tonumber(ARGV[5])
+local out = {{}}
+local start = 0
+while #out < limit do
+  local ids = redis.call('ZRANGE', source, start, start + 255)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local f = redis.call('HMGET', P .. 'letter:' .. id, {", ".join(repr(f) for f in _LETTER_FIELDS)})
+    if f[1] and (ARGV[2] == '' or f[1] == ARGV[2]) and #out < limit then
+      table.insert(f, 1, id)
+      out[#out + 1] = f
+    end
+  end
+  start = start + 256
+end
+return out
+"""
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """Split ``redis://…?prefix=P`` into the URL for redis-py (without ``prefix``) and the prefix."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    prefixes = [v for k, v in query if k == "prefix"]
+    prefix = prefixes[-1] if prefixes else DEFAULT_PREFIX
+    rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefix
+
+
+class RedisStoreError(ConfigError):
+    """The Redis server cannot be reached or refused us at open; the message never holds the password.
+
+    A ConfigError, like a port already taken: ``sidecar serve`` logs it as "cannot start" and exits 1.
+    """
+
+
+class RedisStore(Store):
+    """One Lua script (or one command) per method on a pooled ``redis.asyncio`` client."""
+
+    def __init__(self, url: str, *, retention: int = 10000, max_connections: int = 64) -> None:
+        self._url, self.prefix = parse_url(url)
+        self._safe_url = redact_url(self._url)
+        self._password = urlsplit(self._url).password or ""
+        self._retention = retention
+        self._max_connections = max_connections
+        self._client: Redis | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._safe_url!r}, prefix={self.prefix!r})"
+
+    # --- plumbing ---------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        try:
+            pool = BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=self._max_connections,
+                decode_responses=True,
+                # No automatic retries: a script whose answer was lost may have run.
+                retry=Retry(NoBackoff(), 0),
+                socket_connect_timeout=5.0,
+            )
+        except (ValueError, TypeError) as e:
+            raise RedisStoreError(f"store (SIDECAR_STORE): {self._safe_url}: invalid URL: {self._scrub(e)}") from None
+        client = Redis(connection_pool=pool)
+        try:
+            await client.ping()
+        except Exception as e:  # noqa: BLE001 - any failure to answer is "cannot connect"
+            await client.aclose(close_connection_pool=True)
+            raise RedisStoreError(
+                f"store (SIDECAR_STORE): {self._safe_url}: cannot connect: {type(e).__name__}: {self._scrub(e)}"
+            ) from None
+        self._client = client
+        s = client.register_script
+        self._accept = s(_HELPERS + _ACCEPT)
+        self._pending = s(_HELPERS + _PENDING)
+        self._record_attempt = s(_HELPERS + _RECORD_ATTEMPT)
+        self._complete = s(_HELPERS + _COMPLETE)
+        self._dead_message = s(_HELPERS + _DEAD_MESSAGE)
+        self._append = s(_HELPERS + _APPEND)
+        self._due = s(_HELPERS + _DUE)
+        self._queued = s(_HELPERS + _QUEUED)
+        self._succeeded = s(_HELPERS + _SUCCEEDED)
+        self._failed = s(_HELPERS + _FAILED)
+        self._dead_reply = s(_HELPERS + _DEAD_REPLY)
+        self._replay = s(_HELPERS + _REPLAY)
+        self._purge = s(_HELPERS + _PURGE)
+        self._list_letters = s(_HELPERS + _LIST_LETTERS)
+
+    def _scrub(self, error: BaseException) -> str:
+        text = str(error)
+        return text.replace(self._password, "***") if self._password else text
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose(close_connection_pool=True)
+
+    async def ping(self) -> None:
+        await self._redis().ping()
+
+    def _redis(self) -> Redis:
+        if self._client is None:
+            raise RuntimeError("the store is not open")
+        return self._client
+
+    def _key(self, *parts: str) -> str:
+        return self.prefix + "".join(parts)
+
+    async def _run(self, script: Any, *args: Any) -> Any:
+        self._redis()
+        return await script(keys=[], args=[self.prefix, *args])
+
+    # --- inbound messages ---------------------------------------------------------
+
+    async def accept(self, message: InboundMessage, *, now: float) -> AcceptResult:
+        key = sidecar_id("message", message.conversation_id, message.message_id)
+        fingerprint = message.fingerprint()
+        data = orjson.dumps(
+            {
+                "conversation_id": message.conversation_id,
+                "message_id": message.message_id,
+                "user_id": message.user_id,
+                "type": message.type,
+                "text": message.text,
+                "payload": message.payload,
+                "fingerprint": fingerprint,
+                "received_at": now,
+            }
+        )
+        answer = await self._run(self._accept, key, message.conversation_id, message.user_id, fingerprint, data)
+        if answer[0] == "conflict":
+            raise Conflict()
+        if answer[0] == "duplicate":
+            return AcceptResult(_message(key, answer[1], answer[2]), duplicate=True)
+        stored = StoredMessage(id=key, message=message, fingerprint=fingerprint, received_at=now)
+        return AcceptResult(stored, duplicate=False)
+
+    async def pending_messages(self, limit: int) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+        rows = await self._run(self._pending, limit)
+        return [_message(row[0], row[1], row[2]) for row in rows]
+
+    async def record_attempt(self, message_id: str, error: str) -> int:
+        return int(await self._run(self._record_attempt, message_id, error[:_ERROR_LIMIT]))
+
+    async def complete_message(self, message_id: str) -> None:
+        await self._run(self._complete, message_id)
+
+    async def finish_message(
+        self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
+    ) -> list[Reply]:
+        return await self._append_replies(conversation_id, drafts, now=now, outbox=outbox, complete=message_id)
+
+    async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter:
+        letter_id = str(uuid.uuid4())
+        error = error[:_ERROR_LIMIT]
+        try:
+            data, attempts = await self._run(self._dead_message, message_id, error, now, letter_id)
+        except ResponseError as e:
+            if _NO_MESSAGE in str(e):
+                raise KeyError(message_id) from None
+            raise
+        m = _message(message_id, data, attempts).message
+        return DeadLetter(
+            id=letter_id,
+            kind="message",
+            conversation_id=m.conversation_id,
+            sequence=0,
+            body=m.api_json(),
+            error=error,
+            attempts=int(attempts),
+            dead_at=now,
+            extra={"message_id": message_id},
+        )
+
+    # --- reply log ----------------------------------------------------------------
+
+    async def append_replies(
+        self, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
+    ) -> list[Reply]:
+        return await self._append_replies(conversation_id, drafts, now=now, outbox=outbox, complete="")
+
+    async def _append_replies(
+        self, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool, complete: str
+    ) -> list[Reply]:
+        args: list[Any] = [conversation_id, now, "1" if outbox else "0", self._retention, complete, _fresh(now)]
+        for d in drafts:
+            body = orjson.dumps(
+                {
+                    "type": d.type,
+                    "payload": d.payload,
+                    "bot_user_id": d.bot_user_id,
+                    "bot_message_id": d.bot_message_id,
+                    "bot_conversation_id": d.bot_conversation_id,
+                    "user_id": d.user_id,
+                    "in_reply_to": d.in_reply_to,
+                    "created_at": now,
+                }
+            )
+            args += [d.dedupe_key, body]
+        rows = await self._run(self._append, *args)
+        return [_reply(conversation_id, row) for row in rows]
+
+    async def replies_after(self, conversation_id: str, after: int, limit: int) -> list[Reply]:
+        if limit <= 0:
+            return []
+        rows = await self._redis().zrangebyscore(
+            self._key("log:", conversation_id), f"({after}", "+inf", start=0, num=limit
+        )
+        return [_reply(conversation_id, cast(str, row)) for row in rows]
+
+    async def _conversation(self, conversation_id: str) -> list[str | None]:
+        fields = await self._redis().hmget(self._key("conv:", conversation_id), ["last", "first", "user"])
+        return cast(list[str | None], fields)
+
+    async def last_sequence(self, conversation_id: str) -> int:
+        return int((await self._conversation(conversation_id))[0] or 0)
+
+    async def first_retained_sequence(self, conversation_id: str) -> int:
+        return int((await self._conversation(conversation_id))[1] or 1)
+
+    async def conversation_user(self, conversation_id: str) -> str | None:
+        return (await self._conversation(conversation_id))[2] or None
+
+    # --- webhook outbox -------------------------------------------------------------
+
+    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+        if limit <= 0:
+            return []
+        rows = await self._run(self._due, now, limit)
+        return [_delivery(*row) for row in rows]
+
+    async def queued_deliveries(self, conversation_id: str, limit: int) -> list[Delivery]:
+        if limit <= 0:
+            return []
+        rows = await self._run(self._queued, conversation_id, limit)
+        return [_delivery(*row) for row in rows]
+
+    async def next_due_at(self) -> float | None:
+        heads = await self._redis().zrange(self._key("heads"), 0, 0, withscores=True)
+        return float(cast(tuple[str, float], heads[0])[1]) if heads else None
+
+    async def delivery_succeeded(self, conversation_id: str, sequence: int) -> None:
+        await self._run(self._succeeded, conversation_id, sequence, self._retention)
+
+    async def delivery_failed(
+        self,
+        conversation_id: str,
+        sequence: int,
+        *,
+        attempts: int,
+        first_attempt_at: float,
+        next_attempt_at: float,
+        error: str,
+    ) -> None:
+        state = orjson.dumps(
+            {
+                "attempts": attempts,
+                "first_attempt_at": first_attempt_at,
+                "next_attempt_at": next_attempt_at,
+                "last_error": error[:_ERROR_LIMIT],
+            }
+        )
+        await self._run(self._failed, conversation_id, sequence, state)
+
+    async def delivery_dead(
+        self, conversation_id: str, sequence: int, *, attempts: int, error: str, now: float
+    ) -> DeadLetter:
+        letter_id = str(uuid.uuid4())
+        error = error[:_ERROR_LIMIT]
+        try:
+            row = await self._run(self._dead_reply, conversation_id, sequence, attempts, error, now, letter_id)
+        except ResponseError as e:
+            if _NO_DELIVERY in str(e):
+                raise KeyError((conversation_id, sequence)) from None
+            raise
+        reply = _reply(conversation_id, row)
+        return DeadLetter(
+            id=letter_id,
+            kind="reply",
+            conversation_id=conversation_id,
+            sequence=sequence,
+            body=reply.webhook_body(),
+            error=error,
+            attempts=attempts,
+            dead_at=now,
+            extra={"webhook_id": reply.bot_message_id},
+        )
+
+    # --- dead letters ------------------------------------------------------------
+
+    async def list_dead_letters(
+        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100
+    ) -> list[DeadLetter]:
+        if limit <= 0:
+            return []
+        by_conversation = "0" if conversation_id is None else "1"
+        rows = await self._run(self._list_letters, kind or "", by_conversation, conversation_id or "", limit)
+        return [_letter(row[0], row[1:]) for row in rows]
+
+    async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
+        fields = cast(
+            list[str | None], await self._redis().hmget(self._key("letter:", dead_letter_id), list(_LETTER_FIELDS))
+        )
+        return _letter(dead_letter_id, fields) if fields[0] is not None else None
+
+    async def replay_dead_letter(self, dead_letter_id: str, *, now: float) -> bool:
+        return bool(await self._run(self._replay, dead_letter_id, _fresh(now)))
+
+    async def purge_dead_letters(self, ids: Sequence[str]) -> int:
+        if not ids:
+            return 0
+        return int(await self._run(self._purge, *ids))
+
+
+# --- decoding -----------------------------------------------------------------------
+
+
+def _fresh(now: float) -> bytes:
+    """The delivery state of a reply (re-)entering the outbox: due now, no attempts."""
+    return orjson.dumps({"attempts": 0, "first_attempt_at": None, "next_attempt_at": now, "last_error": ""})
+
+
+def _message(message_id: str, data: str, attempts: str | int | None) -> StoredMessage:
+    d = orjson.loads(data)
+    inbound = InboundMessage(d["user_id"], d["message_id"], d["conversation_id"], d["type"], d["text"], d["payload"])
+    return StoredMessage(
+        id=message_id,
+        message=inbound,
+        fingerprint=d["fingerprint"],
+        received_at=d["received_at"],
+        attempts=int(attempts or 0),
+    )
+
+
+def _reply(conversation_id: str, data: str) -> Reply:
+    d = orjson.loads(data)
+    return Reply(
+        conversation_id=conversation_id,
+        sequence=d["sequence"],
+        type=d["type"],
+        payload=d["payload"],
+        bot_user_id=d["bot_user_id"],
+        bot_message_id=d["bot_message_id"],
+        bot_conversation_id=d["bot_conversation_id"],
+        user_id=d["user_id"],
+        in_reply_to=d["in_reply_to"],
+        created_at=d["created_at"],
+    )
+
+
+def _delivery(conversation_id: str, state: str, reply: str) -> Delivery:
+    s = orjson.loads(state)
+    return Delivery(
+        reply=_reply(conversation_id, reply),
+        attempts=s["attempts"],
+        first_attempt_at=s["first_attempt_at"],
+        next_attempt_at=s["next_attempt_at"],
+        last_error=s["last_error"],
+    )
+
+
+def _letter(letter_id: str, fields: Sequence[str | None]) -> DeadLetter:
+    kind, conversation_id, sequence, error, attempts, dead_at, source, message_id = fields
+    assert kind is not None and conversation_id is not None and source is not None
+    body: dict[str, Any]
+    extra: dict[str, Any]
+    if kind == "reply":
+        reply = _reply(conversation_id, source)
+        body, extra = reply.webhook_body(), {"webhook_id": reply.bot_message_id}
+    else:
+        body, extra = _message(message_id or "", source, 0).message.api_json(), {"message_id": message_id}
+    return DeadLetter(
+        id=letter_id,
+        kind=kind,
+        conversation_id=conversation_id,
+        sequence=int(sequence or 0),
+        body=body,
+        error=error or "",
+        attempts=int(attempts or 0),
+        dead_at=float(dead_at or 0.0),
+        extra=extra,
+    )
