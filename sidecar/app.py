@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import ssl
@@ -183,6 +184,11 @@ async def serve(config: Config) -> int:
         log.error("cannot start", extra={"reason": str(e)})
         await app.stop()
         return 1
+    # What start-up built (modules, descriptors, servers) lives as long as the
+    # process: take it out of the collector's sight, so that a full collection
+    # under load walks only what requests create instead of pausing the loop
+    # (and every commit waiting for the GIL) for ~20 ms each time.
+    gc.freeze()
     await stop.wait()
     log.info("draining", extra={"grace_seconds": config.drain_timeout})
     await app.drain()
