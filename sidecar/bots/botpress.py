@@ -11,7 +11,7 @@ keeping Botpress's ids.
 from __future__ import annotations
 
 from sidecar.bots.base import BotReply, Emit
-from sidecar.bots.http import HttpBot, message_json
+from sidecar.bots.http import HttpBot
 from sidecar.models import JSON, StoredMessage
 
 
@@ -19,7 +19,7 @@ class BotpressBot(HttpBot):
     name = "botpress"
 
     def request_body(self, message: StoredMessage) -> JSON:
-        return message_json(message)
+        return message.message.api_json()
 
     def headers(self) -> dict[str, str]:
         # The integration documents the lower-case scheme; the sidecar's own ingress accepts either.

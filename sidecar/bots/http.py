@@ -77,11 +77,6 @@ class CircuitBreaker:
             self._on_change(self.open)
 
 
-def message_json(message: StoredMessage) -> dict[str, JSON]:
-    """The message in the Messaging API's field names (SPEC §2)."""
-    return message.message.api_json()
-
-
 def rasa_request(message: StoredMessage) -> dict[str, JSON]:
     """Rasa keeps one tracker per ``sender``: the conversation, so each conversation has its own dialogue state."""
     m = message.message
@@ -165,7 +160,7 @@ class HttpBot(Bot):
             self._session = None
 
     def request_body(self, message: StoredMessage) -> JSON:
-        return rasa_request(message) if self._config.bot_format == "rasa" else message_json(message)
+        return rasa_request(message) if self._config.bot_format == "rasa" else message.message.api_json()
 
     def replies(self, answer: JSON) -> list[BotReply]:
         return rasa_replies(answer) if self._config.bot_format == "rasa" else json_replies(answer)

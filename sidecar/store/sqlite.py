@@ -104,7 +104,6 @@ _REPLY_COLUMNS = (
     "r.bot_conversation_id, r.user_id, r.in_reply_to, r.created_at"
 )
 _MESSAGE_COLUMNS = "id, conversation_id, message_id, user_id, type, text, payload, fingerprint, received_at, attempts"
-# The head of each conversation's outbox: its lowest queued sequence.
 # Each conversation's lowest queued sequence, found by skipping from one
 # conversation id to the next on the primary key: two index seeks per
 # conversation, however long the queues. (A correlated MIN per outbox row
@@ -117,13 +116,10 @@ WITH RECURSIVE ids(id) AS (
 )
 SELECT id, (SELECT MIN(sequence) FROM outbox WHERE conversation_id = ids.id) AS sequence FROM ids WHERE id IS NOT NULL
 """
-_HEADS = f"""
-WITH heads AS ({_HEAD_KEYS})
+# Queued deliveries with their replies, in the column order _delivery reads.
+_DELIVERIES = f"""
 SELECT o.attempts, o.first_attempt_at, o.next_attempt_at, o.last_error, {_REPLY_COLUMNS}
-FROM heads h
-JOIN outbox o ON o.conversation_id = h.id AND o.sequence = h.sequence
-JOIN replies r ON r.conversation_id = o.conversation_id AND r.sequence = o.sequence
-WHERE 1
+FROM outbox o JOIN replies r ON r.conversation_id = o.conversation_id AND r.sequence = o.sequence
 """
 
 
@@ -545,15 +541,15 @@ class SqliteStore(Store):
     # --- webhook outbox -------------------------------------------------------------
 
     async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
-        sql = _HEADS + " AND o.next_attempt_at <= ? ORDER BY o.next_attempt_at LIMIT ?"
+        sql = (
+            f"WITH heads AS ({_HEAD_KEYS}) {_DELIVERIES}"
+            " JOIN heads h ON h.id = o.conversation_id AND h.sequence = o.sequence"
+            " WHERE o.next_attempt_at <= ? ORDER BY o.next_attempt_at LIMIT ?"
+        )
         return await self._read(lambda c: [_delivery(r) for r in c.execute(sql, (now, limit))])
 
     async def queued_deliveries(self, conversation_id: str, limit: int) -> list[Delivery]:
-        sql = (
-            f"SELECT o.attempts, o.first_attempt_at, o.next_attempt_at, o.last_error, {_REPLY_COLUMNS}"
-            " FROM outbox o JOIN replies r ON r.conversation_id = o.conversation_id AND r.sequence = o.sequence"
-            " WHERE o.conversation_id = ? ORDER BY o.sequence LIMIT ?"
-        )
+        sql = _DELIVERIES + " WHERE o.conversation_id = ? ORDER BY o.sequence LIMIT ?"
         return await self._read(lambda c: [_delivery(r) for r in c.execute(sql, (conversation_id, limit))])
 
     async def next_due_at(self) -> float | None:
