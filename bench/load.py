@@ -27,8 +27,8 @@ def _channels(target: str, streams: int) -> list[grpc.aio.Channel]:
     between channels to the same target, and streams past the limit wait forever.
     """
     return [
-        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1), ("bench.channel", i)])
-        for i in range((streams + 999) // 1000)
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range((streams + 999) // 1000)
     ]
 
 
@@ -265,7 +265,7 @@ async def fanout(target: str, subscribers: int, messages: int) -> dict[str, Any]
     await asyncio.sleep(2.0 + subscribers / 1000)  # every Subscribe reaches the broker
     # Its own connection: the subscribers' ones are full (1000 streams each),
     # and a call waiting for a free stream would wait forever.
-    sender = grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+    (sender,) = _channels(target, 1)
     channels.append(sender)
     send = sidecar_pb2_grpc.MessagingServiceStub(sender).SendMessage
     last_fanout = 0.0
