@@ -17,7 +17,16 @@ from sidecar.bots.base import Bot, BotError, BotReply
 from sidecar.config import Config
 from sidecar.delivery.stream import Broker, ReplyStream, draining_error
 from sidecar.errors import FieldViolation, InvalidArgument, NotFound, Overloaded, Unavailable
-from sidecar.models import AcceptResult, DeadLetter, InboundMessage, Reply, ReplyDraft, StoredMessage, sidecar_id
+from sidecar.models import (
+    AcceptResult,
+    DeadLetter,
+    InboundMessage,
+    Reply,
+    ReplyDraft,
+    StoredMessage,
+    entity_id,
+    sidecar_id,
+)
 from sidecar.observability import Metrics
 from sidecar.store.base import Store
 
@@ -69,6 +78,9 @@ class Core:
         self._bot_ok = metrics.bot_calls.labels(bot.name, "ok")
         self._bot_ok_latency = metrics.bot_latency.labels(bot.name)
         self._replies_by_bot = metrics.replies.labels("bot")
+        # Read when scraped, not set on every change: no lock taken twice per message.
+        metrics.pending_messages.set_function(lambda: self._pending)
+        metrics.active_streams.set_function(lambda: self._streams)
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -124,7 +136,6 @@ class Core:
             return
         self._queued.add(stored.id)
         self._pending += 1
-        self._metrics.pending_messages.set(self._pending)
         lane = self._lanes.get(stored.conversation_id)
         if lane is None:
             lane = self._lanes[stored.conversation_id] = collections.deque()
@@ -150,7 +161,6 @@ class Core:
                     await self._handle(lane[0])
                 self._queued.discard(lane.popleft().id)
                 self._pending -= 1
-                self._metrics.pending_messages.set(self._pending)
         finally:
             # No await between the loop's last check and this: a message enqueued
             # meanwhile would find the lane and never run.
@@ -337,9 +347,9 @@ class Core:
                     payload=reply.payload,
                     dedupe_key=key,
                     user_id=user_id,
-                    bot_user_id=reply.bot_user_id or sidecar_id("user", user_id),
+                    bot_user_id=reply.bot_user_id or entity_id("user", user_id),
                     bot_message_id=reply.bot_message_id or sidecar_id("reply", conversation_id, key),
-                    bot_conversation_id=reply.bot_conversation_id or sidecar_id("conversation", conversation_id),
+                    bot_conversation_id=reply.bot_conversation_id or entity_id("conversation", conversation_id),
                 )
             )
         return await self._append(conversation_id, drafts, source="callback")
@@ -358,12 +368,10 @@ class Core:
             raise Overloaded("too many open streams", retry_after=1.0)
         stream = await ReplyStream.open(self._store, self.broker, conversation_id, after, self._stream_closed)
         self._streams += 1
-        self._metrics.active_streams.set(self._streams)
         return stream
 
     def _stream_closed(self, stream: ReplyStream) -> None:
         self._streams -= 1
-        self._metrics.active_streams.set(self._streams)
         if stream.close_reason is not None and not self._draining:
             self._metrics.stream_cutoffs.inc()
 
