@@ -18,14 +18,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.report import Figure, render
+from sidecar import config
 
 _children: list[subprocess.Popen[str]] = []
+_redis_stores: list[str] = []  # forgotten at the end of the run, however it ends
 
 
 def _kill_all() -> None:
@@ -93,21 +96,51 @@ def load(figure: str, timeout: float = 300, **args: Any) -> dict[str, Any]:
     return result
 
 
+def store_url(store: str, tmp: Path, name: str) -> str:
+    """The SIDECAR_STORE of one sidecar: a fresh SQLite file by default, or a fresh key prefix on Redis."""
+    if store == "sqlite":
+        return f"sqlite:///{tmp}/{name}.db"
+    if store.startswith("redis://"):
+        parts = urllib.parse.urlsplit(store)
+        query = [*urllib.parse.parse_qsl(parts.query), ("prefix", f"bench-{tmp.name}-{name}:")]
+        return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+    return store
+
+
+def forget_redis_keys(url: str) -> None:
+    """Delete what a benchmark sidecar wrote under its own prefix, and nothing else."""
+    import redis
+
+    from sidecar.store.redis import parse_url
+
+    plain, prefix = parse_url(url)
+    client = redis.Redis.from_url(plain)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))  # our prefixes hold no glob characters
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i : i + 1000])
+    finally:
+        client.close()
+
+
 class Sidecar:
     """`python -m sidecar serve` with durable defaults (echo bot, SQLite, synchronous=FULL)."""
 
-    def __init__(self, tmp: Path, name: str, **env: str) -> None:
+    def __init__(self, tmp: Path, name: str, store: str = "sqlite", sync: str = "full", **env: str) -> None:
         self.http, self.grpc, self.admin = free_port(), free_port(), free_port()
         self.env = {
             "SIDECAR_HTTP_ADDR": f"127.0.0.1:{self.http}",
             "SIDECAR_GRPC_ADDR": f"127.0.0.1:{self.grpc}",
             "SIDECAR_ADMIN_ADDR": f"127.0.0.1:{self.admin}",
-            "SIDECAR_STORE": f"sqlite:///{tmp}/{name}.db",
+            "SIDECAR_STORE": store_url(store, tmp, name),
+            "SIDECAR_STORE_SYNC": sync,
             "SIDECAR_LOG_LEVEL": "WARNING",
             "SIDECAR_MAX_PENDING_MESSAGES": "1000000",
             "SIDECAR_CHECK_RESPONSE_URL": "false",
             **env,
         }
+        if self.env["SIDECAR_STORE"].startswith("redis://"):
+            _redis_stores.append(self.env["SIDECAR_STORE"])
         self.proc = spawn(["-m", "sidecar", "serve"], self.env, tmp / f"{name}.log")
         deadline = time.monotonic() + 30
         while True:
@@ -132,7 +165,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small counts and short phases (under a minute)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument(
+        "--store",
+        default="sqlite",
+        help="the sidecar's store: sqlite (default, a fresh file), memory://, or redis://host:port/db "
+        "(a fresh key prefix per run, deleted afterwards)",
+    )
+    parser.add_argument("--sync", choices=("full", "normal"), default="full", help="SQLite synchronous level")
     args = parser.parse_args()
+    setup = "SQLite " + args.sync if args.store == "sqlite" else config.redact_url(args.store)
     q = args.quick
     duration = 2.0 if q else 9.0
     rounds = 1 if q else 3  # ingest: alternating baseline/sidecar runs of duration/rounds each
@@ -150,7 +191,7 @@ def main() -> int:
         bare_grpc, bare_http = free_port(), free_port()
         bare = spawn(["-m", "bench.baselines", "servers", str(bare_grpc), str(bare_http)])
         wait_line(bare, "ready")
-        side = Sidecar(tmp, "ingest")
+        side = Sidecar(tmp, "ingest", args.store, args.sync)
         bare_target, side_target = f"127.0.0.1:{bare_grpc}", f"127.0.0.1:{side.grpc}"
 
         def ingest(figure: str, baseline: dict[str, Any], sidecar: dict[str, Any]) -> tuple[float, float]:
@@ -215,7 +256,8 @@ def main() -> int:
 
         # Webhook delivery: fill the outbox while the receiver is down, then let it all flow.
         receiver_port = free_port()
-        hook = Sidecar(tmp, "webhook", SIDECAR_RESPONSE_URL=f"http://127.0.0.1:{receiver_port}/replies",
+        hook = Sidecar(tmp, "webhook", args.store, args.sync,
+                       SIDECAR_RESPONSE_URL=f"http://127.0.0.1:{receiver_port}/replies",
                        SIDECAR_WEBHOOK_BACKOFF_INITIAL="0.05", SIDECAR_WEBHOOK_BACKOFF_MAX="0.2",
                        SIDECAR_WEBHOOK_MAX_ATTEMPTS="1000")  # fmt: skip
         load("send_batch", target=f"127.0.0.1:{hook.grpc}", count=webhook_n, conversations=webhook_conversations,
@@ -243,9 +285,11 @@ def main() -> int:
         figures.append(Figure(name, "replies/s", base_rate, side_rate, side_rate / base_rate, ">= 0.5", ok))
     finally:
         _kill_all()
+        for url in _redis_stores:
+            forget_redis_keys(url)
 
     machine = f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}"
-    print(render(figures, machine, "quick" if q else "full", time.monotonic() - started))
+    print(render(figures, machine, "quick" if q else "full", time.monotonic() - started, setup))
     if args.json:
         Path(args.json).write_text(json.dumps([f.as_dict() for f in figures], indent=2))
     return 0

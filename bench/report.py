@@ -26,7 +26,7 @@ def _num(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:,.2f}"
 
 
-def render(figures: list[Figure], machine: str, mode: str, seconds: float) -> str:
+def render(figures: list[Figure], machine: str, mode: str, seconds: float, store: str = "SQLite full") -> str:
     rows = [("figure", "unit", "baseline", "sidecar", "ratio", "target", "")]
     for f in figures:
         verdict = "" if f.passed is None else ("PASS" if f.passed else "MISS")
@@ -36,7 +36,7 @@ def render(figures: list[Figure], machine: str, mode: str, seconds: float) -> st
             ratio = f"{f.ratio:.2f}" if f.higher_is_better else f"{f.ratio:.2f}x"
         rows.append((f.name, f.unit, _num(f.baseline), _num(f.sidecar), ratio, f.target, verdict))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"sidecar benchmark ({mode}, {seconds:.0f} s) on {machine}", ""]
+    lines = [f"sidecar benchmark ({mode}, {seconds:.0f} s, store: {store}) on {machine}", ""]
     for i, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if i == 0:

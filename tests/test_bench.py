@@ -1,0 +1,40 @@
+"""The benchmark's store settings: each run gets a store of its own and leaves nothing behind in Redis."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+from bench.__main__ import forget_redis_keys, store_url
+from sidecar.store.redis import RedisStore, parse_url
+from tests.test_store_contract import REDIS_URL, open_redis_or_skip
+
+
+def test_default_store_is_a_fresh_sqlite_file_per_sidecar(tmp_path: Path) -> None:
+    assert store_url("sqlite", tmp_path, "ingest") == f"sqlite:///{tmp_path}/ingest.db"
+    assert store_url("memory://", tmp_path, "ingest") == "memory://"
+
+
+def test_redis_store_gets_a_prefix_per_run_and_sidecar(tmp_path: Path) -> None:
+    url = store_url("redis://127.0.0.1:6379/2?socket_timeout=5", tmp_path, "webhook")
+    plain, prefix = parse_url(url)
+    assert plain == "redis://127.0.0.1:6379/2?socket_timeout=5"
+    assert prefix == f"bench-{tmp_path.name}-webhook:"
+
+
+async def test_forgetting_a_run_deletes_its_keys_and_no_others(tmp_path: Path) -> None:
+    ours, theirs = f"bench-{uuid.uuid4().hex}-x:", f"other-{uuid.uuid4().hex}:"
+    url = f"{REDIS_URL}{'&' if '?' in REDIS_URL else '?'}prefix={ours}"
+    store = RedisStore(url)
+    await open_redis_or_skip(store)
+    client = store._redis()
+    try:
+        await client.set(ours + "a", 1)
+        await client.set(ours + "b", 2)
+        await client.set(theirs + "a", 3)
+        forget_redis_keys(url)
+        assert await client.exists(ours + "a", ours + "b") == 0
+        assert await client.get(theirs + "a") == "3"
+    finally:
+        await client.delete(theirs + "a")
+        await store.close()
