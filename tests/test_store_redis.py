@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sidecar.config import redact_url
+from sidecar.models import AcceptResult, InboundMessage
 from sidecar.store.redis import RedisStore, RedisStoreError
 from tests.conftest import StartApp, message
+from tests.procs import free_port
 from tests.test_store_contract import delete_prefix, open_redis_or_skip, redis_url
 from tests.test_streams import read_n, subscribe
 
@@ -59,3 +64,90 @@ async def test_an_unreachable_server_is_a_clear_error_without_the_password() -> 
     assert "hunter2" not in str(e.value) and "***" in str(e.value)
     await store.close()
     assert redact_url("redis://user:pw@h:1/2") == "redis://user:***@h:1/2"
+
+
+def _inbound(message_id: str) -> InboundMessage:
+    return InboundMessage("u1", message_id, "c1", "text", "hi", {"text": "hi"})
+
+
+async def test_scripts_called_together_share_one_pipeline_and_keep_their_own_answers(
+    prefixed_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisStore(prefixed_url)
+    await store.open()
+    pipelines: list[int] = []
+    execute = store._execute
+
+    async def counting(calls: list[Any]) -> list[Any]:
+        pipelines.append(len(calls))
+        return await execute(calls)
+
+    monkeypatch.setattr(store, "_execute", counting)
+    try:
+        first, unknown, second = await asyncio.gather(
+            store.accept(_inbound("m1"), now=1.0),
+            store.dead_letter_message("no-such-message", "boom", now=1.0),
+            store.accept(_inbound("m2"), now=1.0),
+            return_exceptions=True,
+        )
+        # One pipeline carried all three (a second one only re-runs scripts that
+        # another test's SCRIPT FLUSH made the server forget).
+        assert pipelines[0] == 3
+        assert isinstance(first, AcceptResult) and first.stored.message.message_id == "m1"
+        assert isinstance(second, AcceptResult) and second.stored.message.message_id == "m2"
+        assert isinstance(unknown, KeyError)  # one script's error is its caller's alone
+        assert [m.message.message_id for m in await store.pending_messages(10)] == ["m1", "m2"]
+    finally:
+        await store.close()
+
+
+async def test_scripts_flushed_from_the_server_are_loaded_again(prefixed_url: str) -> None:
+    store = RedisStore(prefixed_url)
+    await store.open()
+    try:
+        await store.accept(_inbound("m1"), now=1.0)
+        # As after a restart of a Redis without persistence. Server-wide, but every
+        # store (this test's and any other) loads again what the server forgot.
+        await store._redis().script_flush()
+        again, new = await asyncio.gather(store.accept(_inbound("m1"), now=2.0), store.accept(_inbound("m2"), now=2.0))
+        assert again.duplicate and not new.duplicate
+    finally:
+        await store.close()
+
+
+async def test_a_server_that_goes_away_fails_every_waiting_caller(tmp_path: Path) -> None:
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        store = RedisStore(f"redis://127.0.0.1:{port}/0")
+        for _ in range(100):  # the server needs a moment to listen
+            try:
+                await store.open()
+                break
+            except RedisStoreError:
+                await asyncio.sleep(0.05)
+        await store.accept(_inbound("m1"), now=1.0)
+        server.terminate()
+        await server.wait()
+        async with asyncio.timeout(10):  # none of them may wait forever
+            results = await asyncio.gather(
+                *(store.accept(_inbound(f"m{i}"), now=2.0) for i in range(2, 5)), return_exceptions=True
+            )
+        assert all(isinstance(r, Exception) for r in results)
+        await store.close()
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+
+
+async def test_close_answers_every_script_already_called(prefixed_url: str) -> None:
+    store = RedisStore(prefixed_url)
+    await store.open()
+    calls = [asyncio.ensure_future(store.accept(_inbound(f"m{i}"), now=1.0)) for i in range(600)]
+    await asyncio.sleep(0)  # called, not yet answered: more than one pipeline's worth
+    await store.close()
+    assert all(c.done() and not c.cancelled() and c.exception() is None for c in calls)

@@ -49,6 +49,7 @@ messages and replies). Durability is the server's: see docs/configuration.md (Re
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from typing import Any, cast
@@ -58,7 +59,8 @@ import orjson
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ResponseError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, ResponseError
 
 from sidecar.config import ConfigError, redact_url
 from sidecar.errors import Conflict
@@ -350,8 +352,22 @@ class RedisStoreError(ConfigError):
     """
 
 
+_PIPELINE = 512
+"""At most this many scripts in one pipeline."""
+
+Call = tuple[AsyncScript, list[Any], "asyncio.Future[Any]"]
+
+
 class RedisStore(Store):
-    """One Lua script (or one command) per method on a pooled ``redis.asyncio`` client."""
+    """One Lua script (or one command) per method on a pooled ``redis.asyncio`` client.
+
+    Scripts go to Redis in pipelines, one in flight at a time: those called
+    while one is out wait and leave together as the next (as SQLite's group
+    commit does), so under load a round trip, a connection checkout and a
+    write serve many messages instead of one. Each script still runs
+    atomically and answers its own caller; the pipeline is not a
+    transaction, so one script's error is that caller's alone.
+    """
 
     def __init__(self, url: str, *, retention: int = 10000, max_connections: int = 64) -> None:
         self._url, self.prefix = parse_url(url)
@@ -360,6 +376,9 @@ class RedisStore(Store):
         self._retention = retention
         self._max_connections = max_connections
         self._client: Redis | None = None
+        self._calls: list[Call] = []
+        self._sender: asyncio.Handle | None = None  # a pipeline is scheduled or in flight
+        self._pipelines: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"RedisStore({self._safe_url!r}, prefix={self.prefix!r})"
@@ -410,6 +429,11 @@ class RedisStore(Store):
         return text.replace(self._password, "***") if self._password else text
 
     async def close(self) -> None:
+        while self._pipelines or self._calls:  # scripts already called still get their answers
+            if self._pipelines:
+                await asyncio.gather(*self._pipelines, return_exceptions=True)
+            else:
+                await asyncio.sleep(0)  # the next pipeline is scheduled: let it start
         client, self._client = self._client, None
         if client is not None:
             await client.aclose(close_connection_pool=True)
@@ -425,9 +449,63 @@ class RedisStore(Store):
     def _key(self, *parts: str) -> str:
         return self.prefix + "".join(parts)
 
-    async def _run(self, script: Any, *args: Any) -> Any:
+    async def _run(self, script: AsyncScript, *args: Any) -> Any:
         self._redis()
-        return await script(keys=[], args=[self.prefix, *args])
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._calls.append((script, [self.prefix, *args], future))
+        if self._sender is None:
+            # Not at once: every script called in this turn of the loop joins the pipeline.
+            self._sender = loop.call_soon(self._send)
+        return await future
+
+    def _send(self) -> None:
+        """Send what is queued as one pipeline; calls made meanwhile wait for the next one."""
+        calls, self._calls = self._calls[:_PIPELINE], self._calls[_PIPELINE:]
+        if not calls:
+            self._sender = None
+            return
+        task = asyncio.ensure_future(self._pipeline(calls))
+        self._pipelines.add(task)
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._pipelines.discard(task)
+        self._sender = asyncio.get_running_loop().call_soon(self._send)
+
+    async def _pipeline(self, calls: list[Call]) -> None:
+        try:
+            results = await self._execute(calls)
+            # Scripts unknown to the server (restarted, or SCRIPT FLUSH) did not run:
+            # load them and run just those again, in their order.
+            missing = [
+                (c, i) for i, (c, r) in enumerate(zip(calls, results, strict=True)) if isinstance(r, NoScriptError)
+            ]
+            if missing:
+                for script in {c[0] for c, _ in missing}:
+                    script.sha = await self._redis().script_load(script.script)
+                for (_, i), result in zip(missing, await self._execute([c for c, _ in missing]), strict=True):
+                    results[i] = result
+        except Exception as e:  # noqa: BLE001 - the connection failed: every caller hears of it
+            results = [e] * len(calls)
+        except BaseException:
+            for _, _, future in calls:  # cancelled (the loop is closing): no caller waits forever
+                future.cancel()
+            raise
+        for (_, _, future), result in zip(calls, results, strict=True):
+            if future.done():  # the caller was cancelled; its script ran (or not) all the same
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def _execute(self, calls: list[Call]) -> list[Any]:
+        async with self._redis().pipeline(transaction=False) as pipe:
+            for script, args, _ in calls:
+                pipe.evalsha(script.sha, 0, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            return results
 
     # --- inbound messages ---------------------------------------------------------
 
