@@ -455,7 +455,8 @@ class RedisStore(Store):
         future: asyncio.Future[Any] = loop.create_future()
         self._calls.append((script, [self.prefix, *args], future))
         if self._sender is None:
-            # Not at once: every script called in this turn of the loop joins the pipeline.
+            # Not at once: every script called in this turn of the loop joins the
+            # pipeline (and while one is out, every script waits for the next).
             self._sender = loop.call_soon(self._send)
         return await future
 
