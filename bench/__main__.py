@@ -7,6 +7,7 @@ loopback; every phase is bounded in time and every child is killed on exit.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import json
 import os
@@ -109,18 +110,17 @@ def store_url(store: str, tmp: Path, name: str) -> str:
 
 def forget_redis_keys(url: str) -> None:
     """Delete what a benchmark sidecar wrote under its own prefix, and nothing else."""
-    import redis
+    from sidecar.store.redis import RedisStore
 
-    from sidecar.store.redis import parse_url
+    async def drop() -> None:
+        store = RedisStore(url)
+        await store.open()
+        try:
+            await store.drop()
+        finally:
+            await store.close()
 
-    plain, prefix = parse_url(url)
-    client = redis.Redis.from_url(plain)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))  # our prefixes hold no glob characters
-        for i in range(0, len(keys), 1000):
-            client.delete(*keys[i : i + 1000])
-    finally:
-        client.close()
+    asyncio.run(drop())
 
 
 class Sidecar:

@@ -37,14 +37,6 @@ async def open_redis_or_skip(store: RedisStore) -> None:
         pytest.skip(f"no Redis at REDIS_URL ({e})")
 
 
-async def delete_prefix(store: RedisStore) -> None:
-    """Delete every key under the store's prefix (SCAN MATCH prefix* + DEL)."""
-    client = store._redis()
-    keys = [key async for key in client.scan_iter(match=f"{store.prefix}*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-
-
 @pytest.fixture(params=["memory", "sqlite", "redis"])
 async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Factory]:
     opened: list[Store] = []
@@ -68,7 +60,7 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         if isinstance(store, RedisStore):
             # A test may have closed it (close is idempotent): reopen to clean up its keys.
             await store.open()
-            await delete_prefix(store)
+            await store.drop()
         await store.close()
 
 

@@ -15,7 +15,7 @@ from sidecar.models import AcceptResult, InboundMessage
 from sidecar.store.redis import RedisStore, RedisStoreError
 from tests.conftest import StartApp, message
 from tests.procs import free_port
-from tests.test_store_contract import delete_prefix, open_redis_or_skip, redis_url
+from tests.test_store_contract import open_redis_or_skip, redis_url
 from tests.test_streams import read_n, subscribe
 
 
@@ -28,7 +28,7 @@ async def prefixed_url() -> AsyncIterator[str]:
     try:
         yield url
     finally:
-        await delete_prefix(store)
+        await store.drop()
         await store.close()
 
 
@@ -151,3 +151,19 @@ async def test_close_answers_every_script_already_called(prefixed_url: str) -> N
     await asyncio.sleep(0)  # called, not yet answered: more than one pipeline's worth
     await store.close()
     assert all(c.done() and not c.cancelled() and c.exception() is None for c in calls)
+
+
+async def test_drop_takes_a_prefix_with_glob_characters_literally() -> None:
+    tag = uuid.uuid4().hex
+    ours, lookalike = f"t{tag}[*]?:", f"t{tag}x?:"
+    store = RedisStore(redis_url(ours))
+    await open_redis_or_skip(store)
+    client = store._redis()
+    try:
+        await client.set(ours + "a", 1)
+        await client.set(lookalike + "a", 2)  # would match an unescaped "t<tag>[*]?:*"
+        assert await store.drop() == 1
+        assert await client.exists(ours + "a") == 0 and await client.get(lookalike + "a") == "2"
+    finally:
+        await client.delete(lookalike + "a")
+        await store.close()

@@ -50,6 +50,7 @@ messages and replies). Durability is the server's: see docs/configuration.md (Re
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any, cast
@@ -440,6 +441,18 @@ class RedisStore(Store):
 
     async def ping(self) -> None:
         await self._redis().ping()
+
+    async def drop(self) -> int:
+        """Delete every key under this store's prefix, and nothing else; returns how many.
+
+        For test and benchmark runs that share a database: each cleans up its own prefix.
+        """
+        client = self._redis()
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "*"  # the prefix taken literally
+        keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
+        for i in range(0, len(keys), 1000):
+            await client.delete(*keys[i : i + 1000])
+        return len(keys)
 
     def _redis(self) -> Redis:
         if self._client is None:
