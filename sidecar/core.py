@@ -32,6 +32,8 @@ from sidecar.store.base import Store
 
 log = logging.getLogger(__name__)
 
+_FORGET_PAGE = 200  # handled messages deleted per store step (~2 ms of SQLite on the loop): other work interleaves
+
 
 class Notifier(Protocol):
     """The webhook worker as the core sees it: told when replies were queued."""
@@ -101,6 +103,9 @@ class Core:
         recovered = await self._load_pending()
         if recovered:
             log.info("resuming messages accepted before the restart", extra={"count": recovered})
+        task = asyncio.create_task(self._forget_handled())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         self._started = True
 
     async def drain(self, timeout: float) -> None:
@@ -181,7 +186,7 @@ class Core:
                 nonlocal emitted
                 if emitted == 0:
                     self._metrics.end_to_end.observe(max(0.0, time.time() - stored.received_at))
-                draft = self._draft(stored, reply, f"{stored.id}/{emitted}")
+                draft = self._draft(stored, reply, _reply_key(stored, emitted))
                 emitted += 1
                 await self._append(stored.conversation_id, [draft], source="bot")
 
@@ -205,7 +210,7 @@ class Core:
                 self._bot_ok_latency.observe(time.perf_counter() - started)
                 if returned and emitted == 0:
                     self._metrics.end_to_end.observe(max(0.0, time.time() - stored.received_at))
-                drafts = [self._draft(stored, r, f"{stored.id}/{emitted + i}") for i, r in enumerate(returned)]
+                drafts = [self._draft(stored, r, _reply_key(stored, emitted + i)) for i, r in enumerate(returned)]
                 # The returned replies and "handled" in one store step: one commit
                 # instead of two, and no window in which a crash re-runs the bot
                 # although its replies are stored.
@@ -261,6 +266,22 @@ class Core:
             (self._replies_by_bot if source == "bot" else self._metrics.replies.labels(source)).inc(len(replies))
             if self._webhook is not None:
                 self._webhook.notify(conversation_id)
+
+    async def _forget_handled(self) -> None:
+        """Forget handled messages older than ``dedupe_window``, so the store does not grow
+        forever; a repeat of a forgotten message's id is then a new message."""
+        window = self._config.dedupe_window
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), min(60.0, window / 4))
+            try:
+                while not self._stopping.is_set():
+                    forgotten = await self._store.forget_messages(time.time() - window, _FORGET_PAGE)
+                    self._metrics.messages_forgotten.inc(forgotten)
+                    if forgotten < _FORGET_PAGE:
+                        break
+            except Exception as e:  # noqa: BLE001 - a store hiccup: the next sweep tries again
+                log.warning("forgetting handled messages failed", extra={"error": type(e).__name__})
 
     # --- dead letters ----------------------------------------------------------
 
@@ -374,6 +395,13 @@ class Core:
         self._streams -= 1
         if stream.close_reason is not None and not self._draining:
             self._metrics.stream_cutoffs.inc()
+
+
+def _reply_key(stored: StoredMessage, index: int) -> str:
+    """The dedupe key of a message's ``index``-th reply: the same on every run of the bot
+    for this message, and new when the same message id is accepted again after
+    ``dedupe_window`` forgot it (so its replies are appended, with new webhook-ids)."""
+    return f"{stored.id}@{stored.received_at:.6f}/{index}"
 
 
 def _ids(stored: StoredMessage) -> dict[str, str]:

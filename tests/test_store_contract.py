@@ -271,3 +271,40 @@ async def test_finish_message_without_replies_only_marks_it_handled(store: Store
     assert await store.finish_message(accepted.stored.id, "c1", [], now=2.0, outbox=True) == []
     assert await store.pending_messages(10) == []
     assert await store.last_sequence("c1") == 0
+
+
+async def test_forget_deletes_only_handled_messages_accepted_before_the_cut(store: Store) -> None:
+    old_done = (await store.accept(msg(message_id="old-done", text="a"), now=10.0)).stored
+    old_pending = (await store.accept(msg(message_id="old-pending"), now=11.0)).stored
+    old_dead = (await store.accept(msg(message_id="old-dead"), now=12.0)).stored
+    young_done = (await store.accept(msg(message_id="young-done"), now=30.0)).stored
+    await store.finish_message(old_done.id, "c1", [draft("k0")], now=13.0, outbox=False)
+    await store.complete_message(young_done.id)
+    await store.dead_letter_message(old_dead.id, "gave up", now=14.0)
+
+    assert await store.forget_messages(before=20.0, limit=100) == 1
+    assert await store.forget_messages(before=20.0, limit=100) == 0
+    # Forgotten: the same ids are a new message, pending again, even with other content.
+    again = await store.accept(msg(message_id="old-done", text="b"), now=40.0)
+    assert not again.duplicate and again.stored.id == old_done.id and again.stored.received_at == 40.0
+    assert [m.id for m in await store.pending_messages(10)] == [old_pending.id, old_done.id]
+    # Kept: pending, dead-lettered (still replayable) and young messages; the reply log is untouched.
+    assert (await store.accept(msg(message_id="old-pending"), now=41.0)).duplicate
+    assert (await store.accept(msg(message_id="young-done"), now=41.0)).duplicate
+    (letter,) = await store.list_dead_letters()
+    assert await store.replay_dead_letter(letter.id, now=42.0)
+    assert old_dead.id in [m.id for m in await store.pending_messages(10)]
+    assert [r.sequence for r in await store.replies_after("c1", 0, 10)] == [1]
+
+
+async def test_forget_takes_at_most_limit_oldest_first(store: Store) -> None:
+    ids = []
+    for i in range(5):
+        stored = (await store.accept(msg(message_id=f"m{i}"), now=float(i))).stored
+        await store.complete_message(stored.id)
+        ids.append(stored.id)
+    assert await store.forget_messages(before=100.0, limit=2) == 2
+    assert [(await store.accept(msg(message_id=f"m{i}"), now=200.0)).duplicate for i in range(5)] == [
+        False, False, True, True, True,
+    ]  # fmt: skip
+    assert await store.forget_messages(before=100.0, limit=10) == 3

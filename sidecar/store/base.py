@@ -72,6 +72,16 @@ class Store(abc.ABC):
         return replies
 
     @abc.abstractmethod
+    async def forget_messages(self, before: float, limit: int) -> int:
+        """Delete up to ``limit`` handled messages received before ``before``; return how many.
+
+        Messages still pending or dead-lettered are never forgotten. A repeat of
+        a forgotten message's id is accepted as a new message, so this bounds
+        how long deduplication lasts (``dedupe_window``) and the store's size.
+        Losing its effect to a crash is harmless: the next call forgets again.
+        """
+
+    @abc.abstractmethod
     async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter:
         """Give up on a message: it leaves the pending set and joins the dead letters."""
 

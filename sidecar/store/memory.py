@@ -92,6 +92,19 @@ class MemoryStore(Store):
     async def complete_message(self, message_id: str) -> None:
         self._state[message_id] = "done"
 
+    async def forget_messages(self, before: float, limit: int) -> int:
+        # The dicts keep acceptance order, and acceptance times only grow (a clock
+        # stepped back merely delays forgetting), so the walk stops at the first young one.
+        doomed: list[str] = []
+        for key, stored in self._messages.items():
+            if stored.received_at >= before or len(doomed) >= limit:
+                break
+            if self._state[key] == "done":
+                doomed.append(key)
+        for key in doomed:
+            del self._messages[key], self._state[key], self._order[key]
+        return len(doomed)
+
     async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter:
         stored = self._messages[message_id]
         self._state[message_id] = "dead"

@@ -12,10 +12,11 @@ Key layout (``P`` = prefix, ``C`` = a conversation id, as the client sent it):
 key                            type         holds
 =============================  ===========  ==============================================================
 ``P msg:<message id>``         hash         ``data`` (JSON: the message, fingerprint, received_at),
-                                            ``fingerprint``, ``conversation_id``, ``arrival``,
+                                            ``fingerprint``, ``conversation_id``, ``arrival``, ``received_at``,
                                             ``attempts``, ``state`` (pending|done|dead), ``last_error``
 ``P arrivals``                 string       counter: the arrival number of the last accepted message
 ``P pending``                  sorted set   message id -> arrival number: the messages the bot still owes
+``P handled``                  sorted set   message id -> received_at: handled messages, forgotten in that order
 ``P conv:C``                   hash         ``last`` (last sequence), ``first`` (first retained), ``user``
 ``P log:C``                    sorted set   reply JSON (with its ``sequence``) -> sequence: the reply log
 ``P keys:C``                   hash         dedupe key -> sequence (kept after the reply is trimmed)
@@ -115,7 +116,11 @@ local function trim(cid, retention)
 end
 local function complete(mid)
   local m = P .. 'msg:' .. mid
-  if redis.call('EXISTS', m) == 1 then redis.call('HSET', m, 'state', 'done') end
+  if redis.call('EXISTS', m) == 1 then
+    redis.call('HSET', m, 'state', 'done')
+    local at = redis.call('HGET', m, 'received_at') or cjson.decode(redis.call('HGET', m, 'data'))['received_at']
+    redis.call('ZADD', P .. 'handled', at, mid)
+  end
   redis.call('ZREM', P .. 'pending', mid)
 end
 local function new_letter(id, kind, cid, seq, err, attempts, dead_at, source, mid)
@@ -135,7 +140,7 @@ local function reply_at(cid, seq)
 end
 """
 
-# ARGV: P, message id, conversation id, user id, fingerprint, data JSON
+# ARGV: P, message id, conversation id, user id, fingerprint, data JSON, received_at
 _ACCEPT = """
 local m = P .. 'msg:' .. ARGV[2]
 local found = redis.call('HMGET', m, 'fingerprint', 'data', 'attempts')
@@ -145,7 +150,7 @@ if found[1] then
 end
 local arrival = redis.call('INCR', P .. 'arrivals')
 redis.call('HSET', m, 'data', ARGV[6], 'fingerprint', ARGV[5], 'conversation_id', ARGV[3], 'arrival', arrival,
-           'attempts', 0, 'state', 'pending', 'last_error', '')
+           'received_at', ARGV[7], 'attempts', 0, 'state', 'pending', 'last_error', '')
 redis.call('ZADD', P .. 'pending', arrival, ARGV[2])
 redis.call('HSET', P .. 'conv:' .. ARGV[3], 'user', ARGV[4])
 return {'accepted'}
@@ -173,6 +178,16 @@ return redis.call('HINCRBY', m, 'attempts', 1)
 _COMPLETE = """
 complete(ARGV[2])
 return 1
+"""
+
+# ARGV: P, before (exclusive), limit
+_FORGET = """
+local ids = redis.call('ZRANGEBYSCORE', P .. 'handled', '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, mid in ipairs(ids) do
+  redis.call('DEL', P .. 'msg:' .. mid)
+end
+if #ids > 0 then redis.call('ZREM', P .. 'handled', unpack(ids)) end
+return #ids
 """
 
 # ARGV: P, message id, error, now, letter id
@@ -414,6 +429,7 @@ class RedisStore(Store):
         self._pending = s(_HELPERS + _PENDING)
         self._record_attempt = s(_HELPERS + _RECORD_ATTEMPT)
         self._complete = s(_HELPERS + _COMPLETE)
+        self._forget = s(_HELPERS + _FORGET)
         self._dead_message = s(_HELPERS + _DEAD_MESSAGE)
         self._append = s(_HELPERS + _APPEND)
         self._due = s(_HELPERS + _DUE)
@@ -538,7 +554,7 @@ class RedisStore(Store):
                 "received_at": now,
             }
         )
-        answer = await self._run(self._accept, key, message.conversation_id, message.user_id, fingerprint, data)
+        answer = await self._run(self._accept, key, message.conversation_id, message.user_id, fingerprint, data, now)
         if answer[0] == "conflict":
             raise Conflict()
         if answer[0] == "duplicate":
@@ -562,6 +578,9 @@ class RedisStore(Store):
         self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
     ) -> list[Reply]:
         return await self._append_replies(conversation_id, drafts, now=now, outbox=outbox, complete=message_id)
+
+    async def forget_messages(self, before: float, limit: int) -> int:
+        return int(await self._run(self._forget, before, limit))
 
     async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter:
         letter_id = str(uuid.uuid4())

@@ -1,0 +1,61 @@
+"""dedupe_window: handled messages are forgotten after it, so the store stays bounded and
+a repeat of an old message id is answered as a new message, with replies of its own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from tests.bot_server import BotServer
+from tests.conftest import Running, StartApp, eventually, message
+from tests.receiver import Receiver
+from tests.test_streams import read_n, subscribe
+
+
+async def forgotten(s: Running) -> float:
+    async with aiohttp.ClientSession() as session, session.get(s.admin + "/metrics") as resp:
+        text = await resp.text()
+    (line,) = [x for x in text.splitlines() if x.startswith("sidecar_messages_forgotten_total ")]
+    return float(line.split()[1])
+
+
+async def test_a_message_repeated_after_the_window_is_handled_again_with_new_ids(start_app: StartApp) -> None:
+    async with Receiver() as r:
+        # A window of 2 s is swept every 0.5 s; the repeat below comes well inside it.
+        s = await start_app(response_url=r.url, dedupe_window=2.0)
+        first = await s.post(message(text="hi"))
+        assert (await first.json())["duplicate"] is False
+        assert (await (await s.post(message(text="hi"))).json())["duplicate"] is True
+        await r.wait_for(1)
+
+        await eventually(lambda: forgotten(s), what="the handled message forgotten")
+        again = await s.post(message(text="hi"))
+        body = await again.json()
+        assert again.status == 200 and body["duplicate"] is False
+        assert body["message"]["id"] == (await first.json())["message"]["id"]  # the same sidecar ids
+        await r.wait_for(2)
+
+        call = subscribe(s, after=0)
+        replies = await read_n(call, 2)
+        call.cancel()
+    assert [x.sequence for x in replies] == [1, 2]
+    # New replies, not mistaken for the first run's: a receiver deduplicating on webhook-id keeps both.
+    ids = [req.body["botpressMessageId"] for req in r.requests]
+    assert len(set(ids)) == 2 and {x.bot_message_id for x in replies} == set(ids)
+
+
+async def test_pending_messages_are_never_forgotten(start_app: StartApp) -> None:
+    async def bot(body: Any) -> tuple[int, Any]:
+        return (503, None) if body["conversationId"] == "stuck" else (200, [])
+
+    async with BotServer(bot) as b:
+        s = await start_app(
+            dedupe_window=0.2, bot="http", bot_url=b.url, bot_max_attempts=1000, bot_breaker_failures=1000
+        )
+        await s.post(message(conversation="stuck"))
+        await s.post(message(conversation="fine"))
+        # Once the handled message is forgotten, the pending one is older than the window too.
+        await eventually(lambda: forgotten(s), what="the handled message forgotten")
+        assert (await (await s.post(message(conversation="stuck"))).json())["duplicate"] is True
+        assert (await (await s.post(message(conversation="fine"))).json())["duplicate"] is False
