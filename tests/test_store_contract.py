@@ -176,6 +176,14 @@ async def test_retention_trims_old_replies_but_never_undelivered_or_dead_ones(ma
     assert await store.first_retained_sequence("c2") == 9 - 3 + 1
 
 
+async def test_dedupe_keys_are_remembered_while_their_replies_are_retained(make_store: Factory) -> None:
+    store = await make_store(retention=2)
+    await store.append_replies("c1", [draft("k1"), draft("k2"), draft("k3")], now=1.0, outbox=False)
+    assert await store.append_replies("c1", [draft("k2"), draft("k3")], now=2.0, outbox=False) == []
+    # k1's reply was trimmed, and its key with it (keys stay bounded like the log): it is new again.
+    assert [r.sequence for r in await store.append_replies("c1", [draft("k1")], now=3.0, outbox=False)] == [4]
+
+
 async def test_unknown_conversation_has_nothing_trimmed_and_no_user(store: Store) -> None:
     assert await store.first_retained_sequence("nope") == 1
     assert await store.conversation_user("nope") is None

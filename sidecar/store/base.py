@@ -95,6 +95,8 @@ class Store(abc.ABC):
 
         A draft whose ``dedupe_key`` is already in this conversation's log is
         skipped, so the returned list holds only the replies appended now.
+        Keys are remembered as long as their replies are retained, so a
+        conversation's keys stay bounded by the retention like its log.
         With ``outbox`` each appended reply is also queued for webhook
         delivery, in the same transaction. Replies beyond the retention bound
         are trimmed here, never ones still queued or dead-lettered.

@@ -24,6 +24,8 @@ from sidecar.store.base import Store
 class _Conversation:
     replies: dict[int, Reply] = field(default_factory=dict)
     keys: dict[str, int] = field(default_factory=dict)
+    """Dedupe key -> sequence of the retained replies (trimmed with them, like SQLite's)."""
+    key_at: dict[int, str] = field(default_factory=dict)
     last: int = 0
     first_retained: int = 1
     user_id: str = ""
@@ -148,6 +150,7 @@ class MemoryStore(Store):
             )
             conv.replies[reply.sequence] = reply
             conv.keys[d.dedupe_key] = reply.sequence
+            conv.key_at[reply.sequence] = d.dedupe_key
             if outbox:
                 conv.outbox[reply.sequence] = Delivery(reply, 0, None, now)
             appended.append(reply)
@@ -160,8 +163,8 @@ class MemoryStore(Store):
             seq = conv.first_retained
             if seq in conv.outbox or seq in conv.pinned:
                 break  # keep everything from the oldest reply still owed: the log stays contiguous
-            # Dedupe keys outlive their replies: a bot re-run must not re-append a trimmed reply.
             conv.replies.pop(seq, None)
+            conv.keys.pop(conv.key_at.pop(seq, ""), None)
             conv.first_retained += 1
 
     async def replies_after(self, conversation_id: str, after: int, limit: int) -> list[Reply]:

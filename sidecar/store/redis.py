@@ -19,7 +19,7 @@ key                            type         holds
 ``P handled``                  sorted set   message id -> received_at: handled messages, forgotten in that order
 ``P conv:C``                   hash         ``last`` (last sequence), ``first`` (first retained), ``user``
 ``P log:C``                    sorted set   reply JSON (with its ``sequence``) -> sequence: the reply log
-``P keys:C``                   hash         dedupe key -> sequence (kept after the reply is trimmed)
+``P keys:C``                   sorted set   dedupe key -> sequence: the retained replies' keys, trimmed with them
 ``P outbox:C``                 sorted set   sequence -> sequence: replies queued for the webhook
 ``P delivery:C``               hash         sequence -> JSON (attempts, first/next attempt, last error)
 ``P heads``                    sorted set   conversation id -> next_attempt_at of its lowest queued reply
@@ -112,6 +112,7 @@ local function trim(cid, retention)
   if pinned then upto = math.min(upto, tonumber(pinned) - 1) end
   if upto < first then return end
   redis.call('ZREMRANGEBYSCORE', P .. 'log:' .. cid, '-inf', upto)
+  redis.call('ZREMRANGEBYSCORE', P .. 'keys:' .. cid, '-inf', upto)
   redis.call('HSET', conv, 'first', upto + 1)
 end
 local function complete(mid)
@@ -212,7 +213,7 @@ local outbox = ARGV[4] == '1'
 local last = tonumber(redis.call('HGET', conv, 'last') or '0')
 local appended = {}
 for i = 8, #ARGV, 2 do
-  if redis.call('HSETNX', keys, ARGV[i], last + 1) == 1 then
+  if redis.call('ZADD', keys, 'NX', last + 1, ARGV[i]) == 1 then
     last = last + 1
     local reply = '{"sequence":' .. last .. ',' .. string.sub(ARGV[i + 1], 2)
     redis.call('ZADD', log, last, reply)
