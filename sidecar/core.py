@@ -273,7 +273,7 @@ class Core:
         window = self._config.dedupe_window
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), min(60.0, window / 4))
+                await asyncio.wait_for(self._stopping.wait(), min(60.0, max(0.05, window / 4)))
             try:
                 while not self._stopping.is_set():
                     forgotten = await self._store.forget_messages(time.time() - window, _FORGET_PAGE)
