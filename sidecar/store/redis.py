@@ -117,10 +117,10 @@ local function trim(cid, retention)
 end
 local function complete(mid)
   local m = P .. 'msg:' .. mid
-  if redis.call('EXISTS', m) == 1 then
+  local f = redis.call('HMGET', m, 'state', 'received_at')
+  if f[1] then
     redis.call('HSET', m, 'state', 'done')
-    local at = redis.call('HGET', m, 'received_at') or cjson.decode(redis.call('HGET', m, 'data'))['received_at']
-    redis.call('ZADD', P .. 'handled', at, mid)
+    redis.call('ZADD', P .. 'handled', f[2] or cjson.decode(redis.call('HGET', m, 'data'))['received_at'], mid)
   end
   redis.call('ZREM', P .. 'pending', mid)
 end
