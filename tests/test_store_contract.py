@@ -316,3 +316,13 @@ async def test_forget_takes_at_most_limit_oldest_first(store: Store) -> None:
         False, False, True, True, True,
     ]  # fmt: skip
     assert await store.forget_messages(before=100.0, limit=10) == 3
+
+
+async def test_a_purged_dead_message_is_forgotten_like_a_handled_one(store: Store) -> None:
+    stored = (await store.accept(msg(), now=1.0)).stored
+    letter = await store.dead_letter_message(stored.id, "gave up", now=2.0)
+    assert await store.forget_messages(before=10.0, limit=10) == 0  # dead-lettered: kept
+    assert await store.purge_dead_letters([letter.id]) == 1
+    assert (await store.accept(msg(), now=3.0)).duplicate  # still remembered until the window passes
+    assert await store.forget_messages(before=10.0, limit=10) == 1
+    assert not (await store.accept(msg(), now=11.0)).duplicate

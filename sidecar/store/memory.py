@@ -285,4 +285,6 @@ class MemoryStore(Store):
                 removed += 1
                 if letter.kind == "reply":
                     self._conv(letter.conversation_id).pinned.discard(letter.sequence)
+                elif self._state.get(key := str(letter.extra["message_id"])) == "dead":
+                    self._state[key] = "done"  # given up for good: handled, so the dedupe window forgets it
         return removed

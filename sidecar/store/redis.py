@@ -319,9 +319,11 @@ return 1
 _PURGE = """
 local removed = 0
 for i = 2, #ARGV do
-  local f = redis.call('HMGET', P .. 'letter:' .. ARGV[i], 'kind', 'conversation_id')
+  local f = redis.call('HMGET', P .. 'letter:' .. ARGV[i], 'kind', 'conversation_id', 'message_id')
   if f[1] then
     if f[1] == 'reply' then redis.call('ZREM', P .. 'pinned:' .. f[2], ARGV[i]) end
+    -- A message given up for good counts as handled, so the dedupe window forgets it.
+    if f[1] == 'message' and redis.call('HGET', P .. 'msg:' .. f[3], 'state') == 'dead' then complete(f[3]) end
     drop_letter(ARGV[i], f[2])
     removed = removed + 1
   end

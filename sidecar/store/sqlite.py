@@ -668,11 +668,14 @@ class SqliteStore(Store):
             removed = 0
             conversations = set()
             for i in ids:
-                row = c.execute("SELECT conversation_id FROM dead_letters WHERE id = ?", (i,)).fetchone()
+                row = c.execute("SELECT conversation_id, kind, extra FROM dead_letters WHERE id = ?", (i,)).fetchone()
                 if row:
                     c.execute("DELETE FROM dead_letters WHERE id = ?", (i,))
                     conversations.add(row[0])
                     removed += 1
+                    if row[1] == "message":  # given up for good: handled, so the dedupe window forgets it
+                        message_id = orjson.loads(row[2])["message_id"]
+                        c.execute("UPDATE messages SET state = 'done' WHERE id = ? AND state = 'dead'", (message_id,))
             for conversation_id in conversations:
                 self._trim(c, conversation_id)
             return removed
