@@ -76,6 +76,9 @@ class Config:
     )
     store_sync: str = _opt("full", "SQLite synchronous mode: full survives power loss, normal only crashes")
     reply_retention: int = _opt(10000, "replies kept per conversation for replay (undelivered ones are always kept)")
+    reply_max_age: float = _opt(
+        604800.0, "seconds a reply is kept for replay (undelivered and dead-lettered ones are always kept)"
+    )
     dedupe_window: float = _opt(
         86400.0, "seconds a handled message is remembered: a repeat of its messageId within it is a duplicate"
     )
@@ -288,7 +291,7 @@ def validate(c: Config) -> None:
         "webhook_timeout", "webhook_max_attempts", "webhook_max_age", "webhook_backoff_initial",
         "webhook_backoff_max", "webhook_concurrency", "bot_timeout", "bot_max_attempts",
         "bot_backoff_initial", "bot_backoff_max", "bot_concurrency", "bot_breaker_failures", "bot_breaker_cooldown",
-        "reply_retention", "dedupe_window",
+        "reply_retention", "reply_max_age", "dedupe_window",
         "max_body_bytes", "max_id_length", "max_payload_depth", "max_pending_messages",
         "stream_queue_size", "max_streams",
     )  # fmt: skip

@@ -32,7 +32,9 @@ from sidecar.store.base import Store
 
 log = logging.getLogger(__name__)
 
-_FORGET_PAGE = 200  # handled messages deleted per store step (~2 ms of SQLite on the loop): other work interleaves
+# Messages forgotten, or conversations visited, per store step (~2 ms of SQLite on the
+# loop): other work interleaves with a sweep.
+_SWEEP_PAGE = 200
 
 
 class Notifier(Protocol):
@@ -103,7 +105,7 @@ class Core:
         recovered = await self._load_pending()
         if recovered:
             log.info("resuming messages accepted before the restart", extra={"count": recovered})
-        task = asyncio.create_task(self._forget_handled())
+        task = asyncio.create_task(self._sweep())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._started = True
@@ -267,21 +269,39 @@ class Core:
             if self._webhook is not None:
                 self._webhook.notify(conversation_id)
 
-    async def _forget_handled(self) -> None:
-        """Forget handled messages older than ``dedupe_window``, so the store does not grow
-        forever; a repeat of a forgotten message's id is then a new message."""
-        window = self._config.dedupe_window
+    async def _sweep(self) -> None:
+        """Keep the store bounded: forget handled messages older than ``dedupe_window``
+        (a repeat of one's id is then a new message), and trim replies older than
+        ``reply_max_age`` in a pass over every conversation, about every 1 % of that age."""
+        c = self._config
+        interval = min(60.0, max(0.05, min(c.dedupe_window, c.reply_max_age) / 4))
+        next_pass = 0.0
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), min(60.0, max(0.05, window / 4)))
+                await asyncio.wait_for(self._stopping.wait(), interval)
             try:
-                while not self._stopping.is_set():
-                    forgotten = await self._store.forget_messages(time.time() - window, _FORGET_PAGE)
-                    self._metrics.messages_forgotten.inc(forgotten)
-                    if forgotten < _FORGET_PAGE:
-                        break
+                await self._forget_messages()
+                if time.time() >= next_pass:
+                    next_pass = time.time() + c.reply_max_age / 100
+                    await self._expire_replies()
             except Exception as e:  # noqa: BLE001 - a store hiccup: the next sweep tries again
-                log.warning("forgetting handled messages failed", extra={"error": type(e).__name__})
+                log.warning("store sweep failed", extra={"error": type(e).__name__})
+
+    async def _forget_messages(self) -> None:
+        before = time.time() - self._config.dedupe_window
+        while not self._stopping.is_set():
+            forgotten = await self._store.forget_messages(before, _SWEEP_PAGE)
+            self._metrics.messages_forgotten.inc(forgotten)
+            if forgotten < _SWEEP_PAGE:
+                return
+
+    async def _expire_replies(self) -> None:
+        before, cursor = time.time() - self._config.reply_max_age, ""
+        while not self._stopping.is_set():
+            expired, cursor = await self._store.expire_replies(before, cursor, _SWEEP_PAGE)
+            self._metrics.replies_expired.inc(expired)
+            if not cursor:
+                return
 
     # --- dead letters ----------------------------------------------------------
 

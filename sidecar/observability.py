@@ -75,6 +75,11 @@ class Metrics:
         self.stream_cutoffs = Counter(
             "sidecar_stream_cutoffs_total", "Subscribers cut off for falling behind", registry=r
         )
+        self.replies_expired = Counter(
+            "sidecar_replies_expired_total",
+            "Replies trimmed from conversation logs once older than reply_max_age",
+            registry=r,
+        )
         self.messages_forgotten = Counter(
             "sidecar_messages_forgotten_total",
             "Handled messages deleted from the store once older than the dedupe window",

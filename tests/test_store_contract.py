@@ -326,3 +326,39 @@ async def test_a_purged_dead_message_is_forgotten_like_a_handled_one(store: Stor
     assert (await store.accept(msg(), now=3.0)).duplicate  # still remembered until the window passes
     assert await store.forget_messages(before=10.0, limit=10) == 1
     assert not (await store.accept(msg(), now=11.0)).duplicate
+
+
+async def expire_all(store: Store, before: float, page: int = 1) -> int:
+    """One whole pass of expire_replies, a page at a time."""
+    deleted, cursor = 0, ""
+    while True:
+        n, cursor = await store.expire_replies(before, cursor, page)
+        deleted += n
+        if not cursor:
+            return deleted
+
+
+async def test_expire_trims_old_replies_in_every_conversation_but_never_owed_or_dead_ones(store: Store) -> None:
+    await store.append_replies("c1", [draft("a"), draft("b"), draft("c")], now=1.0, outbox=False)
+    await store.append_replies("c1", [draft("d"), draft("e")], now=10.0, outbox=False)
+    await store.append_replies("c2", [draft("a"), draft("b")], now=1.0, outbox=False)
+    await store.append_replies("c3", [draft("a")], now=1.0, outbox=False)
+    await store.append_replies("c3", [draft("b"), draft("c")], now=1.0, outbox=True)  # 2 and 3 owed
+    await store.append_replies("c4", [draft("a")], now=1.0, outbox=True)
+    await store.delivery_dead("c4", 1, attempts=1, error="HTTP 400", now=2.0)
+
+    assert await expire_all(store, before=5.0) == 3 + 2 + 1
+    assert [r.sequence for r in await store.replies_after("c1", 0, 10)] == [4, 5]
+    assert await store.first_retained_sequence("c1") == 4
+    assert await store.replies_after("c2", 0, 10) == [] and await store.first_retained_sequence("c2") == 3
+    assert [r.sequence for r in await store.replies_after("c3", 0, 10)] == [2, 3]  # from the owed one on
+    assert [r.sequence for r in await store.replies_after("c4", 0, 10)] == [1]  # dead-lettered
+    # The conversation keeps its sequence; the trimmed replies' dedupe keys went with them.
+    assert await store.last_sequence("c2") == 2
+    assert [r.sequence for r in await store.append_replies("c2", [draft("a")], now=20.0, outbox=False)] == [3]
+    # Once delivered, the owed replies age out at the next pass.
+    await store.delivery_succeeded("c3", 2)
+    await store.delivery_succeeded("c3", 3)
+    assert await expire_all(store, before=5.0, page=100) == 2
+    assert await store.replies_after("c3", 0, 10) == []
+    assert await expire_all(store, before=5.0) == 0

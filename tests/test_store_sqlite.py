@@ -77,3 +77,25 @@ async def test_a_conflict_in_a_batch_does_not_undo_the_other_operations(tmp_path
         assert {m.message.message_id for m in await store.pending_messages(10)} == {"x", "a", "b"}
     finally:
         await store.close()
+
+
+async def test_expiry_deletes_in_short_steps_and_the_next_passes_go_on(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+        await store.append_replies("big", [draft(f"k{i}") for i in range(1200)], now=1.0, outbox=False)
+        await store.append_replies("small", [draft("a")], now=1.0, outbox=False)
+        # One step deletes at most 500 replies: the conversation is trimmed over three passes.
+        passes = []
+        for _ in range(3):
+            deleted, cursor = 0, ""
+            while True:
+                n, cursor = await store.expire_replies(5.0, cursor, 200)
+                deleted += n
+                if not cursor:
+                    break
+            passes.append(deleted)
+        assert passes == [501, 500, 200]
+        assert await store.first_retained_sequence("big") == 1201 and await store.replies_after("small", 0, 5) == []
+    finally:
+        await store.close()

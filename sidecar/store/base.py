@@ -103,6 +103,16 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def expire_replies(self, before: float, after: str, limit: int) -> tuple[int, str]:
+        """Trim, in up to ``limit`` conversations, the replies created before ``before``,
+        as retention trims: never from the oldest reply still owed or dead-lettered on.
+
+        A pass visits every conversation: start with ``after=""`` and pass back the
+        cursor returned until it is ``""``. Returns (replies deleted, cursor). Losing
+        its effect to a crash is harmless: the next pass trims again.
+        """
+
+    @abc.abstractmethod
     async def replies_after(self, conversation_id: str, after: int, limit: int) -> list[Reply]:
         """Replies with sequence > after, ascending, at most ``limit``."""
 

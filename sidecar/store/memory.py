@@ -157,15 +157,27 @@ class MemoryStore(Store):
         self._trim(conv)
         return appended
 
-    def _trim(self, conv: _Conversation) -> None:
+    def _trim(self, conv: _Conversation, before: float | None = None) -> int:
         horizon = conv.last - self._retention
-        while conv.first_retained <= horizon:
+        trimmed = 0
+        while conv.first_retained <= conv.last:
             seq = conv.first_retained
+            if seq > horizon:  # within retention: only age can take it
+                reply = conv.replies.get(seq)
+                if before is None or reply is None or reply.created_at >= before:
+                    break
             if seq in conv.outbox or seq in conv.pinned:
                 break  # keep everything from the oldest reply still owed: the log stays contiguous
             conv.replies.pop(seq, None)
             conv.keys.pop(conv.key_at.pop(seq, ""), None)
             conv.first_retained += 1
+            trimmed += 1
+        return trimmed
+
+    async def expire_replies(self, before: float, after: str, limit: int) -> tuple[int, str]:
+        ids = sorted(c for c in self._conversations if c > after)[:limit]
+        deleted = sum(self._trim(self._conversations[c], before) for c in ids)
+        return deleted, ids[-1] if len(ids) == limit else ""
 
     async def replies_after(self, conversation_id: str, after: int, limit: int) -> list[Reply]:
         conv = self._conversations.get(conversation_id)

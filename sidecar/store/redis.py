@@ -19,7 +19,7 @@ key                            type         holds
 ``P handled``                  sorted set   message id -> received_at: handled messages, forgotten in that order
 ``P conv:C``                   hash         ``last`` (last sequence), ``first`` (first retained), ``user``
 ``P log:C``                    sorted set   reply JSON (with its ``sequence``) -> sequence: the reply log
-``P keys:C``                   sorted set   dedupe key -> sequence: the retained replies' keys, trimmed with them
+``P dedupe:C``                 sorted set   dedupe key -> sequence: the retained replies' keys, trimmed with them
 ``P outbox:C``                 sorted set   sequence -> sequence: replies queued for the webhook
 ``P delivery:C``               hash         sequence -> JSON (attempts, first/next attempt, last error)
 ``P heads``                    sorted set   conversation id -> next_attempt_at of its lowest queued reply
@@ -100,20 +100,36 @@ local function refresh_head(cid)
     redis.call('ZREM', P .. 'heads', cid)
   end
 end
-local function trim(cid, retention)
+local function trim(cid, retention, before)
   local conv = P .. 'conv:' .. cid
   local last = tonumber(redis.call('HGET', conv, 'last') or '0')
   local first = tonumber(redis.call('HGET', conv, 'first') or '1')
   local upto = last - retention
-  if upto < first then return end
+  if before then
+    -- The log in sequence order, whose created_at only grows: walk it while it is older
+    -- than before, at most 1,000 replies per call (the next pass goes on from there).
+    local seq, budget = math.max(first, upto + 1), 1000
+    while seq <= last and budget > 0 do
+      local chunk = redis.call('ZRANGEBYSCORE', P .. 'log:' .. cid, seq, last, 'LIMIT', 0, 100)
+      if #chunk == 0 then break end
+      for _, raw in ipairs(chunk) do
+        local reply = cjson.decode(raw)
+        if reply['created_at'] >= before then budget = 0 break end
+        upto, seq, budget = reply['sequence'], reply['sequence'] + 1, budget - 1
+        if budget == 0 then break end
+      end
+    end
+  end
+  if upto < first then return 0 end
   local owed = redis.call('ZRANGE', P .. 'outbox:' .. cid, 0, 0, 'WITHSCORES')[2]
   if owed then upto = math.min(upto, tonumber(owed) - 1) end
   local pinned = redis.call('ZRANGE', P .. 'pinned:' .. cid, 0, 0, 'WITHSCORES')[2]
   if pinned then upto = math.min(upto, tonumber(pinned) - 1) end
-  if upto < first then return end
-  redis.call('ZREMRANGEBYSCORE', P .. 'log:' .. cid, '-inf', upto)
-  redis.call('ZREMRANGEBYSCORE', P .. 'keys:' .. cid, '-inf', upto)
+  if upto < first then return 0 end
+  local deleted = redis.call('ZREMRANGEBYSCORE', P .. 'log:' .. cid, '-inf', upto)
+  redis.call('ZREMRANGEBYSCORE', P .. 'dedupe:' .. cid, '-inf', upto)
   redis.call('HSET', conv, 'first', upto + 1)
+  return deleted
 end
 local function complete(mid)
   local m = P .. 'msg:' .. mid
@@ -191,6 +207,11 @@ if #ids > 0 then redis.call('ZREM', P .. 'handled', unpack(ids)) end
 return #ids
 """
 
+# ARGV: P, conversation id, before, retention
+_EXPIRE = """
+return trim(ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[3]))
+"""
+
 # ARGV: P, message id, error, now, letter id
 _DEAD_MESSAGE = f"""
 local m = P .. 'msg:' .. ARGV[2]
@@ -207,7 +228,7 @@ return {{f[1], f[2]}}
 _APPEND = """
 local cid = ARGV[2]
 local conv = P .. 'conv:' .. cid
-local keys = P .. 'keys:' .. cid
+local keys = P .. 'dedupe:' .. cid
 local log = P .. 'log:' .. cid
 local outbox = ARGV[4] == '1'
 local last = tonumber(redis.call('HGET', conv, 'last') or '0')
@@ -433,6 +454,7 @@ class RedisStore(Store):
         self._record_attempt = s(_HELPERS + _RECORD_ATTEMPT)
         self._complete = s(_HELPERS + _COMPLETE)
         self._forget = s(_HELPERS + _FORGET)
+        self._expire = s(_HELPERS + _EXPIRE)
         self._dead_message = s(_HELPERS + _DEAD_MESSAGE)
         self._append = s(_HELPERS + _APPEND)
         self._due = s(_HELPERS + _DUE)
@@ -467,11 +489,15 @@ class RedisStore(Store):
         For test and benchmark runs that share a database: each cleans up its own prefix.
         """
         client = self._redis()
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "*"  # the prefix taken literally
+        pattern = self._glob() + "*"
         keys = [key async for key in client.scan_iter(match=pattern, count=1000)]
         for i in range(0, len(keys), 1000):
             await client.delete(*keys[i : i + 1000])
         return len(keys)
+
+    def _glob(self) -> str:
+        """The prefix as a SCAN pattern that matches it literally."""
+        return re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix)
 
     def _redis(self) -> Redis:
         if self._client is None:
@@ -584,6 +610,14 @@ class RedisStore(Store):
 
     async def forget_messages(self, before: float, limit: int) -> int:
         return int(await self._run(self._forget, before, limit))
+
+    async def expire_replies(self, before: float, after: str, limit: int) -> tuple[int, str]:
+        # SCAN's cursor is the pass's cursor: it visits every conversation once, whatever
+        # is added or trimmed meanwhile, and comes back to 0 at the end.
+        cursor, keys = await self._redis().scan(int(after or 0), match=self._glob() + "conv:*", count=limit)
+        head = len(self.prefix) + len("conv:")
+        done = await asyncio.gather(*(self._run(self._expire, k[head:], before, self._retention) for k in keys))
+        return sum(int(n) for n in done), "" if cursor == 0 else str(cursor)
 
     async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter:
         letter_id = str(uuid.uuid4())

@@ -1,23 +1,32 @@
-"""dedupe_window: handled messages are forgotten after it, so the store stays bounded and
-a repeat of an old message id is answered as a new message, with replies of its own."""
+"""The store stays bounded: handled messages are forgotten after dedupe_window (a repeat of
+an old message id is then a new message, with replies of its own), and replies older than
+reply_max_age leave the conversation's log."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import aiohttp
+import grpc
+import pytest
 
+from sidecar.convert import value_to_json
 from tests.bot_server import BotServer
 from tests.conftest import Running, StartApp, eventually, message
 from tests.receiver import Receiver
+from tests.test_grpc_ingress import request
 from tests.test_streams import read_n, subscribe
 
 
-async def forgotten(s: Running) -> float:
+async def metric(s: Running, name: str) -> float:
     async with aiohttp.ClientSession() as session, session.get(s.admin + "/metrics") as resp:
         text = await resp.text()
-    (line,) = [x for x in text.splitlines() if x.startswith("sidecar_messages_forgotten_total ")]
+    (line,) = [x for x in text.splitlines() if x.startswith(name + " ")]
     return float(line.split()[1])
+
+
+async def forgotten(s: Running) -> float:
+    return await metric(s, "sidecar_messages_forgotten_total")
 
 
 async def test_a_message_repeated_after_the_window_is_handled_again_with_new_ids(start_app: StartApp) -> None:
@@ -59,3 +68,26 @@ async def test_pending_messages_are_never_forgotten(start_app: StartApp) -> None
         await eventually(lambda: forgotten(s), what="the handled message forgotten")
         assert (await (await s.post(message(conversation="stuck"))).json())["duplicate"] is True
         assert (await (await s.post(message(conversation="fine"))).json())["duplicate"] is False
+
+
+async def test_replies_older_than_reply_max_age_leave_the_log_and_the_sequence_goes_on(start_app: StartApp) -> None:
+    s = await start_app(reply_max_age=0.5)
+    await s.stub.SendMessage(request(conversation="expiry", message_id="m1", text="one"))
+    call = subscribe(s, "expiry", after=0)
+    (first,) = await read_n(call, 1)
+    call.cancel()
+    assert first.sequence == 1
+
+    async def expired() -> bool:
+        return await s.app.store.first_retained_sequence("expiry") == 2
+
+    await eventually(expired, what="the reply expired")
+    assert await metric(s, "sidecar_replies_expired_total") >= 1
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await subscribe(s, "expiry", after=0).read()
+    assert e.value.code() == grpc.StatusCode.OUT_OF_RANGE  # the cursor is older than what is kept
+    live = subscribe(s, "expiry", after=1)  # the last cursor the client saw still works
+    await s.stub.SendMessage(request(conversation="expiry", message_id="m2", text="two"))
+    (second,) = await read_n(live, 1)
+    live.cancel()
+    assert second.sequence == 2 and value_to_json(second.payload) == {"text": "two"}
