@@ -362,3 +362,15 @@ async def test_expire_trims_old_replies_in_every_conversation_but_never_owed_or_
     assert await expire_all(store, before=5.0, page=100) == 2
     assert await store.replies_after("c3", 0, 10) == []
     assert await expire_all(store, before=5.0) == 0
+
+
+async def test_only_a_pending_message_finishes_and_only_once(store: Store) -> None:
+    a = (await store.accept(msg(message_id="m1"), now=1.0)).stored
+    assert [r.sequence for r in await store.finish_message(a.id, "c1", [draft("x1")], now=2.0, outbox=False)] == [1]
+    assert await store.finish_message(a.id, "c1", [draft("x2")], now=3.0, outbox=False) == []  # other replies too
+    b = (await store.accept(msg(message_id="m2"), now=1.0)).stored
+    await store.dead_letter_message(b.id, "gave up", now=2.0)
+    assert await store.finish_message(b.id, "c1", [draft("x3")], now=3.0, outbox=False) == []
+    assert await store.finish_message("unknown", "c1", [draft("x4")], now=3.0, outbox=False) == []
+    assert await store.last_sequence("c1") == 1
+    assert [m.id for m in await store.pending_messages(10)] == []

@@ -99,3 +99,33 @@ async def test_expiry_deletes_in_short_steps_and_the_next_passes_go_on(tmp_path:
         assert await store.first_retained_sequence("big") == 1201 and await store.replies_after("small", 0, 5) == []
     finally:
         await store.close()
+
+
+async def test_a_schema_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
+    path = str(tmp_path / "s.db")
+    store = SqliteStore(path)
+    await store.open()
+    await store.append_replies("c1", [draft("k1")], now=1.0, outbox=False)
+    await store.close()
+    # What schema 1 had: every reply's key in a full unique index.
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "DROP INDEX replies_keyed; CREATE UNIQUE INDEX replies_dedupe ON replies(conversation_id, dedupe_key);"
+        " PRAGMA user_version=1;"
+    )
+    conn.close()
+
+    again = SqliteStore(path)
+    await again.open()
+    try:
+        assert await again.append_replies("c1", [draft("k1")], now=2.0, outbox=False) == []  # keys still hold
+        stored = (await again.accept(msg(), now=3.0)).stored
+        await again.finish_message(stored.id, "c1", [draft(""), draft("")], now=4.0, outbox=False)
+        assert [r.sequence for r in await again.replies_after("c1", 0, 10)] == [1, 2, 3]
+    finally:
+        await again.close()
+    conn = sqlite3.connect(path)
+    indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
+    assert "replies_keyed" in indexes and "replies_dedupe" not in indexes

@@ -59,17 +59,17 @@ class Store(abc.ABC):
     async def complete_message(self, message_id: str) -> None:
         """Mark a message handled: the bot will not be called for it again."""
 
+    @abc.abstractmethod
     async def finish_message(
         self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
     ) -> list[Reply]:
-        """Append a message's last replies and mark it handled, as one step where the store can.
+        """Append a message's last replies and mark it handled, as one atomic step.
 
-        This default takes two steps: a crash between them re-runs the bot,
-        and the replies' dedupe keys keep that from doubling anything.
+        Only a pending message finishes, and only once: for one already handled,
+        dead-lettered or unknown, nothing is appended and ``[]`` is returned. So
+        the replies that finish a message need no dedupe of their own (a store
+        may skip indexing their keys); those a bot emitted earlier still do.
         """
-        replies = await self.append_replies(conversation_id, drafts, now=now, outbox=outbox) if drafts else []
-        await self.complete_message(message_id)
-        return replies
 
     @abc.abstractmethod
     async def forget_messages(self, before: float, limit: int) -> int:

@@ -94,6 +94,15 @@ class MemoryStore(Store):
     async def complete_message(self, message_id: str) -> None:
         self._state[message_id] = "done"
 
+    async def finish_message(
+        self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
+    ) -> list[Reply]:
+        if self._state.get(message_id) != "pending":
+            return []
+        replies = await self.append_replies(conversation_id, drafts, now=now, outbox=outbox) if drafts else []
+        self._state[message_id] = "done"
+        return replies
+
     async def forget_messages(self, before: float, limit: int) -> int:
         # The dicts keep acceptance order, and acceptance times only grow (a clock
         # stepped back merely delays forgetting), so the walk stops at the first young one.

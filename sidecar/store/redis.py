@@ -226,6 +226,8 @@ return {{f[1], f[2]}}
 # ARGV: P, conversation id, now, outbox (1|0), retention, message id to complete (or ''),
 #       fresh delivery state JSON, then (dedupe key, reply JSON without its sequence) pairs
 _APPEND = """
+-- Finishing a message happens once, and only to a pending one.
+if ARGV[6] ~= '' and redis.call('HGET', P .. 'msg:' .. ARGV[6], 'state') ~= 'pending' then return {} end
 local cid = ARGV[2]
 local conv = P .. 'conv:' .. cid
 local keys = P .. 'dedupe:' .. cid

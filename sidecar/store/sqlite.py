@@ -33,7 +33,7 @@ Op = Callable[[sqlite3.Connection], Any]
 Entry = tuple[Op, "asyncio.Future[Any]", bool]
 """A queued write: the operation, its caller's future, and whether it must be fsync'd before the answer."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: replies keyed only when they need it (a partial dedupe index)
 _BATCH = 256
 # Replies an expiry step deletes at most (~2.5 ms on the loop, measured); a conversation
 # with more old ones is trimmed further by the next pass.
@@ -77,7 +77,11 @@ CREATE TABLE IF NOT EXISTS replies (
     created_at          REAL NOT NULL,
     PRIMARY KEY (conversation_id, sequence)
 ) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS replies_dedupe ON replies(conversation_id, dedupe_key);
+-- Only keyed replies are indexed: those a bot emitted before it returned, and
+-- callbacks. The replies that finish a message need no key (see finish_message),
+-- and skipping the index saves a random B-tree leaf per message.
+DROP INDEX IF EXISTS replies_dedupe;
+CREATE UNIQUE INDEX IF NOT EXISTS replies_keyed ON replies(conversation_id, dedupe_key) WHERE dedupe_key != '';
 CREATE TABLE IF NOT EXISTS outbox (
     conversation_id  TEXT NOT NULL,
     sequence         INTEGER NOT NULL,
@@ -457,9 +461,14 @@ class SqliteStore(Store):
         rows = [(d, orjson.dumps(d.payload)) for d in drafts]
 
         def op(c: sqlite3.Connection) -> list[Reply]:
-            replies = self._append(c, conversation_id, rows, now, outbox) if rows else []
-            c.execute("UPDATE messages SET state = 'done' WHERE id = ?", (message_id,))
-            return replies
+            # Only a pending message can finish, once: so these replies need no dedupe
+            # key of their own (a re-run after a crash finds the message done, or none
+            # of them stored). Keys still guard what the bot emitted before it returned.
+            if not c.execute(
+                "UPDATE messages SET state = 'done' WHERE id = ? AND state = 'pending'", (message_id,)
+            ).rowcount:
+                return []
+            return self._append(c, conversation_id, rows, now, outbox, keyed=False) if rows else []
 
         return await self._run(op)
 
@@ -470,6 +479,8 @@ class SqliteStore(Store):
         rows: list[tuple[ReplyDraft, bytes]],
         now: float,
         outbox: bool,
+        *,
+        keyed: bool = True,
     ) -> list[Reply]:
         row = c.execute(
             "SELECT last_sequence, first_retained FROM conversations WHERE conversation_id = ?", (conversation_id,)
@@ -483,8 +494,8 @@ class SqliteStore(Store):
             # The dedupe key's UNIQUE index turns a repeat into a no-op: one statement, no pre-check.
             inserted = c.execute(
                 "INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (conversation_id, last + 1, d.dedupe_key, d.type, payload, d.bot_user_id, d.bot_message_id,
-                 d.bot_conversation_id, d.user_id, d.in_reply_to, now),
+                (conversation_id, last + 1, d.dedupe_key if keyed else "", d.type, payload, d.bot_user_id,
+                 d.bot_message_id, d.bot_conversation_id, d.user_id, d.in_reply_to, now),
             ).rowcount  # fmt: skip
             if not inserted:
                 continue
