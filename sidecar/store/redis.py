@@ -19,7 +19,7 @@ key                            type         holds
 ``P handled``                  sorted set   message id -> received_at: handled messages, forgotten in that order
 ``P conv:C``                   hash         ``last`` (last sequence), ``first`` (first retained), ``user``
 ``P log:C``                    sorted set   reply JSON (with its ``sequence``) -> sequence: the reply log
-``P dedupe:C``                 sorted set   dedupe key -> sequence: the retained replies' keys, trimmed with them
+``P dedupe:C``                 sorted set   dedupe key -> sequence of retained keyed replies (emitted early, callbacks)
 ``P outbox:C``                 sorted set   sequence -> sequence: replies queued for the webhook
 ``P delivery:C``               hash         sequence -> JSON (attempts, first/next attempt, last error)
 ``P heads``                    sorted set   conversation id -> next_attempt_at of its lowest queued reply
@@ -235,8 +235,10 @@ local log = P .. 'log:' .. cid
 local outbox = ARGV[4] == '1'
 local last = tonumber(redis.call('HGET', conv, 'last') or '0')
 local appended = {}
+-- Replies that finish a message need no key (it finishes once): only the others are keyed.
+local finishing = ARGV[6] ~= ''
 for i = 8, #ARGV, 2 do
-  if redis.call('ZADD', keys, 'NX', last + 1, ARGV[i]) == 1 then
+  if finishing or redis.call('ZADD', keys, 'NX', last + 1, ARGV[i]) == 1 then
     last = last + 1
     local reply = '{"sequence":' .. last .. ',' .. string.sub(ARGV[i + 1], 2)
     redis.call('ZADD', log, last, reply)
