@@ -102,7 +102,7 @@ async def test_same_message_id_in_another_conversation_is_another_message(store:
 async def test_pending_messages_come_in_arrival_order_and_leave_when_completed(store: Store) -> None:
     ids = [(await store.accept(msg(message_id=f"m{i}"), now=10.0 - i)).stored.id for i in range(5)]
     assert [m.id for m in await store.pending_messages(3)] == ids[:3]
-    await store.complete_message(ids[1])
+    await store.finish_message(ids[1], "c1", [], now=1.0, outbox=False)
     assert [m.id for m in await store.pending_messages(10)] == [ids[0], *ids[2:]]
 
 
@@ -287,7 +287,7 @@ async def test_forget_deletes_only_handled_messages_accepted_before_the_cut(stor
     old_dead = (await store.accept(msg(message_id="old-dead"), now=12.0)).stored
     young_done = (await store.accept(msg(message_id="young-done"), now=30.0)).stored
     await store.finish_message(old_done.id, "c1", [draft("k0")], now=13.0, outbox=False)
-    await store.complete_message(young_done.id)
+    await store.finish_message(young_done.id, "c1", [], now=1.0, outbox=False)
     await store.dead_letter_message(old_dead.id, "gave up", now=14.0)
 
     assert await store.forget_messages(before=20.0, limit=100) == 1
@@ -309,7 +309,7 @@ async def test_forget_takes_at_most_limit_oldest_first(store: Store) -> None:
     ids = []
     for i in range(5):
         stored = (await store.accept(msg(message_id=f"m{i}"), now=float(i))).stored
-        await store.complete_message(stored.id)
+        await store.finish_message(stored.id, "c1", [], now=1.0, outbox=False)
         ids.append(stored.id)
     assert await store.forget_messages(before=100.0, limit=2) == 2
     assert [(await store.accept(msg(message_id=f"m{i}"), now=200.0)).duplicate for i in range(5)] == [

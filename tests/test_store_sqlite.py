@@ -16,7 +16,7 @@ async def test_reopening_the_file_keeps_messages_replies_sequences_outbox_and_de
     await store.open()
     pending = (await store.accept(msg(message_id="m1"), now=1.0)).stored
     done = (await store.accept(msg(message_id="m2"), now=2.0)).stored
-    await store.complete_message(done.id)
+    await store.finish_message(done.id, "c1", [], now=1.0, outbox=False)
     await store.append_replies("c1", [draft("a"), draft("b"), draft("c")], now=3.0, outbox=True)
     await store.delivery_succeeded("c1", 1)
     await store.delivery_failed("c1", 2, attempts=2, first_attempt_at=4.0, next_attempt_at=9.0, error="HTTP 503")

@@ -56,10 +56,6 @@ class Store(abc.ABC):
         """Count a failed bot attempt on a message; return the new attempt count."""
 
     @abc.abstractmethod
-    async def complete_message(self, message_id: str) -> None:
-        """Mark a message handled: the bot will not be called for it again."""
-
-    @abc.abstractmethod
     async def finish_message(
         self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
     ) -> list[Reply]:

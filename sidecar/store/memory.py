@@ -91,9 +91,6 @@ class MemoryStore(Store):
         self._messages[message_id] = stored = replace(stored, attempts=stored.attempts + 1)
         return stored.attempts
 
-    async def complete_message(self, message_id: str) -> None:
-        self._state[message_id] = "done"
-
     async def finish_message(
         self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
     ) -> list[Reply]:

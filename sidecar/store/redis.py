@@ -191,12 +191,6 @@ redis.call('HSET', m, 'last_error', ARGV[3])
 return redis.call('HINCRBY', m, 'attempts', 1)
 """
 
-# ARGV: P, message id
-_COMPLETE = """
-complete(ARGV[2])
-return 1
-"""
-
 # ARGV: P, before (exclusive), limit
 _FORGET = """
 local ids = redis.call('ZRANGEBYSCORE', P .. 'handled', '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
@@ -456,7 +450,6 @@ class RedisStore(Store):
         self._accept = s(_HELPERS + _ACCEPT)
         self._pending = s(_HELPERS + _PENDING)
         self._record_attempt = s(_HELPERS + _RECORD_ATTEMPT)
-        self._complete = s(_HELPERS + _COMPLETE)
         self._forget = s(_HELPERS + _FORGET)
         self._expire = s(_HELPERS + _EXPIRE)
         self._dead_message = s(_HELPERS + _DEAD_MESSAGE)
@@ -603,9 +596,6 @@ class RedisStore(Store):
 
     async def record_attempt(self, message_id: str, error: str) -> int:
         return int(await self._run(self._record_attempt, message_id, error[:_ERROR_LIMIT]))
-
-    async def complete_message(self, message_id: str) -> None:
-        await self._run(self._complete, message_id)
 
     async def finish_message(
         self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool

@@ -423,9 +423,6 @@ class SqliteStore(Store):
 
         return await self._run(op)
 
-    async def complete_message(self, message_id: str) -> None:
-        await self._run(lambda c: c.execute("UPDATE messages SET state = 'done' WHERE id = ?", (message_id,)))
-
     async def forget_messages(self, before: float, limit: int) -> int:
         sql = (
             "DELETE FROM messages WHERE arrival IN (SELECT arrival FROM messages"
