@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 from sidecar.store.sqlite import SqliteStore
-from tests.test_store_contract import draft, msg
+from tests.test_store_contract import draft, head_delivery, msg
 
 
 async def test_reopening_the_file_keeps_messages_replies_sequences_outbox_and_dead_letters(tmp_path: Path) -> None:
@@ -29,7 +29,7 @@ async def test_reopening_the_file_keeps_messages_replies_sequences_outbox_and_de
         assert [m.id for m in await again.pending_messages(10)] == [pending.id]
         assert (await again.accept(msg(message_id="m2"), now=9.0)).duplicate
         assert await again.last_sequence("c1") == 3
-        head = await again.head_delivery("c1")
+        head = await head_delivery(again, "c1")
         assert head is not None and head.reply.sequence == 3
         assert [d.id for d in await again.list_dead_letters()] == [letter.id]
         (appended,) = await again.append_replies("c1", [draft("d")], now=6.0, outbox=False)

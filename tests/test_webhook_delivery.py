@@ -14,6 +14,7 @@ from sidecar.models import DeadLetter
 from tests.conftest import Running, StartApp, eventually, message
 from tests.procs import free_port
 from tests.receiver import Receiver
+from tests.test_store_contract import head_delivery
 
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 24).decode()
 SECRET_B = "whsec_" + base64.b64encode(b"b" * 24).decode()
@@ -157,7 +158,7 @@ async def test_an_outage_of_refusals_then_errors_then_timeouts_ends_with_everyth
 
 
 async def _outbox_empty(s: Running, conversation_id: str) -> bool:
-    return await s.app.store.head_delivery(conversation_id) is None
+    return await head_delivery(s.app.store, conversation_id) is None
 
 
 async def test_a_stuck_conversation_does_not_hold_up_the_others(start_app: StartApp) -> None:
@@ -217,7 +218,7 @@ async def head_attempted(s: Running, conversation: str) -> float:
     """The next attempt time of the conversation's head once a failed attempt is recorded."""
 
     async def probe() -> float | None:
-        head = await s.app.store.head_delivery(conversation)
+        head = await head_delivery(s.app.store, conversation)
         return head.next_attempt_at if head is not None and head.attempts >= 1 else None
 
     when: float = await eventually(probe, what="a failed attempt")

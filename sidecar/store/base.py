@@ -134,11 +134,6 @@ class Store(abc.ABC):
     async def queued_deliveries(self, conversation_id: str, limit: int) -> list[Delivery]:
         """The conversation's queued replies, lowest sequence first, due or not; at most ``limit``."""
 
-    async def head_delivery(self, conversation_id: str) -> Delivery | None:
-        """The conversation's lowest queued reply, due or not; None when its outbox is empty."""
-        queued = await self.queued_deliveries(conversation_id, 1)
-        return queued[0] if queued else None
-
     @abc.abstractmethod
     async def next_due_at(self) -> float | None:
         """The earliest ``next_attempt_at`` of any conversation's head, None when nothing is queued."""
