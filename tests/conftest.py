@@ -99,6 +99,18 @@ async def start_app(tmp_path: Path) -> AsyncIterator[StartApp]:
         await running.app.stop()
 
 
+async def admin_metrics(s: Running) -> str:
+    """The Prometheus text the admin port serves."""
+    async with aiohttp.ClientSession() as session, session.get(s.admin + "/metrics") as resp:
+        return await resp.text()
+
+
+async def metric(s: Running, name: str) -> float:
+    """The value of one unlabelled metric."""
+    (line,) = [x for x in (await admin_metrics(s)).splitlines() if x.startswith(name + " ")]
+    return float(line.split()[1])
+
+
 async def eventually(probe: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
     """Poll a probe (sync or async) until it returns something truthy, with a deadline (for state with no event)."""
     loop = asyncio.get_running_loop()

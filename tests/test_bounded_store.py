@@ -6,23 +6,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
 import grpc
 import pytest
 
 from sidecar.convert import value_to_json
 from tests.bot_server import BotServer
-from tests.conftest import Running, StartApp, eventually, message
+from tests.conftest import Running, StartApp, eventually, message, metric
 from tests.receiver import Receiver
 from tests.test_grpc_ingress import request
 from tests.test_streams import read_n, subscribe
-
-
-async def metric(s: Running, name: str) -> float:
-    async with aiohttp.ClientSession() as session, session.get(s.admin + "/metrics") as resp:
-        text = await resp.text()
-    (line,) = [x for x in text.splitlines() if x.startswith(name + " ")]
-    return float(line.split()[1])
 
 
 async def forgotten(s: Running) -> float:

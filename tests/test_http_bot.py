@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
-
 from sidecar.convert import value_to_json
 from tests.bot_server import BotServer
-from tests.conftest import Running, StartApp, eventually, message
+from tests.conftest import Running, StartApp, admin_metrics, eventually, message
 from tests.procs import free_port
 from tests.receiver import Receiver
 from tests.test_grpc_ingress import request, wait_until
@@ -210,8 +208,3 @@ async def test_two_chained_sidecars_speak_both_sides_of_the_messaging_api(start_
     )  # fmt: skip
     assert posted.body["botpressMessageId"] == b_reply.bot_message_id
     assert await b.app.store.conversation_user("conv-42") == "u1"
-
-
-async def admin_metrics(s: Running) -> str:
-    async with aiohttp.ClientSession() as session, session.get(s.admin + "/metrics") as resp:
-        return await resp.text()

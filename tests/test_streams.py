@@ -6,13 +6,12 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import grpc
 import pytest
 
 from sidecar.bots.base import BotReply
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
-from tests.conftest import Running, StartApp, eventually
+from tests.conftest import Running, StartApp, eventually, metric
 from tests.test_grpc_ingress import request, wait_for_sequence, wait_until
 
 
@@ -200,23 +199,17 @@ async def test_a_burst_of_thousands_of_subscribers_all_get_their_stream(start_ap
 async def test_gauges_report_open_streams_and_pending_messages_when_scraped(
     start_app: StartApp, tmp_path: Path
 ) -> None:
-    async def gauge(name: str) -> float:
-        async with aiohttp.ClientSession() as session, session.get(s.admin + "/metrics") as r:
-            text = await r.text()
-        (line,) = [x for x in text.splitlines() if x.startswith(name + " ")]
-        return float(line.split()[1])
-
     rules = tmp_path / "slow.yaml"
     rules.write_text("rules:\n  - match: {}\n    replies: [{type: text, payload: {text: slow}, delay: 30}]\n")
     s = await start_app(bot="script", bot_script=str(rules))
     calls = [subscribe(s, conversation=f"g{i}") for i in range(3)]
     await wait_until(lambda: s.app.core.streams == 3)
-    assert await gauge("sidecar_active_streams") == 3
+    assert await metric(s, "sidecar_active_streams") == 3
     calls[0].cancel()
     await wait_until(lambda: s.app.core.streams == 2)
-    assert await gauge("sidecar_active_streams") == 2
+    assert await metric(s, "sidecar_active_streams") == 2
     for i in range(2):  # the bot takes 30 s per message: both stay pending
         await s.stub.SendMessage(request(message_id=f"m{i}", conversation_id=f"p{i}"))
-    assert await gauge("sidecar_pending_messages") == 2
+    assert await metric(s, "sidecar_pending_messages") == 2
     for call in calls[1:]:
         call.cancel()
