@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
+
+import pytest
 
 from sidecar.store.sqlite import SqliteStore
 from tests.test_store_contract import draft, head_delivery, msg
@@ -60,6 +63,21 @@ async def test_concurrent_accepts_share_commits(tmp_path: Path) -> None:
         assert len(await store.pending_messages(1000)) == 300
     finally:
         await store.close()
+
+
+async def test_the_store_thread_reports_errors_to_the_loop_and_ends_on_close(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "s.db"), sync="full")
+    await store.open()
+    try:
+        worker = store._thread
+        assert worker is not None
+        with pytest.raises(ZeroDivisionError):
+            await worker.call(lambda: 1 // 0)
+        assert await worker.call(lambda: 42) == 42  # the thread lives on after an error
+        assert not (await store.accept(msg(), now=1.0)).duplicate
+    finally:
+        await store.close()
+    assert not [t for t in threading.enumerate() if t.name == "sqlite-store"]
 
 
 async def test_a_conflict_in_a_batch_does_not_undo_the_other_operations(tmp_path: Path) -> None:

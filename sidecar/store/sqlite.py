@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import sqlite3
+import threading
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +33,8 @@ T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 Entry = tuple[Op, "asyncio.Future[Any]", bool]
 """A queued write: the operation, its caller's future, and whether it must be fsync'd before the answer."""
+Done = Callable[[Any, "BaseException | None"], None]
+"""Told on the loop how a call on the store's thread ended: its result, or its error."""
 
 SCHEMA_VERSION = 2  # 2: replies keyed only when they need it (a partial dedupe index)
 _BATCH = 256
@@ -183,7 +186,7 @@ class SqliteStore(Store):
         self._retention = retention
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._thread: _Worker | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: list[Entry] = []
         self._busy = False  # a batch is scheduled or committing: new operations wait for the next one
@@ -197,17 +200,17 @@ class SqliteStore(Store):
         if self._conn is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._thread = _Worker(self._loop)
         self._idle = asyncio.Event()
         self._idle.set()
         try:
-            self._conn = await self._loop.run_in_executor(self._thread, self._connect)
-            self._reader = await self._loop.run_in_executor(self._thread, self._connect_reader)
+            self._conn = await self._thread.call(self._connect)
+            self._reader = await self._thread.call(self._connect_reader)
         except BaseException:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-            self._thread.shutdown(wait=False)
+            self._thread.stop()
             self._thread = None
             raise
 
@@ -222,8 +225,8 @@ class SqliteStore(Store):
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        await self._loop.run_in_executor(thread, conn.close)
-        thread.shutdown(wait=True)
+        await thread.call(conn.close)
+        thread.stop()
         self._thread = None
 
     async def ping(self) -> None:
@@ -280,9 +283,9 @@ class SqliteStore(Store):
 
     def _flush(self) -> None:
         """Run the queued operations in one transaction and hand its COMMIT to the thread."""
-        conn, loop, thread = self._conn, self._loop, self._thread
+        conn, thread = self._conn, self._thread
         batch, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
-        if not batch or conn is None or loop is None or thread is None:
+        if not batch or conn is None or thread is None:
             self._done()
             return
         # Nothing in the batch needs an fsync: commit under WAL's NORMAL level,
@@ -311,8 +314,7 @@ class SqliteStore(Store):
         if lazy:
             self._committed(conn, batch, results, None)
             return
-        commit = loop.run_in_executor(thread, conn.execute, "COMMIT")
-        commit.add_done_callback(lambda done: self._committed(conn, batch, results, done.exception()))
+        thread.submit(lambda: conn.execute("COMMIT"), lambda _, error: self._committed(conn, batch, results, error))
 
     def _committed(
         self,
@@ -750,6 +752,52 @@ def _insert_dead(
 
 class _Retry(Exception):
     """An operation failed inside a fast-path batch: redo it with savepoints."""
+
+
+class _Worker:
+    """The store's one thread: runs blocking calls (the COMMIT and its fsync, opening
+    and closing) and hands each outcome back to the loop.
+
+    Leaner than ``run_in_executor`` on a ThreadPoolExecutor, which per call adds a
+    concurrent Future with its lock and Condition, the executor's own lock and an
+    asyncio Future chained to it: this is one queue put, and one
+    ``call_soon_threadsafe`` back.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Done] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="sqlite-store", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], Any], done: Done) -> None:
+        """Run ``fn`` on the thread; ``done(result, error)`` then runs on the loop."""
+        self._calls.put((fn, done))
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        future: asyncio.Future[T] = self._loop.create_future()
+        self.submit(fn, lambda result, error: _settle(future, result, error))
+        return await future
+
+    def stop(self) -> None:
+        """End the thread; called once every submitted call has been answered, so the
+        join is only the thread's way out of its loop."""
+        self._calls.put(None)
+        self._thread.join()
+
+    def _serve(self) -> None:
+        while (item := self._calls.get()) is not None:
+            fn, done = item
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller on the loop
+                error = e
+            try:
+                self._loop.call_soon_threadsafe(done, result, error)
+            except RuntimeError:  # the loop is closed: nobody is left to tell
+                return
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
