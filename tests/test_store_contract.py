@@ -203,7 +203,9 @@ async def test_outbox_offers_each_conversations_lowest_reply_when_due(store: Sto
     await store.append_replies("c2", [draft("a")], now=2.0, outbox=True)
     due = await store.due_deliveries(now=5.0, limit=10)
     assert [(d.reply.conversation_id, d.reply.sequence) for d in due] == [("c1", 1), ("c2", 1)]
-    assert await store.next_due_at() == 1.0
+    assert await store.next_due_at(after=0.0) == 1.0
+    assert await store.next_due_at(after=1.0) == 2.0  # heads due by `after` are in hand already
+    assert await store.next_due_at(after=2.0) is None
     await store.delivery_failed("c1", 1, attempts=1, first_attempt_at=5.0, next_attempt_at=9.0, error="HTTP 503")
     due = await store.due_deliveries(now=6.0, limit=10)
     assert [(d.reply.conversation_id, d.reply.sequence) for d in due] == [("c2", 1)]  # c1/2 waits behind c1/1
@@ -211,9 +213,11 @@ async def test_outbox_offers_each_conversations_lowest_reply_when_due(store: Sto
     assert head is not None and (head.attempts, head.first_attempt_at, head.next_attempt_at, head.last_error) == (
         1, 5.0, 9.0, "HTTP 503"
     )  # fmt: skip
-    assert await store.next_due_at() == 2.0
+    assert await store.next_due_at(after=0.0) == 2.0
+    assert await store.next_due_at(after=6.0) == 9.0
     await store.delivery_succeeded("c2", 1)
-    assert await store.next_due_at() == 9.0
+    assert await store.next_due_at(after=0.0) == 9.0
+    assert await store.next_due_at(after=9.5) is None
     assert await head_delivery(store, "c2") is None
     await store.delivery_succeeded("c1", 1)
     head = await head_delivery(store, "c1")

@@ -171,6 +171,26 @@ async def test_a_stuck_conversation_does_not_hold_up_the_others(start_app: Start
     assert [b["payload"]["text"] for b in r.delivered("fast")] == [f"f{i}" for i in range(5)]
 
 
+async def test_retries_of_other_conversations_fall_due_while_one_delivery_hangs(start_app: StartApp) -> None:
+    # Nothing else wakes the worker here: the retries are due only by the clock, while
+    # the hanging delivery is the outbox's earliest head for the whole test.
+    async with Receiver() as r:
+        r.script("slow", hang=True)
+        r.script("backoff", 503, 503)
+        r.script("told", 503, retry_after="1")
+        s = await start_app(
+            response_url=r.url, webhook_timeout=60, webhook_backoff_initial=0.05, webhook_backoff_max=0.2
+        )
+        await send_texts(s, "slow", ["stuck"])
+        await send_texts(s, "backoff", ["b0"])
+        await send_texts(s, "told", ["t0"])
+        await r.wait_for(1, conversation_id="backoff")
+        await r.wait_for(1, conversation_id="told")
+        assert not r.delivered("slow")
+    assert [x.status for x in r.requests if x.body["conversationId"] == "backoff"] == [503, 503, 200]
+    assert [x.status for x in r.requests if x.body["conversationId"] == "told"] == [503, 200]
+
+
 async def test_replies_queued_while_the_receiver_is_down_arrive_in_order_after_a_restart(
     start_app: StartApp,
 ) -> None:

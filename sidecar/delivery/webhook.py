@@ -129,13 +129,15 @@ class WebhookDelivery:
                         task = asyncio.create_task(self._run_conversation(delivery))
                         self._in_flight[conversation_id] = task
                         task.add_done_callback(functools.partial(self._finished, conversation_id))
-                next_due = await self._store.next_due_at()
+                # Every head due by now has a task (or, past _BATCH of them, gets one when
+                # a task ends and wakes this loop): sleep until the next head falls due.
+                # Not "the earliest head": that is one in flight, and a delivery that
+                # hangs would keep every other conversation's retry waiting behind it.
+                next_due = await self._store.next_due_at(after=now)
             except Exception:
                 log.exception("webhook scheduler failed to read the outbox; retrying")
                 next_due = time.time() + 1.0
             delay = None if next_due is None else max(0.0, next_due - time.time())
-            if delay == 0.0 and self._in_flight:
-                delay = None  # due heads are all in flight: their tasks notify when done
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 

@@ -135,8 +135,13 @@ class Store(abc.ABC):
         """The conversation's queued replies, lowest sequence first, due or not; at most ``limit``."""
 
     @abc.abstractmethod
-    async def next_due_at(self) -> float | None:
-        """The earliest ``next_attempt_at`` of any conversation's head, None when nothing is queued."""
+    async def next_due_at(self, after: float) -> float | None:
+        """The earliest ``next_attempt_at`` later than ``after`` of any conversation's
+        head, None when there is none.
+
+        Heads due by ``after`` are left out: the worker has them in hand already
+        (delivering, or waiting for a slot), and one that takes long must not
+        hide when the others' retries fall due."""
 
     @abc.abstractmethod
     async def delivery_succeeded(self, conversation_id: str, sequence: int) -> None:

@@ -222,8 +222,9 @@ class MemoryStore(Store):
             return []
         return [conv.outbox[seq] for seq in sorted(conv.outbox)[:limit]]
 
-    async def next_due_at(self) -> float | None:
+    async def next_due_at(self, after: float) -> float | None:
         times = [h.next_attempt_at for c in self._conversations.values() if (h := self._head(c))]
+        times = [t for t in times if t > after]
         return min(times) if times else None
 
     async def delivery_succeeded(self, conversation_id: str, sequence: int) -> None:

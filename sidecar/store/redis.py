@@ -698,8 +698,10 @@ class RedisStore(Store):
         rows = await self._run(self._queued, conversation_id, limit)
         return [_delivery(*row) for row in rows]
 
-    async def next_due_at(self) -> float | None:
-        heads = await self._redis().zrange(self._key("heads"), 0, 0, withscores=True)
+    async def next_due_at(self, after: float) -> float | None:
+        heads = await self._redis().zrangebyscore(
+            self._key("heads"), f"({after!r}", "+inf", start=0, num=1, withscores=True
+        )
         return float(cast(tuple[str, float], heads[0])[1]) if heads else None
 
     async def delivery_succeeded(self, conversation_id: str, sequence: int) -> None:

@@ -608,14 +608,14 @@ class SqliteStore(Store):
         sql = _DELIVERIES + " WHERE o.conversation_id = ? ORDER BY o.sequence LIMIT ?"
         return await self._read(lambda c: [_delivery(r) for r in c.execute(sql, (conversation_id, limit))])
 
-    async def next_due_at(self) -> float | None:
+    async def next_due_at(self, after: float) -> float | None:
         sql = (
             f"WITH heads AS ({_HEAD_KEYS}) SELECT MIN(o.next_attempt_at) FROM heads h"
-            " JOIN outbox o ON o.conversation_id = h.id AND o.sequence = h.sequence"
+            " JOIN outbox o ON o.conversation_id = h.id AND o.sequence = h.sequence WHERE o.next_attempt_at > ?"
         )
 
         def op(c: sqlite3.Cursor) -> float | None:
-            row = c.execute(sql).fetchone()
+            row = c.execute(sql, (after,)).fetchone()
             return None if row[0] is None else float(row[0])
 
         return await self._read(op)
