@@ -64,10 +64,12 @@ class InboundMessage:
         *, user_id: str, message_id: str, conversation_id: str, type: str, text: str, payload: JSON
     ) -> InboundMessage:
         """Apply the hosted integration's leniency: a missing payload becomes
-        ``{"text": text}`` and an object payload without ``text`` gets it."""
+        ``{"text": text}``, and an object payload without a ``text`` gets it. As
+        there (``!payload.text`` in JavaScript), a null or empty ``text`` counts as
+        none; any other value is the client's and is kept."""
         if payload is None:
             payload = {"text": text}
-        elif isinstance(payload, dict) and "text" not in payload:
+        elif isinstance(payload, dict) and payload.get("text") in (None, ""):
             payload = {**payload, "text": text}
         return InboundMessage(user_id, message_id, conversation_id, type, text, payload)
 

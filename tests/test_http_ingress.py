@@ -8,6 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from sidecar.models import JSON
 from tests.conftest import StartApp, message
 
 
@@ -114,6 +115,25 @@ async def test_object_payload_without_text_gets_it_and_unknown_fields_are_ignore
     resp = await s.post(message(text="hi", payload={"a": 1}, somethingElse=True))
     assert resp.status == 200
     assert (await resp.json())["message"]["payload"] == {"a": 1, "text": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "seen"),
+    [
+        ({"text": None}, "hi"),
+        ({"text": ""}, "hi"),
+        ({"text": "own"}, "own"),
+        ({"text": 0}, 0),
+        ({"text": False}, False),
+    ],
+)
+async def test_a_null_or_empty_payload_text_is_filled_in_as_the_integration_does(
+    start_app: StartApp, payload: JSON, seen: JSON
+) -> None:
+    s = await start_app()
+    resp = await s.post(message(text="hi", payload=payload))
+    assert resp.status == 200
+    assert (await resp.json())["message"]["payload"]["text"] == seen
 
 
 async def test_json_body_is_parsed_whatever_the_content_type(start_app: StartApp) -> None:
