@@ -101,3 +101,22 @@ async def test_start_fails_with_a_clear_message_when_a_port_is_taken(
     procs.append(clash)
     with pytest.raises(AssertionError, match="cannot listen"):
         clash.start(timeout=15)
+
+
+async def test_a_request_aiohttp_cannot_parse_is_logged_without_its_bytes(
+    procs: list[SidecarProcess], tmp_path: Path
+) -> None:
+    p = launch(procs, tmp_path)
+    secret = "s3cr3t-" + "x" * 9000  # past aiohttp's 8190-byte header limit: refused by its parser
+    reader, writer = await asyncio.open_connection("127.0.0.1", p.http_port)
+    writer.write(
+        f"POST /webhook HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {secret}\r\nContent-Length: 2\r\n\r\n{{}}".encode()
+    )
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    assert status.split()[1] == b"400"
+    assert await asyncio.to_thread(p.terminate) == 0
+    log = p.log()
+    assert "malformed HTTP request refused" in log and '"LineTooLong"' in log
+    assert "s3cr3t" not in log and "Traceback" not in log
