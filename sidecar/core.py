@@ -29,6 +29,7 @@ from sidecar.models import (
 )
 from sidecar.observability import Metrics
 from sidecar.store.base import Store
+from sidecar.validate import payload_problem
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +161,29 @@ class Core:
         return len(pending)
 
     async def _run_lane(self, conversation_id: str, lane: collections.deque[StoredMessage]) -> None:
+        failures = 0
         try:
             while lane and not self._stopping.is_set():
-                async with self._bot_slots:
-                    if self._stopping.is_set():
-                        break
-                    await self._handle(lane[0])
+                try:
+                    async with self._bot_slots:
+                        if self._stopping.is_set():
+                            break
+                        await self._handle(lane[0])
+                except Exception as e:  # noqa: BLE001 - a store step failed; bot failures are handled inside
+                    # The message is still pending in the store (its step did not commit):
+                    # try it again after a pause, in order, rather than let the lane die
+                    # and strand this conversation until a restart.
+                    failures += 1
+                    self._metrics.store_errors.labels("message").inc()
+                    log.error(
+                        "handling a message failed in the store; will retry",
+                        extra={**_ids(lane[0]), "attempt": failures, "error": _describe(e)},
+                    )
+                    delay = full_jitter(failures, self._config.bot_backoff_initial, self._config.bot_backoff_max)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+                    continue
+                failures = 0
                 self._queued.discard(lane.popleft().id)
                 self._pending -= 1
         finally:
@@ -175,7 +193,12 @@ class Core:
                 del self._lanes[conversation_id]
         if self._backlog and self._pending == 0 and not self._stopping.is_set():
             self._backlog = False
-            await self._load_pending()
+            try:
+                await self._load_pending()
+            except Exception as e:  # noqa: BLE001 - the next lane to finish tries again
+                self._backlog = True
+                self._metrics.store_errors.labels("message").inc()
+                log.error("reloading pending messages failed", extra={"error": _describe(e)})
 
     async def _handle(self, stored: StoredMessage) -> None:
         """Run the bot until it succeeds, fails for good, or the sidecar stops."""
@@ -188,7 +211,7 @@ class Core:
                 nonlocal emitted
                 if emitted == 0:
                     self._metrics.end_to_end.observe(max(0.0, time.time() - stored.received_at))
-                draft = self._draft(stored, reply, _reply_key(stored, emitted))
+                draft = self._draft(stored, self._checked(reply), _reply_key(stored, emitted))
                 emitted += 1
                 await self._append(stored.conversation_id, [draft], source="bot")
 
@@ -198,6 +221,7 @@ class Core:
                 # asyncio.timeout, not wait_for: no extra task per message.
                 async with asyncio.timeout(self._config.bot_timeout):
                     returned = await self._bot.handle(stored, emit)
+                returned = [self._checked(r) for r in returned]
             except BotError as e:
                 error, outcome, retry, counts = str(e), "error", e.retryable, e.counts
             except TimeoutError:
@@ -239,6 +263,25 @@ class Core:
             delay = full_jitter(attempts, self._config.bot_backoff_initial, self._config.bot_backoff_max)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
+
+    def _checked(self, reply: BotReply) -> BotReply:
+        """A bot's reply if the log can hold it and both protocols carry it exactly,
+        else a BotError: a payload google.protobuf.Value cannot hold would break
+        every Subscribe that replays it. Retrying the same bot cannot help."""
+        limit = self._config.max_id_length
+        problem = ""
+        if not isinstance(reply.type, str) or not reply.type or len(reply.type) > limit:
+            problem = f"type must be a non-empty string of at most {limit} characters"
+        elif reason := payload_problem(reply.payload, self._config.max_payload_depth):
+            problem = f"payload {reason}"
+        elif not all(
+            isinstance(v, str) and len(v) <= limit
+            for v in (reply.bot_message_id, reply.bot_user_id, reply.bot_conversation_id)
+        ):
+            problem = f"bot ids must be strings of at most {limit} characters"
+        if problem:
+            raise BotError(f"the bot gave an invalid reply: {problem}", retryable=False)
+        return reply
 
     def _draft(self, stored: StoredMessage, reply: BotReply, dedupe_key: str) -> ReplyDraft:
         m = stored.message
@@ -422,6 +465,11 @@ def _reply_key(stored: StoredMessage, index: int) -> str:
     for this message, and new when the same message id is accepted again after
     ``dedupe_window`` forgot it (so its replies are appended, with new webhook-ids)."""
     return f"{stored.id}@{stored.received_at:.6f}/{index}"
+
+
+def _describe(error: BaseException) -> str:
+    """An error for the log: its class and the start of its message."""
+    return f"{type(error).__name__}: {error}"[:300]
 
 
 def _ids(stored: StoredMessage) -> dict[str, str]:

@@ -81,6 +81,12 @@ class Metrics:
             "Replies trimmed from conversation logs once older than reply_max_age",
             registry=r,
         )
+        self.store_errors = Counter(
+            "sidecar_store_errors_total",
+            "Store steps that failed while handling a message or delivering a reply (the work is retried)",
+            ["stage"],
+            registry=r,
+        )
         self.messages_forgotten = Counter(
             "sidecar_messages_forgotten_total",
             "Handled messages deleted from the store once older than the dedupe window",

@@ -84,6 +84,8 @@ def payload_problem(payload: JSON, max_depth: int) -> str:
         if isinstance(value, dict | list):
             if depth > max_depth:
                 return f"must not nest deeper than {max_depth} levels"
+            if isinstance(value, dict) and not all(isinstance(k, str) for k in value):
+                return "object keys must be strings"  # parsed JSON never has others; a bot's value may
             children = value.values() if isinstance(value, dict) else value
             stack.extend((child, depth + 1) for child in children)
         elif isinstance(value, bool) or value is None or isinstance(value, str):

@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import Running, StartApp, eventually, message
 from tests.receiver import Receiver
+from tests.test_streams import read_n, subscribe
 from tests.test_webhook_delivery import SECRET_A, dead_letters, send_texts
 
 ADMIN = "admin-secret"
@@ -130,3 +133,30 @@ async def test_the_cli_lists_shows_replays_and_purges(start_app: StartApp) -> No
         assert code == 2 and "exactly one" in err
         code, _, err = await cli(s, "show", "missing")
         assert code == 1 and "404" in err
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "{type: text, payload: {n: 1152921504606846976}}",  # google.protobuf.Value cannot carry it exactly
+        "{type: text, payload: {n: 1}}, {type: text, payload: {n: .nan}, delay: 0.01}",  # one emitted, then invalid
+        "{type: text, payload: {1: one}}",  # YAML keys need not be strings; JSON's must
+    ],
+)
+async def test_a_reply_the_protocols_cannot_carry_dead_letters_its_message_and_the_conversation_goes_on(
+    start_app: StartApp, tmp_path: Path, bad: str
+) -> None:
+    rules = tmp_path / "bad.yaml"
+    rules.write_text(
+        f"rules:\n  - match: {{text: bad}}\n    replies: [{bad}]\n"
+        "default:\n  replies: [{type: text, payload: {text: ok}}]\n"
+    )
+    s = await start_app(bot="script", bot_script=str(rules))
+    assert (await s.post(message(message_id="m1", text="bad"))).status == 200
+    assert (await s.post(message(message_id="m2", text="fine"))).status == 200
+    (letter,) = await dead_letters(s, 1)
+    assert letter.kind == "message" and letter.attempts == 1
+    assert letter.error.startswith("the bot gave an invalid reply")
+    # Whatever the log holds replays to a subscriber: nothing in it breaks Subscribe.
+    replies = await read_n(subscribe(s, "c1", after=0), 1 + ("delay" in bad))
+    assert replies[-1].payload.struct_value["text"] == "ok"

@@ -27,6 +27,8 @@ _BATCH = 256
 _PAGE = 32
 """Queued replies of one conversation read at once: one read per page instead of per reply."""
 _RETRYABLE = {408, 429}
+_STORE_PAUSE = 1.0
+"""Seconds a conversation waits after a store step of its delivery failed."""
 
 
 class Outcome:
@@ -167,6 +169,15 @@ class WebhookDelivery:
                 queue.popleft()
                 if not queue:
                     queue.extend(await self._store.queued_deliveries(conversation_id, _PAGE))
+        except Exception as e:  # noqa: BLE001 - the outbox still holds the reply: pause, then start over
+            # Paused while still in flight, so the scheduler does not restart this
+            # conversation at once and POST the same reply in a tight loop.
+            self._metrics.store_errors.labels("delivery").inc()
+            log.error(
+                "recording a webhook outcome failed in the store; will retry",
+                extra={"conversation_id": conversation_id, "error": f"{type(e).__name__}: {e}"[:300]},
+            )
+            await asyncio.sleep(_STORE_PAUSE)
         finally:
             # Leave the in-flight set before waking the scheduler: it runs before this
             # task's done callbacks, and would otherwise see the conversation as busy,
