@@ -13,7 +13,7 @@ import pytest
 from sidecar.config import redact_url
 from sidecar.models import AcceptResult, InboundMessage
 from sidecar.store.redis import RedisStore, RedisStoreError
-from tests.conftest import StartApp, message
+from tests.conftest import StartApp, admin_metrics, eventually, message
 from tests.procs import free_port
 from tests.test_store_contract import open_redis_or_skip, redis_url
 from tests.test_streams import read_n, subscribe
@@ -167,3 +167,43 @@ async def test_drop_takes_a_prefix_with_glob_characters_literally() -> None:
     finally:
         await client.delete(lookalike + "a")
         await store.close()
+
+
+async def test_a_store_step_that_fails_mid_message_is_retried_and_the_conversation_goes_on(
+    start_app: StartApp, prefixed_url: str, tmp_path: Path
+) -> None:
+    rules = tmp_path / "two.yaml"
+    rules.write_text(
+        "rules:\n  - match: {}\n    replies: [{type: text, payload: {text: first}},"
+        " {type: text, payload: {text: second}, delay: 0.5}]\n"
+    )
+    admin = RedisStore(prefixed_url)
+    await admin.open()
+    try:
+        others = {c["id"] for c in await admin._redis().client_list()}
+        s = await start_app(store=prefixed_url, bot="script", bot_script=str(rules))
+        assert (await s.post(message(message_id="m1"))).status == 200
+
+        async def first_reply_stored() -> bool:
+            return await s.app.store.last_sequence("c1") == 1
+
+        await eventually(first_reply_stored, what="the first reply")
+        # While the bot waits before its second reply, cut every connection the sidecar
+        # has (tests run one at a time: the clients that were not there before are its):
+        # the step that stores "second" and marks m1 handled fails with ConnectionError.
+        for client in await admin._redis().client_list():
+            if client["id"] not in others:
+                await admin._redis().client_kill_filter(_id=client["id"])
+
+        async def failure_seen() -> bool:
+            return 'sidecar_store_errors_total{stage="message"} 1.0' in await admin_metrics(s)
+
+        await eventually(failure_seen, what="the failed store step")
+        assert (await s.post(message(message_id="m2"))).status == 200
+        replies = await read_n(subscribe(s, "c1", after=0), 4)
+    finally:
+        await admin.close()
+    assert [(r.sequence, r.payload.struct_value["text"], r.in_reply_to) for r in replies] == [
+        (1, "first", "m1"), (2, "second", "m1"), (3, "first", "m2"), (4, "second", "m2")
+    ]  # fmt: skip
+    assert s.app.core.pending == 0

@@ -51,6 +51,7 @@ messages and replies). Durability is the server's: see docs/configuration.md (Re
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import uuid
 from collections.abc import Sequence
@@ -62,10 +63,12 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.config import ConfigError, redact_url
-from sidecar.errors import Conflict
+from sidecar.errors import Conflict, Unavailable
 from sidecar.models import (
     AcceptResult,
     DeadLetter,
@@ -77,6 +80,8 @@ from sidecar.models import (
     sidecar_id,
 )
 from sidecar.store.base import Store
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "sidecar:"
 _ERROR_LIMIT = 500  # like the SQLite store: a stored error string stays bounded
@@ -542,7 +547,13 @@ class RedisStore(Store):
                     script.sha = await self._redis().script_load(script.script)
                 for (_, i), result in zip(missing, await self._execute([c for c, _ in missing]), strict=True):
                     results[i] = result
-        except Exception as e:  # noqa: BLE001 - the connection failed: every caller hears of it
+        except (RedisConnectionError, RedisTimeoutError) as e:
+            # Unreachable for now: callers hear "try again" (503 / UNAVAILABLE) rather than
+            # an internal error. A script may have run before the connection dropped; a
+            # retry of it is deduplicated like any other.
+            log.warning("redis store unreachable", extra={"error": type(e).__name__, "scripts": len(calls)})
+            results = [Unavailable("the store is unreachable; try again")] * len(calls)
+        except Exception as e:  # noqa: BLE001 - anything else: every caller hears of it
             results = [e] * len(calls)
         except BaseException:
             for _, _, future in calls:  # cancelled (the loop is closing): no caller waits forever
