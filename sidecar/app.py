@@ -17,7 +17,7 @@ from aiohttp import web
 from sidecar.admin import AdminApp
 from sidecar.auth import TokenChecker
 from sidecar.bots import create_bot
-from sidecar.config import Config, ConfigError, split_addr
+from sidecar.config import Config, ConfigError, is_loopback, split_addr
 from sidecar.core import Core
 from sidecar.delivery.webhook import WebhookDelivery
 from sidecar.ingress.grpc import SERVING, build_server
@@ -83,7 +83,11 @@ class App:
             level = logging.INFO if self._response_url_check == "ok" else logging.WARNING
             log.log(level, "response URL check", extra={"result": self._response_url_check})
         if not self.tokens.enabled:
-            log.warning("no auth tokens configured: HTTP and gRPC ingress accept anyone on loopback only")
+            exposed = [a for a in (c.http_addr, c.grpc_addr) if not is_loopback(split_addr(a, "addr")[0])]
+            if exposed:  # only with allow_unauthenticated: validate() refuses it otherwise
+                log.warning("no auth tokens configured: ingress accepts anyone, beyond loopback", extra={"on": exposed})
+            else:
+                log.warning("no auth tokens configured: HTTP and gRPC ingress accept anyone on loopback only")
         log.info(
             "sidecar started",
             extra={
@@ -168,7 +172,11 @@ class App:
 
 
 async def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT, then drain and exit 0 (1 if the start failed)."""
+    """Run until SIGTERM or SIGINT, then drain and exit 0.
+
+    A setting found wrong only while starting (the script file, the TLS files, a
+    store that cannot be opened, a port that cannot be bound) exits 2, like one
+    that validation refuses; anything else that stops the start exits 1."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -177,13 +185,13 @@ async def serve(config: Config) -> int:
         app = App(config)
     except ConfigError as e:
         log.error("cannot start", extra={"reason": str(e)})
-        return 1
+        return 2
     try:
         await app.start()
     except ConfigError as e:
         log.error("cannot start", extra={"reason": str(e)})
         await app.stop()
-        return 1
+        return 2
     # What start-up built (modules, descriptors, servers) lives as long as the
     # process: take it out of the collector's sight, so that a full collection
     # under load walks only what requests create instead of pausing the loop

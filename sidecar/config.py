@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import math
 import tomllib
 import types
 import typing
@@ -295,11 +296,16 @@ def validate(c: Config) -> None:
         "max_body_bytes", "max_id_length", "max_payload_depth", "max_pending_messages",
         "stream_queue_size", "max_streams",
     )  # fmt: skip
+    for f in fields(c):
+        value = getattr(c, f.name)
+        if isinstance(value, float) and not math.isfinite(value):  # "nan" <= 0 is False: caught here
+            _fail(f.name, "must be a finite number")
     for name in positive:
         if getattr(c, name) <= 0:
             _fail(name, "must be greater than 0")
-    if c.drain_timeout < 0 or c.webhook_retry_after_max < 0:
-        _fail("drain_timeout", "must not be negative")
+    for name in ("drain_timeout", "webhook_retry_after_max"):
+        if getattr(c, name) < 0:
+            _fail(name, "must not be negative")
 
 
 def _is_http_url(url: str) -> bool:

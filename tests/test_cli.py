@@ -179,3 +179,18 @@ def test_tail_refuses_a_negative_cursor() -> None:
     result = run("tail", "c1", "--after", "-1")
     assert result.returncode == 2
     assert "--after" in result.stderr
+
+
+def test_a_setting_found_wrong_only_at_start_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    env = {
+        "SIDECAR_BOT": "script",
+        "SIDECAR_BOT_SCRIPT": str(tmp_path / "missing.yaml"),
+        "SIDECAR_STORE": "memory://",
+        "SIDECAR_HTTP_ADDR": "127.0.0.1:0",
+        "SIDECAR_GRPC_ADDR": "127.0.0.1:0",
+        "SIDECAR_ADMIN_ADDR": "127.0.0.1:0",
+    }
+    result = run("serve", env=env)
+    assert result.returncode == 2
+    assert "SIDECAR_BOT_SCRIPT" in result.stderr
+    assert "Traceback" not in result.stderr

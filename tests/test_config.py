@@ -54,6 +54,10 @@ def test_comma_separated_tokens_are_split_and_trimmed() -> None:
         ({"SIDECAR_RESPONSE_URL": "ftp://x"}, "SIDECAR_RESPONSE_URL"),
         ({"SIDECAR_BOT": "http"}, "SIDECAR_BOT_URL"),
         ({"SIDECAR_ALLOW_UNAUTHENTICATED": "maybe"}, "SIDECAR_ALLOW_UNAUTHENTICATED"),
+        ({"SIDECAR_BOT_TIMEOUT": "nan"}, "SIDECAR_BOT_TIMEOUT"),
+        ({"SIDECAR_DRAIN_TIMEOUT": "inf"}, "SIDECAR_DRAIN_TIMEOUT"),
+        ({"SIDECAR_WEBHOOK_RETRY_AFTER_MAX": "-1"}, "SIDECAR_WEBHOOK_RETRY_AFTER_MAX"),
+        ({"SIDECAR_DRAIN_TIMEOUT": "-1"}, "SIDECAR_DRAIN_TIMEOUT"),
     ],
 )
 def test_invalid_settings_fail_with_a_message_naming_the_variable(env: dict[str, str], named: str) -> None:

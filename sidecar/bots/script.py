@@ -122,7 +122,7 @@ def _substitute(value: JSON, values: dict[str, str]) -> JSON:
 
 def load_rules(path: str) -> tuple[tuple[_Rule, ...], tuple[_Reply, ...]]:
     """Parse and check a rules file; every error names the file and the rule."""
-    where = f"bot_script ({path})"
+    where = f"bot_script (SIDECAR_BOT_SCRIPT): {path}"
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
