@@ -11,7 +11,7 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from grpc_status import rpc_status
 
 from sidecar.v1 import sidecar_pb2
@@ -127,13 +127,21 @@ async def test_health_and_reflection_are_served(start_app: StartApp) -> None:
     for service in ("", "sidecar.v1.MessagingService"):
         answer = await health.Check(health_pb2.HealthCheckRequest(service=service))
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
-    reflect = reflection_pb2_grpc.ServerReflectionStub(s.channel)
-    call = reflect.ServerReflectionInfo()
-    await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-    answer = await call.read()
-    await call.done_writing()
-    names = {svc.name for svc in answer.list_services_response.service}
-    assert "sidecar.v1.MessagingService" in names and "grpc.health.v1.Health" in names
+    for service in ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"):
+        # v1's messages are v1alpha's under another package: the same bytes on the wire.
+        call = s.channel.stream_stream(
+            f"/{service}/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )()
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        answer = await call.read()
+        names = {svc.name for svc in answer.list_services_response.service}
+        assert {"sidecar.v1.MessagingService", "grpc.health.v1.Health", service} <= names
+        await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol="sidecar.v1.MessagingService"))
+        answer = await call.read()
+        await call.done_writing()
+        assert answer.file_descriptor_response.file_descriptor_proto
 
 
 # --- helpers -----------------------------------------------------------------

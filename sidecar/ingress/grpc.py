@@ -11,7 +11,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_status import rpc_status
 
 from sidecar.auth import TokenChecker
@@ -200,8 +200,28 @@ def build_server(
     sidecar_pb2_grpc.add_MessagingServiceServicer_to_server(MessagingService(config, core, metrics, tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    _serve_reflection_v1(names, server)
     return server, health_servicer
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _serve_reflection_v1(names: tuple[str, ...], server: grpc.aio.Server) -> None:
+    """Server reflection under its v1 name too: grpcio-reflection serves only v1alpha,
+    and clients such as grpcurl and Postman ask for v1 first. The two protos are the
+    same messages with the same field numbers, so v1alpha's servicer answers v1 bytes."""
+    servicer = reflection.aio.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
 
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
