@@ -113,7 +113,7 @@ def forget_redis_keys(url: str) -> None:
     from sidecar.store.redis import RedisStore
 
     async def drop() -> None:
-        store = RedisStore(url)
+        store = RedisStore(url, exclusive=False)
         await store.open()
         try:
             await store.drop()

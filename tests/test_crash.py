@@ -163,7 +163,7 @@ async def wait_idle(p: SidecarProcess) -> None:
 
 async def read_logs(path: Path) -> dict[str, list[Reply]]:
     """Every conversation's reply log, read through the store itself (WAL allows a second reader)."""
-    store = SqliteStore(str(path))
+    store = SqliteStore(str(path), exclusive=False)  # beside the running sidecar
     await store.open()
     try:
         return {f"c{i}": await store.replies_after(f"c{i}", 0, 100_000) for i in range(CONVERSATIONS)}

@@ -34,11 +34,13 @@ async def cli(s: Running, *args: str) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
-async def test_the_admin_api_is_closed_without_admin_tokens_and_refuses_wrong_ones(start_app: StartApp) -> None:
+async def test_the_admin_api_is_closed_without_admin_tokens_and_refuses_wrong_ones(
+    start_app: StartApp, tmp_path: Path
+) -> None:
     s = await start_app()
     status, body = await api(s, "GET", "/v1/dead-letters")
     assert status == 401 and "SIDECAR_ADMIN_TOKENS" in body["error"]["message"]
-    s2 = await start_app(admin_tokens=(ADMIN,))
+    s2 = await start_app(admin_tokens=(ADMIN,), store=f"sqlite:///{tmp_path}/second.db")
     assert (await api(s2, "GET", "/v1/dead-letters", token="wrong"))[0] == 401
     assert (await api(s2, "GET", "/v1/dead-letters"))[0] == 200
     # probes stay open for kubelet

@@ -120,3 +120,12 @@ async def test_a_request_aiohttp_cannot_parse_is_logged_without_its_bytes(
     log = p.log()
     assert "malformed HTTP request refused" in log and '"LineTooLong"' in log
     assert "s3cr3t" not in log and "Traceback" not in log
+
+
+def test_a_second_sidecar_on_the_same_store_file_exits_2(procs: list[SidecarProcess], tmp_path: Path) -> None:
+    launch(procs, tmp_path)
+    second = SidecarProcess(tmp_path)  # same SQLite file, ports of its own
+    procs.append(second)
+    with pytest.raises(AssertionError, match="exited with 2"):
+        second.start()
+    assert "in use by another sidecar" in second.log() and "SIDECAR_STORE" in second.log()

@@ -23,7 +23,7 @@ from tests.test_streams import read_n, subscribe
 async def prefixed_url() -> AsyncIterator[str]:
     """A REDIS_URL with a fresh key prefix (skip without Redis, fail in CI); its keys are deleted after."""
     url = redis_url(f"test-{uuid.uuid4().hex}:")
-    store = RedisStore(url)
+    store = RedisStore(url, exclusive=False)  # beside the sidecars the tests start on this prefix
     await open_redis_or_skip(store)
     try:
         yield url
@@ -156,7 +156,7 @@ async def test_close_answers_every_script_already_called(prefixed_url: str) -> N
 async def test_drop_takes_a_prefix_with_glob_characters_literally() -> None:
     tag = uuid.uuid4().hex
     ours, lookalike = f"t{tag}[*]?:", f"t{tag}x?:"
-    store = RedisStore(redis_url(ours))
+    store = RedisStore(redis_url(ours), exclusive=False)
     await open_redis_or_skip(store)
     client = store._redis()
     try:
@@ -177,7 +177,7 @@ async def test_a_store_step_that_fails_mid_message_is_retried_and_the_conversati
         "rules:\n  - match: {}\n    replies: [{type: text, payload: {text: first}},"
         " {type: text, payload: {text: second}, delay: 0.5}]\n"
     )
-    admin = RedisStore(prefixed_url)
+    admin = RedisStore(prefixed_url, exclusive=False)
     await admin.open()
     try:
         others = {c["id"] for c in await admin._redis().client_list()}
@@ -207,3 +207,30 @@ async def test_a_store_step_that_fails_mid_message_is_retried_and_the_conversati
         (1, "first", "m1"), (2, "second", "m1"), (3, "first", "m2"), (4, "second", "m2")
     ]  # fmt: skip
     assert s.app.core.pending == 0
+
+
+async def test_a_second_store_on_the_same_prefix_is_refused_and_a_lapsed_lease_is_waited_out(
+    prefixed_url: str,
+) -> None:
+    first = RedisStore(prefixed_url, lease_seconds=0.6)
+    await first.open()
+    try:
+        await asyncio.sleep(0.8)  # past the lease: only renewals keep it
+        second = RedisStore(prefixed_url, lease_seconds=0.6)
+        with pytest.raises(RedisStoreError, match="in use by another sidecar") as refused:
+            await second.open()
+        assert "pid " in str(refused.value)
+    finally:
+        await first.close()
+    # Closed: the lease is released at once. Left behind by a sidecar that died: it
+    # expires, and the next one waits it out instead of failing.
+    again = RedisStore(prefixed_url, lease_seconds=0.6)
+    await again.open()
+    lease = again._lease_task
+    assert lease is not None
+    lease.cancel()  # dies without releasing: no renewals, and close() will not delete it
+    again._lease_task = None
+    await again.close()
+    after_crash = RedisStore(prefixed_url, lease_seconds=0.6)
+    await after_crash.open()
+    await after_crash.close()

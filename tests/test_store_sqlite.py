@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.config import ConfigError
 from sidecar.store.sqlite import SqliteStore
 from tests.test_store_contract import draft, head_delivery, msg
 
@@ -147,3 +148,17 @@ async def test_a_schema_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     conn.close()
     assert "replies_keyed" in indexes and "replies_dedupe" not in indexes
+
+
+async def test_a_second_store_on_the_same_file_is_refused_until_the_first_closes(tmp_path: Path) -> None:
+    first = SqliteStore(str(tmp_path / "s.db"))
+    await first.open()
+    second = SqliteStore(str(tmp_path / "s.db"))
+    with pytest.raises(ConfigError, match="in use by another sidecar"):
+        await second.open()
+    reader = SqliteStore(str(tmp_path / "s.db"), exclusive=False)  # inspection beside it is fine
+    await reader.open()
+    await reader.close()
+    await first.close()
+    await second.open()
+    await second.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -209,14 +210,16 @@ async def test_replies_queued_while_the_receiver_is_down_arrive_in_order_after_a
     assert [b["payload"]["text"] for b in r.delivered("c1")] == [f"t{i}" for i in range(4)]
 
 
-async def test_response_url_check_is_reported_in_readyz(start_app: StartApp) -> None:
+async def test_response_url_check_is_reported_in_readyz(start_app: StartApp, tmp_path: Path) -> None:
     async with Receiver() as r:
         s = await start_app(response_url=r.url, check_response_url=True)
         (probe,) = await r.wait_for(1)
         assert probe.body == {"type": "test", "payload": "test"}
         async with aiohttp.ClientSession() as session, session.get(s.admin + "/readyz") as resp:
             assert (await resp.json())["details"]["response_url"] == "ok"
-    down = await start_app(response_url=f"http://127.0.0.1:{free_port()}/x", check_response_url=True)
+    down = await start_app(
+        response_url=f"http://127.0.0.1:{free_port()}/x", check_response_url=True, store=f"sqlite:///{tmp_path}/2.db"
+    )
     async with aiohttp.ClientSession() as session, session.get(down.admin + "/readyz") as resp:
         assert resp.status == 200  # reported, never refused
         assert (await resp.json())["details"]["response_url"] == "unreachable"

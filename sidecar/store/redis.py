@@ -2,7 +2,9 @@
 
 ``SIDECAR_STORE=redis://[user:password@]host:port/db[?prefix=sidecar:]``. Every
 key starts with the prefix (default ``sidecar:``), so several sidecars, or a
-test run, can share one database. Values are JSON (orjson) written by Python;
+test run, can share one database, each under a prefix of its own: a sidecar
+holds its prefix's ``owner`` lease while it runs, and a second one on the
+same prefix refuses to start. Values are JSON (orjson) written by Python;
 the scripts copy them verbatim and never re-encode a float, so times and
 payloads come back bit for bit.
 
@@ -29,6 +31,7 @@ key                            type         holds
 ``P letters``                  sorted set   dead letter id -> creation order (all of them)
 ``P letters:conv:C``           sorted set   dead letter id -> creation order (one conversation's)
 ``P letters:ord``              string       counter: creation order of the last dead letter
+``P owner``                    string       the running sidecar's lease on the prefix (expires unless renewed)
 =============================  ===========  ==============================================================
 
 Atomicity: each method is one Redis command or one script. Redis runs a
@@ -52,7 +55,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import socket
 import uuid
 from collections.abc import Sequence
 from typing import Any, cast
@@ -395,6 +400,15 @@ class RedisStoreError(ConfigError):
     """
 
 
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 _PIPELINE = 512
 """At most this many scripts in one pipeline."""
 
@@ -412,8 +426,23 @@ class RedisStore(Store):
     transaction, so one script's error is that caller's alone.
     """
 
-    def __init__(self, url: str, *, retention: int = 10000, max_connections: int = 64) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        retention: int = 10000,
+        max_connections: int = 64,
+        exclusive: bool = True,
+        lease_seconds: float = 15.0,
+    ) -> None:
+        """``exclusive`` (the default) holds the prefix's ``owner`` lease while open, so
+        that a second sidecar on the same prefix refuses to start; tools that only
+        read or clean up beside a running sidecar pass False."""
         self._url, self.prefix = parse_url(url)
+        self._exclusive = exclusive
+        self._lease_ms = int(lease_seconds * 1000)
+        self._owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
+        self._lease_task: asyncio.Task[None] | None = None
         self._safe_url = redact_url(self._url)
         self._password = urlsplit(self._url).password or ""
         self._retention = retention
@@ -452,6 +481,15 @@ class RedisStore(Store):
             ) from None
         self._client = client
         s = client.register_script
+        self._renew = s(_RENEW)
+        self._release = s(_RELEASE)
+        if self._exclusive:
+            try:
+                await self._take_lease()
+            except BaseException:
+                self._client = None
+                await client.aclose(close_connection_pool=True)
+                raise
         self._accept = s(_HELPERS + _ACCEPT)
         self._pending = s(_HELPERS + _PENDING)
         self._record_attempt = s(_HELPERS + _RECORD_ATTEMPT)
@@ -468,6 +506,44 @@ class RedisStore(Store):
         self._purge = s(_HELPERS + _PURGE)
         self._list_letters = s(_HELPERS + _LIST_LETTERS)
 
+    async def _take_lease(self) -> None:
+        """Take the prefix's owner lease, waiting out one left by a sidecar that ended
+        without closing (it expires within ``lease_seconds``); a live holder renews
+        its lease, so after that wait the start is refused."""
+        client, key = self._redis(), self._key("owner")
+        deadline = asyncio.get_running_loop().time() + self._lease_ms / 1000 + 1.0
+        while not await client.set(key, self._owner, nx=True, px=self._lease_ms):
+            holder = cast(str | None, await client.get(key)) or "a sidecar that just left"
+            if asyncio.get_running_loop().time() >= deadline:
+                raise RedisStoreError(
+                    f"store (SIDECAR_STORE): prefix {self.prefix!r} on {self._safe_url} is in use by another"
+                    f" sidecar ({holder}); every sidecar needs a store of its own (a prefix of its own)"
+                )
+            log.warning("waiting for the store prefix to be free", extra={"prefix": self.prefix, "holder": holder})
+            await asyncio.sleep(min(1.0, self._lease_ms / 3000))
+        self._lease_task = asyncio.create_task(self._keep_lease(), name="redis-store-lease")
+
+    async def _keep_lease(self) -> None:
+        """Renew the lease at a third of its life. If it was lost (this process stalled
+        past it) and someone else holds it, say so at every renewal: two sidecars on
+        one prefix is a misconfiguration that breaks order and exactly-once."""
+        key = self._key("owner")
+        while True:
+            await asyncio.sleep(self._lease_ms / 3000)
+            try:
+                if await self._renew(keys=[key], args=[self._owner, self._lease_ms]):
+                    continue
+                if await self._redis().set(key, self._owner, nx=True, px=self._lease_ms):
+                    log.warning("store prefix lease had lapsed; taken again", extra={"prefix": self.prefix})
+                    continue
+                holder = await self._redis().get(key)
+                log.error(
+                    "another sidecar holds this store prefix: stop one of them",
+                    extra={"prefix": self.prefix, "holder": holder},
+                )
+            except Exception as e:  # noqa: BLE001 - unreachable for now; the next renewal tries again
+                log.warning("renewing the store prefix lease failed", extra={"error": type(e).__name__})
+
     def _scrub(self, error: BaseException) -> str:
         text = str(error)
         return text.replace(self._password, "***") if self._password else text
@@ -478,6 +554,14 @@ class RedisStore(Store):
                 await asyncio.gather(*self._pipelines, return_exceptions=True)
             else:
                 await asyncio.sleep(0)  # the next pipeline is scheduled: let it start
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+            await asyncio.gather(self._lease_task, return_exceptions=True)
+            self._lease_task = None
+            try:
+                await self._release(keys=[self._key("owner")], args=[self._owner])
+            except Exception as e:  # noqa: BLE001 - it expires on its own
+                log.warning("releasing the store prefix lease failed", extra={"error": type(e).__name__})
         client, self._client = self._client, None
         if client is not None:
             await client.aclose(close_connection_pool=True)

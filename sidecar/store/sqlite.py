@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import queue
+import socket
 import sqlite3
 import threading
 import uuid
@@ -14,6 +17,7 @@ from typing import Any, TypeVar
 
 import orjson
 
+from sidecar.config import ConfigError
 from sidecar.errors import Conflict
 from sidecar.models import (
     AcceptResult,
@@ -180,13 +184,17 @@ class SqliteStore(Store):
     caller awaited has committed, so it reads its own writes.
     """
 
-    def __init__(self, path: str, *, sync: str = "full", retention: int = 10000) -> None:
+    def __init__(self, path: str, *, sync: str = "full", retention: int = 10000, exclusive: bool = True) -> None:
+        """``exclusive=False`` skips the lock that keeps a second sidecar off the file:
+        for tools that only read while a sidecar runs (tests, inspection)."""
         self._path = path
+        self._exclusive = exclusive
         self._sync = sync.upper()
         self._retention = retention
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self._thread: _Worker | None = None
+        self._lock_fd: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: list[Entry] = []
         self._busy = False  # a batch is scheduled or committing: new operations wait for the next one
@@ -199,6 +207,7 @@ class SqliteStore(Store):
     async def open(self) -> None:
         if self._conn is not None:
             return
+        self._lock()
         self._loop = asyncio.get_running_loop()
         self._thread = _Worker(self._loop)
         self._idle = asyncio.Event()
@@ -212,7 +221,34 @@ class SqliteStore(Store):
                 self._conn = None
             self._thread.stop()
             self._thread = None
+            self._unlock()
             raise
+
+    def _lock(self) -> None:
+        """Hold ``<path>.lock`` exclusively while open, so that a second sidecar on the
+        same file refuses to start instead of running the same messages and outbox
+        alongside this one. The kernel releases it when the process ends, however."""
+        if not self._exclusive:
+            return
+        Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self._path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"store (SIDECAR_STORE): {self._path} is in use by another sidecar ({holder});"
+                " every sidecar needs a store of its own"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the lock
+            self._lock_fd = None
 
     async def close(self) -> None:
         conn, thread = self._conn, self._thread
@@ -228,6 +264,7 @@ class SqliteStore(Store):
         await thread.call(conn.close)
         thread.stop()
         self._thread = None
+        self._unlock()
 
     async def ping(self) -> None:
         await self._run(lambda c: c.execute("SELECT 1").fetchone())
