@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from sidecar.convert import value_to_json
 from tests.bot_server import BotServer
 from tests.conftest import Running, StartApp, admin_metrics, eventually, message
 from tests.procs import free_port
 from tests.receiver import Receiver
+from tests.streaming_server import StreamingServer
 from tests.test_grpc_ingress import request, wait_until
 from tests.test_streams import read_n, subscribe
 from tests.test_webhook_delivery import dead_letters
@@ -208,3 +211,20 @@ async def test_two_chained_sidecars_speak_both_sides_of_the_messaging_api(start_
     )  # fmt: skip
     assert posted.body["botpressMessageId"] == b_reply.bot_message_id
     assert await b.app.store.conversation_user("conv-42") == "u1"
+
+
+async def test_an_answer_written_in_several_parts_is_read_whole(start_app: StartApp) -> None:
+    answer = orjson.dumps([{"type": "text", "payload": {"text": "x" * 50_000}}])
+    async with StreamingServer([answer[:1000], answer[1000:]], pause=0.3) as bot:
+        s = await start_app(bot="http", bot_url=bot.url)
+        await s.post(message(text="hi"))
+        (reply,) = await replies_of(s, "c1", 1)
+    assert value_to_json(reply.payload) == {"text": "x" * 50_000}
+
+
+async def test_an_answer_over_1_mib_dead_letters_the_message_without_reading_it_all(start_app: StartApp) -> None:
+    async with StreamingServer([b"[" + b" " * 65536] * 64) as bot:  # 4 MiB, no Content-Length
+        s = await start_app(bot="http", bot_url=bot.url)
+        await s.post(message(text="hi"))
+        (letter,) = await dead_letters(s, 1)
+    assert letter.error == "the bot's answer is larger than 1 MiB"

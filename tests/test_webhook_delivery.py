@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from sidecar.models import DeadLetter
 from tests.conftest import Running, StartApp, eventually, message
 from tests.procs import free_port
 from tests.receiver import Receiver
+from tests.streaming_server import StreamingServer
 from tests.test_store_contract import head_delivery
 
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 24).decode()
@@ -246,3 +248,23 @@ async def head_attempted(s: Running, conversation: str) -> float:
 
     when: float = await eventually(probe, what="a failed attempt")
     return when
+
+
+@pytest.mark.parametrize(
+    "headers", [{"Retry-After": "²"}, {"Retry-After": "٣"}, {}], ids=["superscript-two", "arabic-three", "plain"]
+)
+async def test_a_receiver_answer_is_read_within_a_limit_and_odd_headers_change_nothing(
+    start_app: StartApp, headers: dict[str, str]
+) -> None:
+    # 200 with a 4 MiB body, or with a Retry-After of digits that are not ASCII: delivered once.
+    async with StreamingServer([b" " * 65536] * 64, headers=headers) as receiver:
+        s = await start_app(response_url=receiver.url)
+        await send_texts(s, "c1", ["one"])
+
+        async def delivered() -> bool:
+            return await _outbox_empty(s, "c1") and await s.app.store.last_sequence("c1") == 1
+
+        await eventually(delivered, what="the reply recorded as delivered")
+        await asyncio.sleep(0.3)  # time for a wrong retry to show
+    assert receiver.posts == 1
+    assert parse_retry_after(headers.get("Retry-After"), 0.0) is None

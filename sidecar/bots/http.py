@@ -19,6 +19,7 @@ import orjson
 
 from sidecar.bots.base import Bot, BotError, BotReply, Emit
 from sidecar.config import Config
+from sidecar.http_client import read_at_most
 from sidecar.models import JSON, StoredMessage
 from sidecar.observability import Metrics
 
@@ -185,7 +186,7 @@ class HttpBot(Bot):
                 self._config.bot_url, data=orjson.dumps(self.request_body(message)), headers=self.headers(),
                 allow_redirects=False,
             ) as resp:  # fmt: skip
-                raw = await resp.content.read(_MAX_ANSWER + 1)
+                raw = await read_at_most(resp, _MAX_ANSWER)
                 status = resp.status
         except TimeoutError:
             self.breaker.failure()
@@ -199,7 +200,7 @@ class HttpBot(Bot):
         self.breaker.success()  # it answered: whatever it said, it is up
         if not 200 <= status < 300:
             raise BotError(f"the bot refused the message: HTTP {status}", retryable=False)
-        if len(raw) > _MAX_ANSWER:
+        if raw is None:
             raise BotError("the bot's answer is larger than 1 MiB", retryable=False)
         if not raw.strip():
             return None

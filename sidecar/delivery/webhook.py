@@ -17,6 +17,7 @@ from standardwebhooks.webhooks import Webhook
 
 from sidecar.backoff import full_jitter
 from sidecar.config import Config
+from sidecar.http_client import read_at_most
 from sidecar.models import Delivery
 from sidecar.observability import Metrics
 from sidecar.store.base import Store
@@ -27,6 +28,8 @@ _BATCH = 256
 _PAGE = 32
 """Queued replies of one conversation read at once: one read per page instead of per reply."""
 _RETRYABLE = {408, 429}
+_MAX_ANSWER = 64 * 1024
+"""Bytes of a receiver's answer read at most: only its status and headers matter."""
 _STORE_PAUSE = 1.0
 """Seconds a conversation waits after a store step of its delivery failed."""
 
@@ -48,11 +51,11 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # str.isdigit() is also true of "²" and "٣"
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - any header the receiver sends: unparseable is "none"
         return None
     return max(0.0, when.timestamp() - now)
 
@@ -174,7 +177,7 @@ class WebhookDelivery:
             # conversation at once and POST the same reply in a tight loop.
             self._metrics.store_errors.labels("delivery").inc()
             log.error(
-                "recording a webhook outcome failed in the store; will retry",
+                "a webhook delivery step failed in the store; will retry",
                 extra={"conversation_id": conversation_id, "error": f"{type(e).__name__}: {e}"[:300]},
             )
             await asyncio.sleep(_STORE_PAUSE)
@@ -253,7 +256,7 @@ class WebhookDelivery:
                 self._config.response_url, data=body, headers=self.headers(delivery, body),
                 allow_redirects=False,
             ) as resp:  # fmt: skip
-                await resp.read()
+                await read_at_most(resp, _MAX_ANSWER)
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
         except TimeoutError:
@@ -262,6 +265,8 @@ class WebhookDelivery:
             return Outcome("error", "connection refused or unreachable")
         except aiohttp.ClientError as e:
             return Outcome("error", f"connection error ({type(e).__name__})")
+        except Exception as e:  # noqa: BLE001 - whatever else the client raises is this attempt's failure
+            return Outcome("error", f"the request failed ({type(e).__name__})")
         finally:
             self._metrics.webhook_latency.observe(time.perf_counter() - started)
         if 200 <= status < 300:
@@ -283,9 +288,11 @@ class WebhookDelivery:
                 timeout=aiohttp.ClientTimeout(total=self._config.webhook_timeout),
                 allow_redirects=False,
             ) as resp:
-                await resp.read()
+                await read_at_most(resp, _MAX_ANSWER)
                 return "ok" if resp.status == 200 else f"answered HTTP {resp.status}"
         except TimeoutError:
             return "timed out"
         except aiohttp.ClientError:
             return "unreachable"
+        except Exception as e:  # noqa: BLE001 - reported, never fatal (SPEC section 3)
+            return f"failed ({type(e).__name__})"
