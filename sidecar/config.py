@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import math
+import re
 import tomllib
 import types
 import typing
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from standardwebhooks.webhooks import Webhook
 
@@ -102,20 +103,33 @@ class Config:
             value = getattr(self, f.name)
             if f.metadata.get("secret") and value:
                 value = "***"
-            elif isinstance(value, str) and "@" in value:
-                value = redact_url(value)  # a password inside a URL (a redis:// store, a bot URL)
+            elif isinstance(value, str) and "://" in value:
+                value = redact_url(value)  # credentials inside a URL (a redis:// store, a bot URL)
             out[f.name] = value
         return out
 
 
+_SECRET_PARAM = re.compile(
+    r"([?&;][^=&#;]*(?:pass|pwd|token|secret|key|auth|sig|credential)[^=&#;]*=)[^&#;]*", re.IGNORECASE
+)
+
+
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***``: safe for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with what may be a credential replaced by ``***``: safe for messages and logs.
+
+    That is the password of its user info, up to the *last* "@" (an unencoded
+    password may hold "/", "?", "#" or "@", which a URL parser would read as the
+    path, query or fragment), and the value of every query parameter whose name
+    looks like one (``password=``, ``token=``, ``api_key=``, ...)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    host = parts.netloc.rpartition("@")[2]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    if "@" in rest:
+        user_info, _, host_and_more = rest.rpartition("@")
+        user, colon, _ = user_info.partition(":")
+        # "user:password@": keep the user; a lone "token@" may itself be the secret.
+        rest = f"{user}:***@{host_and_more}" if colon else f"***@{host_and_more}"
+    return f"{scheme}{sep}{_SECRET_PARAM.sub(lambda m: m.group(1) + '***', rest)}"
 
 
 # --- parsing ----------------------------------------------------------------
@@ -254,6 +268,8 @@ def validate(c: Config) -> None:
         path = getattr(c, name)
         if path and not Path(path).is_file():
             _fail(name, f"{path} is not a readable file")
+    if c.callback_secret_path and not re.fullmatch(r"[A-Za-z0-9._~-]+", c.callback_secret_path):
+        _fail("callback_secret_path", "must be one path segment of letters, digits and . _ ~ -")
     if not c.webhook_path.startswith("/"):
         _fail("webhook_path", "must start with /")
     if c.bot not in {"echo", "script", "http", "botpress"}:
@@ -268,6 +284,11 @@ def validate(c: Config) -> None:
         _fail("bot_format", f"expected json or rasa, got {c.bot_format!r}")
     if c.response_url and not _is_http_url(c.response_url):
         _fail("response_url", "expected an http(s) URL")
+    # aiohttp refuses a request with both, at every attempt: refuse the pair at start instead.
+    if c.response_authorization and "@" in urlsplit(c.response_url).netloc:
+        _fail("response_authorization", "cannot be combined with credentials inside SIDECAR_RESPONSE_URL")
+    if c.bot_token and c.bot in {"http", "botpress"} and "@" in urlsplit(c.bot_url).netloc:
+        _fail("bot_token", "cannot be combined with credentials inside SIDECAR_BOT_URL")
     for secret in c.webhook_secret.split():
         if not secret.startswith("whsec_"):
             _fail("webhook_secret", "each secret must look like whsec_<base64>")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sidecar import config
-from sidecar.config import Config, ConfigError, load, validate
+from sidecar.config import Config, ConfigError, load, redact_url, validate
 
 
 def test_defaults_match_the_spec() -> None:
@@ -115,6 +115,28 @@ def test_create_store_returns_a_redis_store_for_a_redis_url_without_io() -> None
     assert isinstance(store, RedisStore)
     assert store.prefix == "t1:"
     assert "hunter2" not in repr(store)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0?password=hunter2", "redis://127.0.0.1:6379/0?password=***"),
+        ("redis://u:pa/ss@host:1/0", "redis://u:***@host:1/0"),  # an unencoded "/" in the password
+        ("redis://u:p@ss#w@host/0?prefix=a:", "redis://u:***@host/0?prefix=a:"),
+        ("https://bot.example/x?token=abc&x=1", "https://bot.example/x?token=***&x=1"),
+        ("https://TOKEN@bot.example/x", "https://***@bot.example/x"),
+        ("sqlite:///./data/sidecar.db", "sqlite:///./data/sidecar.db"),
+    ],
+)
+def test_urls_are_logged_without_anything_that_may_be_a_credential(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_credentials_in_a_url_and_an_authorization_setting_together_are_refused() -> None:
+    with pytest.raises(ConfigError, match="SIDECAR_RESPONSE_AUTHORIZATION"):
+        load(env={"SIDECAR_RESPONSE_URL": "https://u:p@example.com/r", "SIDECAR_RESPONSE_AUTHORIZATION": "Bearer x"})
+    with pytest.raises(ConfigError, match="SIDECAR_BOT_TOKEN"):
+        load(env={"SIDECAR_BOT": "http", "SIDECAR_BOT_URL": "https://u:p@example.com/b", "SIDECAR_BOT_TOKEN": "x"})
 
 
 def test_redacted_settings_mask_a_password_inside_a_url() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 
 from sidecar.convert import value_to_json
 from tests.bot_server import BotServer
@@ -228,3 +229,21 @@ async def test_an_answer_over_1_mib_dead_letters_the_message_without_reading_it_
         await s.post(message(text="hi"))
         (letter,) = await dead_letters(s, 1)
     assert letter.error == "the bot's answer is larger than 1 MiB"
+
+
+async def test_a_failure_behind_the_secret_path_is_logged_without_the_secret(
+    start_app: StartApp, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = await start_app(callback_secret_path="s3cr3t-path")
+    await s.post(message())
+
+    async def broken(*args: Any) -> Any:
+        raise RuntimeError("the store broke")
+
+    monkeypatch.setattr(s.app.core, "add_bot_replies", broken)
+    ok = {"type": "text", "payload": {"text": "x"}, "conversationId": "c1"}
+    status, body = await callback(s, ok, token=None, path="/bot/replies/s3cr3t-path")
+    assert status == 500 and body["error"]["code"] == "internal"
+    logged = [r for r in caplog.records if r.getMessage() == "unhandled error"]
+    assert logged and logged[0].__dict__["route"] == "/bot/replies/{secret}"
+    assert "s3cr3t" not in caplog.text

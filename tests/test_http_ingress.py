@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -268,3 +270,17 @@ async def test_ambiguous_or_unrepresentable_json_is_400_naming_the_problem(
         body = await resp.json()
     assert_error_shape(body, "invalid_argument")
     assert body["error"]["details"][0]["field"] == field
+
+
+async def test_a_client_gone_mid_body_is_not_an_error(start_app: StartApp, caplog: pytest.LogCaptureFixture) -> None:
+    s = await start_app()
+    _, writer = await asyncio.open_connection("127.0.0.1", s.app.http_port)
+    writer.write(
+        b"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{"
+    )
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.close()
+    await asyncio.sleep(0.2)
+    assert (await s.post(message())).status == 200  # still serving
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

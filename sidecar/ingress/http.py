@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import time
@@ -58,6 +59,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Map core errors to their status once; never let a stack trace reach the client."""
     try:
         return await handler(request)
+    except ConnectionError:
+        # The client went away mid-request (its body cut short): nothing to log as an
+        # error, and an answer nobody may read; aiohttp would log a traceback instead.
+        return error_response(InvalidArgument("the request ended before its body"))
     except SidecarError as e:
         return error_response(e)
     except web.HTTPException as e:
@@ -67,7 +72,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         body = {"error": {"code": code, "message": e.reason, "details": []}}
         return json_response(body, e.status)
     except Exception:
-        log.exception("unhandled error", extra={"path": request.path})
+        # The route's pattern, not the path: a path may carry the callback's secret.
+        route = request.match_info.route.resource
+        log.exception("unhandled error", extra={"route": route.canonical if route else "(none)"})
         return error_response(Internal())
 
 
@@ -195,7 +202,9 @@ class HttpIngress:
         app.router.add_post(self._config.webhook_path, self.webhook)
         app.router.add_post("/bot/replies", self.bot_replies)
         if self._config.callback_secret_path:
-            app.router.add_post(f"/bot/replies/{self._config.callback_secret_path}", self.bot_replies_by_secret)
+            # A pattern, checked in constant time by the handler: a literal route would
+            # be found by a dict lookup, and would show the secret as the route's name.
+            app.router.add_post("/bot/replies/{secret}", self.bot_replies_by_secret)
         return app
 
     async def webhook(self, request: web.Request) -> web.Response:
@@ -230,6 +239,9 @@ class HttpIngress:
 
     async def bot_replies_by_secret(self, request: web.Request) -> web.Response:
         """The same, for senders that cannot add a header: the secret path is the credential."""
+        given = request.match_info["secret"].encode()
+        if not hmac.compare_digest(given, self._config.callback_secret_path.encode()):
+            raise web.HTTPNotFound()  # as if the route did not exist
         return await self._accept_bot_replies(request)
 
     async def _accept_bot_replies(self, request: web.Request) -> web.Response:

@@ -444,7 +444,8 @@ class RedisStore(Store):
         self._owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
         self._lease_task: asyncio.Task[None] | None = None
         self._safe_url = redact_url(self._url)
-        self._password = urlsplit(self._url).password or ""
+        # As user info, or as redis-py's ?password= parameter: scrubbed from error texts.
+        self._password = urlsplit(self._url).password or dict(parse_qsl(urlsplit(self._url).query)).get("password", "")
         self._retention = retention
         self._max_connections = max_connections
         self._client: Redis | None = None
