@@ -144,6 +144,44 @@ async def test_health_and_reflection_are_served(start_app: StartApp) -> None:
         assert answer.file_descriptor_response.file_descriptor_proto
 
 
+def _deep_payload(levels: int) -> bytes:
+    """A SendMessageRequest whose payload nests ``levels`` objects: past protobuf's own
+    decoding depth (each JSON level is three message levels in google.protobuf.Value)."""
+    req = request()
+    value = req.payload
+    for _ in range(levels):
+        value = value.struct_value.fields["a"]
+    value.string_value = "deep"
+    return bytes(req.SerializeToString())
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x0a\x02\xff\xfe" + bytes(request(user_id="").SerializeToString()),  # user_id: not UTF-8
+        _deep_payload(40),
+    ],
+    ids=["bad-utf8", "too-deep"],
+)
+async def test_a_request_protobuf_cannot_decode_is_invalid_argument_after_the_token_check(
+    start_app: StartApp, raw: bytes
+) -> None:
+    s = await start_app(auth_tokens=("t",))
+    send = s.channel.unary_unary(
+        "/sidecar.v1.MessagingService/SendMessage",
+        request_serializer=lambda b: b,
+        response_deserializer=sidecar_pb2.SendMessageResponse.FromString,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await send(raw, metadata=(("authorization", "Bearer wrong"),))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await send(raw, metadata=(("authorization", "Bearer t"),))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request_fields(e.value) == ["request"]
+    assert "Error parsing" not in (e.value.details() or "")
+
+
 # --- helpers -----------------------------------------------------------------
 
 

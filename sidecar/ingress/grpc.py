@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
@@ -60,6 +61,31 @@ async def abort(context: grpc.aio.ServicerContext[Any, Any], error: SidecarError
     raise AssertionError("abort_with_status returned")  # pragma: no cover - it always raises
 
 
+# What the lenient deserializers give for bytes protobuf cannot decode (nested past
+# its depth limit, a string that is not UTF-8): a handler answers INVALID_ARGUMENT
+# after the token check, instead of grpc answering UNKNOWN with the parser's error
+# text (and logging a traceback per request) before any check at all.
+UNDECODABLE_SEND = sidecar_pb2.SendMessageRequest()
+UNDECODABLE_SUBSCRIBE = sidecar_pb2.SubscribeRequest()
+
+
+def _lenient(message_type: type[Message], undecodable: Message) -> Any:
+    def parse(data: bytes) -> Message:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return undecodable
+
+    return parse
+
+
+def _undecodable(name: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"the request is not a valid {name}",
+        details=(FieldViolation("request", "cannot be decoded: nested too deeply, or a string that is not UTF-8"),),
+    )
+
+
 def message_from_request(request: sidecar_pb2.SendMessageRequest, config: Config) -> InboundMessage:
     """A SendMessageRequest as a validated message, or InvalidArgument naming proto fields."""
     try:
@@ -97,6 +123,8 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
         outcome = "rejected"
         try:
             self._authorize(context)
+            if request is UNDECODABLE_SEND:
+                raise _undecodable("SendMessageRequest")
             message = message_from_request(request, self._config)
             result = await self._core.send(message)
             outcome = "duplicate" if result.duplicate else "accepted"
@@ -120,6 +148,8 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
     ) -> None:
         try:
             self._authorize(context)
+            if request is UNDECODABLE_SUBSCRIBE:
+                raise _undecodable("SubscribeRequest")
             conversation_id = request.conversation_id
             if not conversation_id or len(conversation_id) > self._config.max_id_length:
                 reason = f"must be a non-empty string of at most {self._config.max_id_length} characters"
@@ -197,7 +227,7 @@ def build_server(
             ("grpc.keepalive_permit_without_calls", 1),
         ]
     )
-    sidecar_pb2_grpc.add_MessagingServiceServicer_to_server(MessagingService(config, core, metrics, tokens), server)
+    _add_messaging_service(MessagingService(config, core, metrics, tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
@@ -207,6 +237,25 @@ def build_server(
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_messaging_service(servicer: MessagingService, server: grpc.aio.Server) -> None:
+    """What the generated ``add_MessagingServiceServicer_to_server`` does, with the
+    lenient request deserializers."""
+    handlers = {
+        "SendMessage": grpc.unary_unary_rpc_method_handler(
+            servicer.SendMessage,
+            request_deserializer=_lenient(sidecar_pb2.SendMessageRequest, UNDECODABLE_SEND),
+            response_serializer=sidecar_pb2.SendMessageResponse.SerializeToString,
+        ),
+        "Subscribe": grpc.unary_stream_rpc_method_handler(
+            servicer.Subscribe,
+            request_deserializer=_lenient(sidecar_pb2.SubscribeRequest, UNDECODABLE_SUBSCRIBE),
+            response_serializer=sidecar_pb2.Reply.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _serve_reflection_v1(names: tuple[str, ...], server: grpc.aio.Server) -> None:
