@@ -17,7 +17,7 @@ from aiohttp import web
 from sidecar.admin import AdminApp
 from sidecar.auth import TokenChecker
 from sidecar.bots import create_bot
-from sidecar.config import Config, ConfigError, is_loopback, split_addr
+from sidecar.config import Config, ConfigError, env_name, is_loopback, split_addr
 from sidecar.core import Core
 from sidecar.delivery.webhook import WebhookDelivery
 from sidecar.ingress.grpc import SERVING, build_server
@@ -125,7 +125,7 @@ class App:
         try:
             await site.start()
         except OSError as e:
-            raise ConfigError(f"{name}: cannot listen on {addr}: {e.strerror}") from None
+            raise ConfigError(f"{name} ({env_name(name)}): cannot listen on {addr}: {e.strerror}") from None
         return int(runner.addresses[-1][1])
 
     async def readiness(self) -> tuple[bool, dict[str, JSON]]:

@@ -51,7 +51,9 @@ def add_serve_parser(subparsers: Subparsers) -> None:
         help="run the sidecar",
         description="Run the sidecar until SIGTERM or Ctrl-C, then drain and exit 0. Settings come from "
         "defaults < the --config TOML file < SIDECAR_* environment variables < these flags.",
-        epilog="Exit codes: 0 after a clean drain, 1 if a listener could not start, 2 for an invalid setting.",
+        epilog="Exit codes: 0 after a clean drain; 2 for an invalid setting, including one found wrong only "
+        "while starting (a port in use, a store in use or unreachable, the script file, TLS files); 1 for any "
+        "other failure to start.",
     )
     parser.add_argument("--config", metavar="FILE", help="TOML file whose keys are the setting names in snake case")
     settings = parser.add_argument_group(

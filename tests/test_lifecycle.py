@@ -129,3 +129,17 @@ def test_a_second_sidecar_on_the_same_store_file_exits_2(procs: list[SidecarProc
     with pytest.raises(AssertionError, match="exited with 2"):
         second.start()
     assert "in use by another sidecar" in second.log() and "SIDECAR_STORE" in second.log()
+
+
+@pytest.mark.parametrize("listener", ["SIDECAR_HTTP_ADDR", "SIDECAR_GRPC_ADDR", "SIDECAR_ADMIN_ADDR"])
+def test_a_port_in_use_stops_the_start_with_exit_2(procs: list[SidecarProcess], tmp_path: Path, listener: str) -> None:
+    first = launch(procs, tmp_path)
+    port = {"SIDECAR_HTTP_ADDR": first.http_port, "SIDECAR_GRPC_ADDR": first.grpc_port,
+            "SIDECAR_ADMIN_ADDR": first.admin_port}[listener]  # fmt: skip
+    other = tmp_path / "other"
+    other.mkdir()
+    second = SidecarProcess(other, **{listener: f"127.0.0.1:{port}"})  # a store of its own
+    procs.append(second)
+    with pytest.raises(AssertionError, match="exited with 2"):
+        second.start()
+    assert "cannot listen" in second.log() and listener in second.log()

@@ -214,6 +214,9 @@ def build_server(
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.max_body_bytes),
+            # grpc sets SO_REUSEPORT by default: a second sidecar on a port in use would
+            # bind it too and take half of the calls. Off, the bind fails and says so.
+            ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", 1000),
             # Calls that arrived but the asyncio server has not picked up yet.
             # grpc core cancels them at random past 1000 (all past 3000), so a
