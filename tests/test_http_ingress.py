@@ -252,6 +252,17 @@ async def test_admin_probes_and_metrics(start_app: StartApp) -> None:
             b'{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"t","payload":12345678901234567890}',
             "payload",
         ),
+        # Past 64 bits orjson reads an integer as a float (digits lost): still refused.
+        (
+            b'{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"t",'
+            b'"payload":{"n":123456789012345678901}}',
+            "payload",
+        ),
+        (
+            b'{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"t",'
+            b'"payload":[-18446744073709551617]}',
+            "payload",
+        ),
         (
             b'{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"t","payload":'
             + b"[" * 40
@@ -284,3 +295,10 @@ async def test_a_client_gone_mid_body_is_not_an_error(start_app: StartApp, caplo
     await asyncio.sleep(0.2)
     assert (await s.post(message())).status == 200  # still serving
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_large_number_written_as_a_float_is_a_float_and_accepted(start_app: StartApp) -> None:
+    s = await start_app()
+    resp = await s.post(message(payload={"n": 1e20, "text": "x"}))
+    assert resp.status == 200
+    assert (await resp.json())["message"]["payload"]["n"] == 1e20

@@ -27,7 +27,7 @@ from sidecar.errors import (
 )
 from sidecar.models import JSON, AcceptResult
 from sidecar.observability import Metrics, ingress_metrics
-from sidecar.validate import message_from_fields, payload_problem
+from sidecar.validate import MAX_SAFE_INT, message_from_fields, payload_problem
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +104,13 @@ def parse_json(raw: bytes) -> JSON:
     # orjson keeps the last of duplicate keys silently; an ambiguous body is refused instead.
     # Every key is followed by a colon, so as many colons as parsed keys proves there was no
     # duplicate without a second parse; otherwise (colons in strings, or a duplicate) decide
-    # with the slow, exact parser.
-    if isinstance(value, dict | list) and raw.count(b":") != _key_count(value):
+    # with the slow, exact parser. orjson also reads an integer beyond 64 bits as a float,
+    # losing digits: when a float is integral and past 2^53 the exact parser decides what
+    # the client wrote, so that payload_problem refuses an integer it cannot carry exactly.
+    keys, big = _scan(value)
+    if big or (isinstance(value, dict | list) and raw.count(b":") != keys):
         try:
-            json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+            value = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
         except _DuplicateKeyError as e:
             raise InvalidArgument(
                 "the body has a duplicate key", details=(FieldViolation(e.key[:64], "duplicate key"),)
@@ -119,9 +122,10 @@ def parse_json(raw: bytes) -> JSON:
     return value
 
 
-def _key_count(value: JSON) -> int:
-    """Object keys anywhere in a parsed value (iterative: depth is not checked yet)."""
-    count, stack = 0, [value]
+def _scan(value: JSON) -> tuple[int, bool]:
+    """Object keys anywhere in a parsed value, and whether it holds an integral float past
+    2^53 (iterative: depth is not checked yet)."""
+    count, big, stack = 0, False, [value]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
@@ -129,7 +133,9 @@ def _key_count(value: JSON) -> int:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    return count
+        elif type(item) is float and abs(item) > MAX_SAFE_INT and item.is_integer():
+            big = True
+    return count, big
 
 
 class _DuplicateKeyError(ValueError):
