@@ -123,9 +123,41 @@ def add_send_parser(subparsers: Subparsers) -> None:
         help='any JSON value, e.g. \'{"text": "hi"}\' [default: absent, so the sidecar uses {"text": TEXT}]',
     )
     parser.add_argument(
-        "--timeout", metavar="SECONDS", type=float, default=10.0, help="seconds to wait for the answer [default: 10]"
+        "--timeout", metavar="SECONDS", type=_seconds, default=10.0, help="seconds to wait for the answer [default: 10]"
     )
     parser.set_defaults(handler=_send, parser=parser)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds greater than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds greater than 0, got {text!r}")
+    return value
+
+
+def _limit(text: str) -> int:
+    """An argparse type: how many dead letters, 1 to 1000."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 1000, got {value}")
+    return value
+
+
+def _http_url(value: str) -> bool:
+    """An http(s) URL with a host and a valid port, as far as can be told without a request."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for "host:abc"
+    except ValueError:
+        return False
+    return parts.scheme in {"http", "https"} and bool(parts.hostname)
 
 
 def _parse_payload(text: str) -> JSON:
@@ -153,8 +185,8 @@ def _send(args: argparse.Namespace) -> int:
             payload = _parse_payload(args.payload)
         except ValueError as e:
             parser.error(f"--payload is not valid JSON: {e}")
-    if args.http is not None and urlsplit(args.http).scheme not in {"http", "https"}:
-        parser.error(f"--http expects an http:// or https:// URL, got {args.http!r}")
+    if args.http is not None and not _http_url(args.http):
+        parser.error(f"--http expects an http:// or https:// URL with a host, got {args.http!r}")
     message = client.Outgoing(
         user_id=args.user,
         message_id=args.message_id or str(uuid.uuid4()),
@@ -250,6 +282,8 @@ def add_dlq_parser(subparsers: Subparsers) -> None:
         description="Dead letters are replies the response URL never accepted and messages the bot could not "
         "handle. Replay puts them back: a reply re-enters its conversation's outbox at its sequence (order and "
         "webhook-id are kept), a message goes back to the bot.",
+        epilog="--admin, --token and --timeout come before COMMAND: sidecar dlq --admin URL list. "
+        "Exit codes: 0 done, 1 refused or unreachable (details on stderr), 2 bad usage.",
     )
     parser.add_argument("--admin", default=DEFAULT_ADMIN, help=f"admin listener URL (default {DEFAULT_ADMIN})")
     parser.add_argument(
@@ -257,12 +291,14 @@ def add_dlq_parser(subparsers: Subparsers) -> None:
         default=os.environ.get("SIDECAR_ADMIN_TOKEN"),
         help="admin bearer token, one of SIDECAR_ADMIN_TOKENS (default: $SIDECAR_ADMIN_TOKEN)",
     )
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
+    parser.add_argument(
+        "--timeout", metavar="SECONDS", type=_seconds, default=10.0, help="seconds to wait for the answer (default 10)"
+    )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     ls = commands.add_parser("list", help="print dead letters, oldest first, one JSON object per line")
     ls.add_argument("--kind", choices=("reply", "message"), help="only replies or only messages")
     ls.add_argument("--conversation", help="only this conversation")
-    ls.add_argument("--limit", type=int, default=100, help="at most this many (default 100, max 1000)")
+    ls.add_argument("--limit", type=_limit, default=100, help="at most this many, 1 to 1000 (default 100)")
     ls.set_defaults(handler=_dlq_list)
     show = commands.add_parser("show", help="print one dead letter with its body and last error")
     show.add_argument("id", help="the dead letter's id (from list)")
@@ -279,8 +315,8 @@ def add_dlq_parser(subparsers: Subparsers) -> None:
 def _dlq_call(args: argparse.Namespace, method: str, path: str, body: JSON | None = None) -> int:
     from sidecar import client
 
-    if urlsplit(args.admin).scheme not in {"http", "https"}:
-        print(f"sidecar dlq: --admin expects an http(s) URL, got {args.admin!r}", file=sys.stderr)
+    if not _http_url(args.admin):
+        print(f"sidecar dlq: --admin expects an http(s) URL with a host, got {args.admin!r}", file=sys.stderr)
         return 2
     try:
         answer = client.http_json(method, args.admin.rstrip("/") + path, args.token, body, args.timeout)

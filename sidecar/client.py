@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
@@ -141,6 +142,10 @@ def http_json(method: str, url: str, token: str | None, body: JSON | None, timeo
     except (urllib.error.URLError, OSError) as e:
         reason = e.reason if isinstance(e, urllib.error.URLError) else e
         raise ClientError(f"cannot reach {url}: {reason}") from None
+    except http.client.HTTPException as e:  # something answered, but not HTTP (a gRPC port, say)
+        raise ClientError(f"{url} did not answer in HTTP ({type(e).__name__})") from None
+    except ValueError as e:  # http.client.InvalidURL and friends: the URL itself
+        raise ClientError(f"cannot use {url}: {e}") from None
     try:
         return json.loads(raw)
     except ValueError:

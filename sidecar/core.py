@@ -388,7 +388,7 @@ class Core:
         if selection.ids:
             for dead_letter_id in selection.ids:
                 letter = await self._store.get_dead_letter(dead_letter_id)
-                if letter is not None:
+                if letter is not None and selection.kind in (None, letter.kind):
                     yield letter
             return
         if not selection.everything and not selection.conversation_id:

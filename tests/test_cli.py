@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,43 @@ def test_a_setting_found_wrong_only_at_start_exits_2_naming_the_variable(tmp_pat
     assert result.returncode == 2
     assert "SIDECAR_BOT_SCRIPT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("send", "--user", "u", "--conversation", "c", "--timeout", "-1"),
+        ("send", "--user", "u", "--conversation", "c", "--timeout", "0"),
+        ("send", "--user", "u", "--conversation", "c", "--timeout", "nan"),
+        ("send", "--user", "u", "--conversation", "c", "--http", "http://127.0.0.1:abc/webhook"),
+        ("send", "--user", "u", "--conversation", "c", "--http", "http://[::1"),
+        ("dlq", "--timeout", "-1", "list"),
+        ("dlq", "--admin", "http://127.0.0.1:abc", "list"),
+        ("dlq", "--admin", "http://[::1", "list"),
+        ("dlq", "list", "--limit", "-5"),
+    ],
+)
+def test_bad_cli_arguments_are_usage_errors_without_a_traceback(args: tuple[str, ...]) -> None:
+    result = run(*args)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dlq_pointed_at_something_that_is_not_http_exits_1_saying_so() -> None:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+
+        def answer_garbage() -> None:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"\x00\x00\x12\x04 not http at all\r\n\r\n")
+
+        thread = threading.Thread(target=answer_garbage, daemon=True)
+        thread.start()
+        result = run("dlq", "--admin", f"http://127.0.0.1:{port}", "list")
+        thread.join(5)
+    assert result.returncode == 1
+    assert "did not answer in HTTP" in result.stderr and "Traceback" not in result.stderr

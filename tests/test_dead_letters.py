@@ -126,6 +126,9 @@ async def test_the_cli_lists_shows_replays_and_purges(start_app: StartApp) -> No
         assert sorted(d["conversationId"] for d in listed) == ["c1", "c2"]
         code, out, _ = await cli(s, "show", listed[0]["id"])
         assert code == 0 and json.loads(out)["id"] == listed[0]["id"]
+        c1 = next(d["id"] for d in listed if d["conversationId"] == "c1")
+        code, out, _ = await cli(s, "replay", c1, "--kind", "message")  # it is a reply: not selected
+        assert code == 0 and json.loads(out) == {"replayed": 0}
         code, out, _ = await cli(s, "replay", "--conversation", "c1")
         assert code == 0 and json.loads(out) == {"replayed": 1}
         await r.wait_for(1, conversation_id="c1")
