@@ -16,6 +16,9 @@ from urllib.parse import quote, urlencode, urlsplit
 from sidecar.config import Config, ConfigError, describe, load
 from sidecar.models import JSON
 
+if typing.TYPE_CHECKING:
+    from sidecar import client as client_types  # imported lazily at run time: --help stays fast
+
 Subparsers: typing.TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 Handler = Callable[[argparse.Namespace], int]
 
@@ -92,6 +95,24 @@ def _serve(args: argparse.Namespace) -> int:
 # --- send -----------------------------------------------------------------------
 
 
+def _add_tls(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tls", action="store_true", help="speak TLS over gRPC, for a sidecar with SIDECAR_TLS_CERT_FILE"
+    )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="verify the sidecar's certificate with this CA bundle (implies --tls; also for https:// URLs) "
+        "[default: the system's CAs]",
+    )
+
+
+def _tls(args: argparse.Namespace) -> client_types.Tls:
+    from sidecar import client
+
+    return client.Tls(enabled=bool(args.tls or args.tls_ca), ca_file=args.tls_ca)
+
+
 def _add_token(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token",
@@ -112,6 +133,7 @@ def add_send_parser(subparsers: Subparsers) -> None:
     where.add_argument("--grpc", metavar="ADDR", help=f"gRPC address host:port [default: {DEFAULT_GRPC}]")
     where.add_argument("--http", metavar="URL", help="HTTP ingress URL, e.g. http://127.0.0.1:8080/webhook")
     _add_token(parser)
+    _add_tls(parser)
     parser.add_argument("--user", required=True, help="userId: the end user")
     parser.add_argument("--conversation", required=True, help="conversationId: the client's conversation id")
     parser.add_argument("--message-id", metavar="ID", help="messageId; a repeat is a duplicate [default: a new UUID4]")
@@ -197,9 +219,9 @@ def _send(args: argparse.Namespace) -> int:
     )
     try:
         if args.http is not None:
-            answer = client.send_http(args.http, args.token, message, args.timeout)
+            answer = client.send_http(args.http, args.token, message, args.timeout, _tls(args))
         else:
-            answer = client.send_grpc(args.grpc or DEFAULT_GRPC, args.token, message, args.timeout)
+            answer = client.send_grpc(args.grpc or DEFAULT_GRPC, args.token, message, args.timeout, _tls(args))
     except client.ClientError as e:
         print(f"sidecar send: {e}", file=sys.stderr)
         return 1
@@ -242,6 +264,7 @@ def add_tail_parser(subparsers: Subparsers) -> None:
     )
     parser.add_argument("--grpc", metavar="ADDR", default=DEFAULT_GRPC, help=f"gRPC address [default: {DEFAULT_GRPC}]")
     _add_token(parser)
+    _add_tls(parser)
     parser.add_argument("--once", action="store_true", help="do not reconnect: exit when the stream ends or fails")
     parser.add_argument(
         "--max-replies", metavar="N", type=_non_negative, help="exit 0 after printing N replies [default: no limit]"
@@ -260,6 +283,7 @@ def _tail(args: argparse.Namespace) -> int:
         after=args.after,
         once=args.once,
         max_replies=args.max_replies,
+        tls=_tls(args),
     )
     if options.max_replies == 0:
         return 0
@@ -267,6 +291,9 @@ def _tail(args: argparse.Namespace) -> int:
         return client.tail(options, sys.stdout, sys.stderr)
     except KeyboardInterrupt:
         return 0  # Ctrl-C is how one stops following: not an error
+    except client.ClientError as e:
+        print(f"sidecar tail: {e}", file=sys.stderr)
+        return 1
 
 
 # --- dlq (hook) -----------------------------------------------------------------

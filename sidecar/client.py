@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -87,7 +88,37 @@ def describe_rpc_error(error: grpc.RpcError) -> str:
     return text
 
 
-def send_grpc(target: str, token: str | None, message: Outgoing, timeout: float) -> dict[str, JSON]:
+@dataclass(frozen=True, slots=True)
+class Tls:
+    """How to reach a sidecar serving TLS (SIDECAR_TLS_CERT_FILE): ``enabled`` for gRPC,
+    and ``ca_file`` to verify its certificate with (None: the system's CAs)."""
+
+    enabled: bool = False
+    ca_file: str | None = None
+
+    def channel(self, target: str, options: Any = None) -> grpc.Channel:
+        if not self.enabled:
+            return grpc.insecure_channel(target, options=options)
+        roots = None
+        if self.ca_file:
+            try:
+                with open(self.ca_file, "rb") as f:
+                    roots = f.read()
+            except OSError as e:
+                raise ClientError(f"cannot read the CA file {self.ca_file}: {e.strerror}") from None
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
+
+    def context(self) -> ssl.SSLContext | None:
+        """For https:// URLs: the CA file's trust instead of the system's, when given."""
+        if not self.ca_file:
+            return None
+        try:
+            return ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ClientError(f"cannot use the CA file {self.ca_file}: {e}") from None
+
+
+def send_grpc(target: str, token: str | None, message: Outgoing, timeout: float, tls: Tls = Tls()) -> dict[str, JSON]:
     """SendMessage; the answer as the JSON the HTTP ingress would give (its first three fields)."""
     request = sidecar_pb2.SendMessageRequest(
         user_id=message.user_id,
@@ -98,7 +129,7 @@ def send_grpc(target: str, token: str | None, message: Outgoing, timeout: float)
     )
     if message.payload is not None:  # absent: the sidecar uses {"text": text}, as over HTTP
         request.payload.CopyFrom(convert.json_to_value(message.payload))
-    with grpc.insecure_channel(target) as channel:
+    with tls.channel(target) as channel:
         stub = sidecar_pb2_grpc.MessagingServiceStub(channel)
         try:
             response = stub.SendMessage(request, metadata=_metadata(token), timeout=timeout)
@@ -111,7 +142,7 @@ def send_grpc(target: str, token: str | None, message: Outgoing, timeout: float)
     }
 
 
-def send_http(url: str, token: str | None, message: Outgoing, timeout: float) -> JSON:
+def send_http(url: str, token: str | None, message: Outgoing, timeout: float, tls: Tls = Tls()) -> JSON:
     """POST the SPEC §2 body; the answer body, parsed."""
     body: dict[str, JSON] = {
         "userId": message.user_id,
@@ -122,10 +153,12 @@ def send_http(url: str, token: str | None, message: Outgoing, timeout: float) ->
     }
     if message.payload is not None:  # absent: the sidecar uses {"text": text}, as the hosted integration does
         body["payload"] = message.payload
-    return http_json("POST", url, token, body, timeout)
+    return http_json("POST", url, token, body, timeout, tls.context())
 
 
-def http_json(method: str, url: str, token: str | None, body: JSON | None, timeout: float) -> JSON:
+def http_json(
+    method: str, url: str, token: str | None, body: JSON | None, timeout: float, context: ssl.SSLContext | None = None
+) -> JSON:
     """One JSON request (body may be None), its JSON answer; ClientError with the server's error otherwise."""
     headers = {"Content-Type": "application/json"}
     if token:
@@ -134,7 +167,7 @@ def http_json(method: str, url: str, token: str | None, body: JSON | None, timeo
     # The CLI checked that the scheme is http(s): file:// and friends never get here.
     request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:  # noqa: S310
             raw = response.read()
     except urllib.error.HTTPError as e:
         detail = e.read().decode("utf-8", errors="replace").strip()
@@ -178,6 +211,7 @@ class TailOptions:
     once: bool = False
     """Connect once: end when the stream ends instead of reconnecting."""
     max_replies: int | None = None
+    tls: Tls = Tls()
 
 
 def tail(
@@ -190,7 +224,7 @@ def tail(
     cursor = options.after
     printed = 0
     delay = BACKOFF_INITIAL
-    with grpc.insecure_channel(options.target, options=CHANNEL_OPTIONS) as channel:
+    with options.tls.channel(options.target, CHANNEL_OPTIONS) as channel:
         stub = sidecar_pb2_grpc.MessagingServiceStub(channel)
         while True:
             kwargs: dict[str, Any] = {"conversation_id": options.conversation_id}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import ssl
 import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -50,3 +53,29 @@ def test_tls_needs_both_files(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="SIDECAR_TLS_KEY_FILE"):
         load(env={"SIDECAR_TLS_CERT_FILE": str(tmp_path)})
+
+
+async def test_the_cli_sends_and_tails_over_tls_with_a_ca_file(start_app: StartApp, cert: tuple[Path, Path]) -> None:
+    crt, key = cert
+    s = await start_app(tls_cert_file=str(crt), tls_key_file=str(key))
+    target = f"127.0.0.1:{s.app.grpc_port}"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=30, check=False
+        )
+
+    sent = await asyncio.to_thread(cli, "send", "--grpc", target, "--tls-ca", str(crt), "--user", "u",
+                                   "--conversation", "c1", "--text", "over tls")  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    https = f"https://127.0.0.1:{s.app.http_port}/webhook"
+    sent = await asyncio.to_thread(cli, "send", "--http", https, "--tls-ca", str(crt), "--user", "u",
+                                   "--conversation", "c1", "--text", "over https")  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    tailed = await asyncio.to_thread(cli, "tail", "c1", "--grpc", target, "--tls-ca", str(crt), "--after", "0",
+                                     "--max-replies", "2")  # fmt: skip
+    assert tailed.returncode == 0, tailed.stderr
+    assert [json.loads(line)["payload"]["text"] for line in tailed.stdout.splitlines()] == ["over tls", "over https"]
+    plain = await asyncio.to_thread(cli, "send", "--grpc", target, "--timeout", "3", "--user", "u",
+                                    "--conversation", "c1")  # fmt: skip
+    assert plain.returncode == 1  # without --tls the handshake never happens
