@@ -75,6 +75,7 @@ class Core:
         self._bot_slots = asyncio.Semaphore(config.bot_concurrency)
         self._pending = 0
         self._backlog = False  # more pending messages in the store than were loaded
+        self._reloading = False
         self._started = False
         self._draining = False
         self._stopping = asyncio.Event()
@@ -132,7 +133,9 @@ class Core:
         """Store a message durably (or recognise a duplicate); the bot runs later."""
         if self._draining or not self._started:
             raise Unavailable()
-        if self._pending >= self._config.max_pending_messages:
+        if self._pending >= self._config.max_pending_messages or self._backlog:
+            # With a backlog the store holds pending messages not loaded yet: a new one
+            # would run before older ones of its conversation, so it waits its turn too.
             raise Overloaded(retry_after=1.0)
         result = await self._store.accept(message, now=time.time())
         if not result.duplicate:
@@ -153,12 +156,27 @@ class Core:
         lane.append(stored)
 
     async def _load_pending(self) -> int:
+        """Queue the oldest pending messages, up to ``max_pending_messages``; note whether
+        the store holds more (a backlog: loaded, in order, as the queue drains)."""
         limit = self._config.max_pending_messages
-        pending = await self._store.pending_messages(limit)
-        for stored in pending:
+        pending = await self._store.pending_messages(limit + 1)
+        for stored in pending[:limit]:
             self._enqueue(stored)
-        self._backlog = len(pending) >= limit
-        return len(pending)
+        self._backlog = len(pending) > limit
+        return min(len(pending), limit)
+
+    async def _refill(self) -> None:
+        """Load more of the backlog once the queue is half empty (one load at a time)."""
+        if self._reloading or self._stopping.is_set() or self._pending > self._config.max_pending_messages // 2:
+            return
+        self._reloading = True
+        try:
+            await self._load_pending()
+        except Exception as e:  # noqa: BLE001 - the next message handled tries again
+            self._metrics.store_errors.labels("message").inc()
+            log.error("loading pending messages failed", extra={"error": _describe(e)})
+        finally:
+            self._reloading = False
 
     async def _run_lane(self, conversation_id: str, lane: collections.deque[StoredMessage]) -> None:
         failures = 0
@@ -186,19 +204,13 @@ class Core:
                 failures = 0
                 self._queued.discard(lane.popleft().id)
                 self._pending -= 1
+                if self._backlog:
+                    await self._refill()
         finally:
             # No await between the loop's last check and this: a message enqueued
             # meanwhile would find the lane and never run.
             if self._lanes.get(conversation_id) is lane and not lane:
                 del self._lanes[conversation_id]
-        if self._backlog and self._pending == 0 and not self._stopping.is_set():
-            self._backlog = False
-            try:
-                await self._load_pending()
-            except Exception as e:  # noqa: BLE001 - the next lane to finish tries again
-                self._backlog = True
-                self._metrics.store_errors.labels("message").inc()
-                log.error("reloading pending messages failed", extra={"error": _describe(e)})
 
     async def _handle(self, stored: StoredMessage) -> None:
         """Run the bot until it succeeds, fails for good, or the sidecar stops."""
@@ -297,11 +309,21 @@ class Core:
         )
 
     async def _append(self, conversation_id: str, drafts: Sequence[ReplyDraft], *, source: str) -> list[Reply]:
-        replies = await self._store.append_replies(
-            conversation_id, drafts, now=time.time(), outbox=self._webhook is not None
+        # Shielded, and published from the append's own completion: when the caller is
+        # cancelled mid-commit (the bot's timeout fires while an emitted reply is being
+        # fsync'd), the commit still lands, and what it stored must still reach
+        # subscribers and the webhook worker. A re-run finds it by its dedupe key and
+        # would not publish it again.
+        append = asyncio.ensure_future(
+            self._store.append_replies(conversation_id, drafts, now=time.time(), outbox=self._webhook is not None)
         )
-        self._published(conversation_id, replies, source=source)
-        return replies
+
+        def committed(done: asyncio.Future[list[Reply]]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self._published(conversation_id, done.result(), source=source)
+
+        append.add_done_callback(committed)
+        return await asyncio.shield(append)
 
     def _published(self, conversation_id: str, replies: Sequence[Reply], *, source: str) -> None:
         """Committed replies go live: to subscribers now, to the webhook worker's queue."""
@@ -372,8 +394,9 @@ class Core:
                 if letter.kind == "reply" and self._webhook is not None:
                     self._webhook.notify(letter.conversation_id)
         if messages:
-            for stored in await self._store.pending_messages(self._config.max_pending_messages):
-                self._enqueue(stored)
+            # Like a start: the oldest pending first, and the rest as a backlog if they
+            # are more than the queue holds (they would otherwise stay pending unseen).
+            await self._load_pending()
         log.info("dead letters replayed", extra={"count": replayed})
         return replayed
 

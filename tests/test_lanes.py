@@ -1,0 +1,111 @@
+"""Lanes under pressure: a backlog after a restart, a replay larger than the queue, a bot
+timing out while what it emitted commits. Real stores, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from sidecar.models import InboundMessage
+from sidecar.store.sqlite import SqliteStore
+from tests.bot_server import BotServer
+from tests.conftest import StartApp, eventually, message
+from tests.receiver import Receiver
+from tests.test_streams import read_n, subscribe
+from tests.test_webhook_delivery import dead_letters
+
+ADMIN = "admin-token"
+
+
+def slow_rules(tmp_path: Path, delay: float) -> str:
+    rules = tmp_path / "slow.yaml"
+    rules.write_text(
+        f"rules:\n  - match: {{}}\n    replies: [{{type: text, payload: {{text: '{{text}}'}}, delay: {delay}}}]\n"
+    )
+    return str(rules)
+
+
+async def test_a_backlog_after_a_restart_runs_in_order_and_new_messages_wait_their_turn(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    path = tmp_path / "sidecar.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    for i in range(1, 6):  # accepted before a restart, never handled
+        await store.accept(InboundMessage("u", f"m{i}", "c1", "text", f"m{i}", {"text": f"m{i}"}), now=1.0)
+    await store.close()
+    s = await start_app(
+        store=f"sqlite:///{path}", max_pending_messages=2, bot="script", bot_script=slow_rules(tmp_path, 0.1)
+    )
+    # Two of five are loaded; the store holds three more: a newer message must not overtake them.
+    early = await s.post(message("c1", "m6", "m6"))
+    assert early.status == 429 and early.headers["Retry-After"] == "1"
+
+    async def taken() -> bool:
+        return (await s.post(message("c1", "m6", "m6"))).status == 200
+
+    await eventually(taken, what="the backlog loaded, so that m6 is taken")
+    replies = await read_n(subscribe(s, "c1", after=0), 6)
+    assert [r.in_reply_to for r in replies] == [f"m{i}" for i in range(1, 7)]
+    assert s.app.core.pending == 0 and not await s.app.store.pending_messages(10)
+
+
+async def test_replaying_more_dead_messages_than_the_queue_holds_runs_them_all(start_app: StartApp) -> None:
+    accepting = False
+
+    async def bot(body: Any) -> tuple[int, Any]:
+        return (200, [{"type": "text", "payload": {"text": "ok"}}]) if accepting else (422, {"error": "no"})
+
+    async with BotServer(bot) as server:
+        s = await start_app(bot="http", bot_url=server.url, max_pending_messages=2, admin_tokens=(ADMIN,))
+        for conversation in ("a", "b", "c", "d", "e"):
+            assert (await s.post(message(conversation, "m"))).status == 200
+            await dead_letters(s, 1)  # one at a time: the queue holds two
+        await dead_letters(s, 5)
+        accepting = True
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                s.admin + "/v1/dead-letters/replay", json={"all": True}, headers={"Authorization": f"Bearer {ADMIN}"}
+            ) as resp,
+        ):
+            assert await resp.json() == {"replayed": 5}
+
+        async def all_answered() -> bool:
+            return all([await s.app.store.last_sequence(c) == 1 for c in ("a", "b", "c", "d", "e")])
+
+        await eventually(all_answered, what="every replayed message answered")
+    assert not await s.app.store.pending_messages(10) and s.app.core.pending == 0
+
+
+async def test_a_reply_emitted_before_the_bot_times_out_still_goes_live(start_app: StartApp, tmp_path: Path) -> None:
+    rules = tmp_path / "early.yaml"
+    # "early" is emitted at once; the bot then waits past its timeout, every time.
+    rules.write_text(
+        "rules:\n  - match: {}\n    replies: [{type: text, payload: {text: early}},"
+        " {type: text, payload: {text: never}, delay: 5}]\n"
+    )
+    async with Receiver() as r:
+        s = await start_app(
+            bot="script", bot_script=str(rules), bot_timeout=0.1, bot_max_attempts=2, response_url=r.url
+        )
+        original = s.app.store.append_replies
+
+        async def slow_commit(*args: Any, **kwargs: Any) -> Any:
+            stored = await original(*args, **kwargs)
+            await asyncio.sleep(0.3)  # a slow fsync: the bot's timeout fires while the append is in flight
+            return stored
+
+        s.app.store.append_replies = slow_commit  # type: ignore[method-assign]
+        live = subscribe(s, "c1")  # live only: it sees the reply only if it is published
+        await live.wait_for_connection()
+        await asyncio.sleep(0.2)
+        assert (await s.post(message("c1", "m1"))).status == 200
+        (reply,) = await read_n(live, 1)
+        live.cancel()
+        await r.wait_for(1, conversation_id="c1")
+    assert reply.payload.struct_value["text"] == "early"
+    assert [b["payload"]["text"] for b in r.delivered("c1")] == ["early"]
