@@ -71,6 +71,9 @@ class Core:
         self.broker = Broker(config.stream_queue_size)
         self._lanes: dict[str, collections.deque[StoredMessage]] = {}
         self._queued: set[str] = set()  # ids in some lane: a reload must not enqueue them twice
+        # Accepted by this process and not yet handed to the bot: no earlier run of the bot
+        # can have emitted replies for them, so their returned replies need no key check.
+        self._first_runs: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._bot_slots = asyncio.Semaphore(config.bot_concurrency)
         self._pending = 0
@@ -139,6 +142,7 @@ class Core:
             raise Overloaded(retry_after=1.0)
         result = await self._store.accept(message, now=time.time())
         if not result.duplicate:
+            self._first_runs.add(result.stored.id)
             self._enqueue(result.stored)
         return result
 
@@ -216,8 +220,13 @@ class Core:
         """Run the bot until it succeeds, fails for good, or the sidecar stops."""
         attempts = stored.attempts
         bot = self._bot.name
+        first_run = stored.id in self._first_runs
+        self._first_runs.discard(stored.id)
         while not self._stopping.is_set():
             emitted = 0
+            # Only the very first run skips the key check: a retry may follow a run that
+            # emitted replies under the keys this one returns them with.
+            clean, first_run = first_run, False
 
             async def emit(reply: BotReply) -> None:
                 nonlocal emitted
@@ -253,7 +262,12 @@ class Core:
                 # instead of two, and no window in which a crash re-runs the bot
                 # although its replies are stored.
                 replies = await self._store.finish_message(
-                    stored.id, stored.conversation_id, drafts, now=time.time(), outbox=self._webhook is not None
+                    stored.id,
+                    stored.conversation_id,
+                    drafts,
+                    now=time.time(),
+                    outbox=self._webhook is not None,
+                    keyed=not clean,
                 )
                 self._published(stored.conversation_id, replies, source="bot")
                 return
@@ -268,9 +282,9 @@ class Core:
             attempts = await self._store.record_attempt(stored.id, error)
             log.warning("bot attempt failed", extra={**_ids(stored), "attempt": attempts, "error": error})
             if not retry or attempts >= self._config.bot_max_attempts:
-                await self._store.dead_letter_message(stored.id, error, now=time.time())
-                self._metrics.dead_letters.labels("message").inc()
-                log.error("message dead-lettered", extra={**_ids(stored), "attempts": attempts, "error": error})
+                if await self._store.dead_letter_message(stored.id, error, now=time.time()) is not None:
+                    self._metrics.dead_letters.labels("message").inc()
+                    log.error("message dead-lettered", extra={**_ids(stored), "attempts": attempts, "error": error})
                 return
             delay = full_jitter(attempts, self._config.bot_backoff_initial, self._config.bot_backoff_max)
             with contextlib.suppress(TimeoutError):

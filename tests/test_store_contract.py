@@ -117,6 +117,7 @@ async def test_attempts_are_counted_and_a_dead_message_can_be_replayed(store: St
     assert await store.record_attempt(stored.id, "boom") == 1
     assert await store.record_attempt(stored.id, "boom") == 2
     letter = await store.dead_letter_message(stored.id, "gave up", now=5.0)
+    assert letter is not None
     assert letter.kind == "message" and letter.attempts == 2 and letter.body["messageId"] == "m1"
     assert await store.pending_messages(10) == []
     assert await store.replay_dead_letter(letter.id, now=6.0)
@@ -331,6 +332,7 @@ async def test_forget_takes_at_most_limit_oldest_first(store: Store) -> None:
 async def test_a_purged_dead_message_is_forgotten_like_a_handled_one(store: Store) -> None:
     stored = (await store.accept(msg(), now=1.0)).stored
     letter = await store.dead_letter_message(stored.id, "gave up", now=2.0)
+    assert letter is not None
     assert await store.forget_messages(before=10.0, limit=10) == 0  # dead-lettered: kept
     assert await store.purge_dead_letters([letter.id]) == 1
     assert (await store.accept(msg(), now=3.0)).duplicate  # still remembered until the window passes
@@ -384,3 +386,71 @@ async def test_only_a_pending_message_finishes_and_only_once(store: Store) -> No
     assert await store.finish_message("unknown", "c1", [draft("x4")], now=3.0, outbox=False) == []
     assert await store.last_sequence("c1") == 1
     assert [m.id for m in await store.pending_messages(10)] == []
+
+
+async def test_finishing_checks_keys_unless_told_this_is_the_first_run(store: Store) -> None:
+    # A run emitted reply 0 and failed; the retry returns it instead: it must not appear twice.
+    a = (await store.accept(msg(message_id="m1"), now=1.0)).stored
+    await store.append_replies("c1", [draft("m1/0", "early")], now=2.0, outbox=False)
+    done = await store.finish_message(a.id, "c1", [draft("m1/0", "early"), draft("m1/1", "late")], now=3.0,
+                                      outbox=False)  # fmt: skip
+    assert [(r.sequence, r.payload["text"]) for r in done] == [(2, "late")]
+    b = (await store.accept(msg(message_id="m2"), now=1.0)).stored
+    first = await store.finish_message(b.id, "c1", [draft("m2/0")], now=3.0, outbox=False, keyed=False)
+    assert [r.sequence for r in first] == [3]
+
+
+async def test_a_message_is_dead_lettered_once_and_a_stale_letter_replays_nothing(store: Store) -> None:
+    a = (await store.accept(msg(message_id="m1"), now=1.0)).stored
+    letter = await store.dead_letter_message(a.id, "gave up", now=2.0)
+    assert letter is not None
+    assert await store.dead_letter_message(a.id, "again", now=3.0) is None  # a retried step: no second letter
+    assert [d.id for d in await store.list_dead_letters()] == [letter.id]
+    done = (await store.accept(msg(message_id="m2"), now=1.0)).stored
+    await store.finish_message(done.id, "c1", [], now=2.0, outbox=False)
+    assert await store.dead_letter_message(done.id, "late", now=3.0) is None
+    with pytest.raises(KeyError):
+        await store.dead_letter_message("unknown", "x", now=3.0)
+
+
+async def test_dead_and_replayed_messages_are_never_forgotten(store: Store) -> None:
+    a = (await store.accept(msg(message_id="m1"), now=1.0)).stored
+    await store.dead_letter_message(a.id, "gave up", now=2.0)
+    b = (await store.accept(msg(message_id="m2"), now=1.0)).stored
+    letter = await store.dead_letter_message(b.id, "gave up", now=2.0)
+    assert letter is not None and await store.replay_dead_letter(letter.id, now=3.0)
+    assert await store.forget_messages(before=100.0, limit=10) == 0
+    assert [m.id for m in await store.pending_messages(10)] == [b.id]
+    assert (await store.accept(msg(message_id="m1"), now=5.0)).duplicate  # still known
+
+
+async def test_limits_of_zero_or_less_ask_for_nothing(store: Store) -> None:
+    a = (await store.accept(msg(message_id="m1"), now=1.0)).stored
+    await store.finish_message(a.id, "c1", [draft("x")], now=1.0, outbox=False)
+    await store.accept(msg(message_id="m2"), now=1.0)
+    assert await store.pending_messages(0) == [] and await store.pending_messages(-1) == []
+    assert await store.forget_messages(before=100.0, limit=-1) == 0
+    assert await store.expire_replies(before=100.0, after="", limit=0) == (0, "")
+    assert await store.last_sequence("c1") == 1
+
+
+async def test_a_reply_no_longer_owed_cannot_be_dead_lettered(store: Store) -> None:
+    await store.append_replies("c1", [draft("a")], now=1.0, outbox=True)
+    await store.delivery_succeeded("c1", 1)
+    with pytest.raises(KeyError):
+        await store.delivery_dead("c1", 1, attempts=1, error="late", now=2.0)
+    assert await store.list_dead_letters() == []
+
+
+async def test_expiry_stops_at_the_first_young_reply_even_if_the_clock_stepped_back(store: Store) -> None:
+    await store.append_replies("c1", [draft("a")], now=1.0, outbox=False)
+    await store.append_replies("c1", [draft("b")], now=50.0, outbox=False)
+    await store.append_replies("c1", [draft("c")], now=2.0, outbox=False)  # the clock went back
+    cursor, expired = "", 0
+    while True:
+        n, cursor = await store.expire_replies(before=10.0, after=cursor, limit=100)
+        expired += n
+        if not cursor:
+            break
+    assert expired == 1
+    assert [r.sequence for r in await store.replies_after("c1", 0, 10)] == [2, 3]

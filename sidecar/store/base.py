@@ -57,14 +57,22 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def finish_message(
-        self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
+        self,
+        message_id: str,
+        conversation_id: str,
+        drafts: Sequence[ReplyDraft],
+        *,
+        now: float,
+        outbox: bool,
+        keyed: bool = True,
     ) -> list[Reply]:
         """Append a message's last replies and mark it handled, as one atomic step.
 
         Only a pending message finishes, and only once: for one already handled,
-        dead-lettered or unknown, nothing is appended and ``[]`` is returned. So
-        the replies that finish a message need no dedupe of their own (a store
-        may skip indexing their keys); those a bot emitted earlier still do.
+        dead-lettered or unknown, nothing is appended and ``[]`` is returned.
+        ``keyed=False`` tells the store that no earlier run of the bot can have
+        emitted replies under these drafts' dedupe keys (the message's first run
+        since it was accepted): it may then skip checking and indexing them.
         """
 
     @abc.abstractmethod
@@ -78,8 +86,11 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter:
-        """Give up on a message: it leaves the pending set and joins the dead letters."""
+    async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter | None:
+        """Give up on a pending message: it leaves the pending set and joins the dead
+        letters. None, and nothing changes, for a message no longer pending (handled,
+        or dead-lettered already: a retried step must not make a second letter);
+        KeyError for an unknown one."""
 
     # --- reply log ----------------------------------------------------------
 

@@ -83,6 +83,8 @@ class MemoryStore(Store):
         return AcceptResult(stored, duplicate=False)
 
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
         pending = [k for k, s in self._state.items() if s == "pending"]
         pending.sort(key=self._order.__getitem__)
         return [self._messages[k] for k in pending[:limit]]
@@ -93,8 +95,15 @@ class MemoryStore(Store):
         return stored.attempts
 
     async def finish_message(
-        self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
-    ) -> list[Reply]:
+        self,
+        message_id: str,
+        conversation_id: str,
+        drafts: Sequence[ReplyDraft],
+        *,
+        now: float,
+        outbox: bool,
+        keyed: bool = True,
+    ) -> list[Reply]:  # keys are always checked here: a dict lookup
         if self._state.get(message_id) != "pending":
             return []
         replies = await self.append_replies(conversation_id, drafts, now=now, outbox=outbox) if drafts else []
@@ -102,6 +111,8 @@ class MemoryStore(Store):
         return replies
 
     async def forget_messages(self, before: float, limit: int) -> int:
+        if limit <= 0:
+            return 0
         # The dicts keep acceptance order, and acceptance times only grow (a clock
         # stepped back merely delays forgetting), so the walk stops at the first young one.
         doomed: list[str] = []
@@ -114,8 +125,10 @@ class MemoryStore(Store):
             del self._messages[key], self._state[key], self._order[key]
         return len(doomed)
 
-    async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter:
+    async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter | None:
         stored = self._messages[message_id]
+        if self._state[message_id] != "pending":
+            return None
         self._state[message_id] = "dead"
         m = stored.message
         letter = DeadLetter(
@@ -182,6 +195,8 @@ class MemoryStore(Store):
         return trimmed
 
     async def expire_replies(self, before: float, after: str, limit: int) -> tuple[int, str]:
+        if limit <= 0:
+            return 0, ""
         # The next page only: sorting every conversation on each page made a pass quadratic.
         ids = heapq.nsmallest(limit, (c for c in self._conversations if c > after))
         deleted = sum(self._trim(self._conversations[c], before) for c in ids)
@@ -294,6 +309,8 @@ class MemoryStore(Store):
             conv.outbox[letter.sequence] = Delivery(conv.replies[letter.sequence], 0, None, now)
         else:
             key = str(letter.extra["message_id"])
+            if self._state.get(key) != "dead":
+                return False  # a stale letter: the message was replayed and handled since
             self._state[key] = "pending"
             self._messages[key] = replace(self._messages[key], attempts=0)
         return True

@@ -204,11 +204,18 @@ return redis.call('HINCRBY', m, 'attempts', 1)
 # ARGV: P, before (exclusive), limit
 _FORGET = """
 local ids = redis.call('ZRANGEBYSCORE', P .. 'handled', '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+local forgotten = 0
+-- One id at a time (no unpack: Lua's limit is a few thousand values), and only a
+-- message still done: one replayed since it was handled is pending again.
 for _, mid in ipairs(ids) do
-  redis.call('DEL', P .. 'msg:' .. mid)
+  local m = P .. 'msg:' .. mid
+  if redis.call('HGET', m, 'state') == 'done' then
+    redis.call('DEL', m)
+    forgotten = forgotten + 1
+  end
+  redis.call('ZREM', P .. 'handled', mid)
 end
-if #ids > 0 then redis.call('ZREM', P .. 'handled', unpack(ids)) end
-return #ids
+return forgotten
 """
 
 # ARGV: P, conversation id, before, retention
@@ -219,8 +226,9 @@ return trim(ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[3]))
 # ARGV: P, message id, error, now, letter id
 _DEAD_MESSAGE = f"""
 local m = P .. 'msg:' .. ARGV[2]
-local f = redis.call('HMGET', m, 'data', 'attempts', 'conversation_id')
+local f = redis.call('HMGET', m, 'data', 'attempts', 'conversation_id', 'state')
 if not f[1] then return redis.error_reply('{_NO_MESSAGE}') end
+if f[4] ~= 'pending' then return false end
 redis.call('HSET', m, 'state', 'dead', 'last_error', ARGV[3])
 redis.call('ZREM', P .. 'pending', ARGV[2])
 new_letter(ARGV[5], 'message', f[3], 0, ARGV[3], f[2], ARGV[4], f[1], ARGV[2])
@@ -228,7 +236,7 @@ return {{f[1], f[2]}}
 """
 
 # ARGV: P, conversation id, now, outbox (1|0), retention, message id to complete (or ''),
-#       fresh delivery state JSON, then (dedupe key, reply JSON without its sequence) pairs
+#       fresh delivery state JSON, keyed (1|0), then (dedupe key, reply JSON without its sequence) pairs
 _APPEND = """
 -- Finishing a message happens once, and only to a pending one.
 if ARGV[6] ~= '' and redis.call('HGET', P .. 'msg:' .. ARGV[6], 'state') ~= 'pending' then return {} end
@@ -239,10 +247,11 @@ local log = P .. 'log:' .. cid
 local outbox = ARGV[4] == '1'
 local last = tonumber(redis.call('HGET', conv, 'last') or '0')
 local appended = {}
--- Replies that finish a message need no key (it finishes once): only the others are keyed.
-local finishing = ARGV[6] ~= ''
-for i = 8, #ARGV, 2 do
-  if finishing or redis.call('ZADD', keys, 'NX', last + 1, ARGV[i]) == 1 then
+-- Replies that finish a message on its first run need no key (it finishes once, and no
+-- earlier run emitted under their keys): only the others are keyed.
+local unkeyed = ARGV[6] ~= '' and ARGV[8] == '0'
+for i = 9, #ARGV, 2 do
+  if unkeyed or redis.call('ZADD', keys, 'NX', last + 1, ARGV[i]) == 1 then
     last = last + 1
     local reply = '{"sequence":' .. last .. ',' .. string.sub(ARGV[i + 1], 2)
     redis.call('ZADD', log, last, reply)
@@ -335,10 +344,15 @@ if f[1] == 'reply' then
   refresh_head(cid)
 else
   local m = P .. 'msg:' .. f[4]
-  local arrival = redis.call('HGET', m, 'arrival')
-  if not arrival then return redis.error_reply('sidecar: the dead message is gone') end
+  local g = redis.call('HMGET', m, 'arrival', 'state')
+  if not g[1] then return redis.error_reply('sidecar: the dead message is gone') end
+  if g[2] ~= 'dead' then  -- a stale letter: the message was replayed and handled since
+    drop_letter(id, cid)
+    return 0
+  end
   redis.call('HSET', m, 'state', 'pending', 'attempts', 0)
-  redis.call('ZADD', P .. 'pending', arrival, f[4])
+  redis.call('ZADD', P .. 'pending', g[1], f[4])
+  redis.call('ZREM', P .. 'handled', f[4])
 end
 drop_letter(id, cid)
 return 1
@@ -694,14 +708,27 @@ class RedisStore(Store):
         return int(await self._run(self._record_attempt, message_id, error[:_ERROR_LIMIT]))
 
     async def finish_message(
-        self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
+        self,
+        message_id: str,
+        conversation_id: str,
+        drafts: Sequence[ReplyDraft],
+        *,
+        now: float,
+        outbox: bool,
+        keyed: bool = True,
     ) -> list[Reply]:
-        return await self._append_replies(conversation_id, drafts, now=now, outbox=outbox, complete=message_id)
+        return await self._append_replies(
+            conversation_id, drafts, now=now, outbox=outbox, complete=message_id, keyed=keyed
+        )
 
     async def forget_messages(self, before: float, limit: int) -> int:
+        if limit <= 0:
+            return 0
         return int(await self._run(self._forget, before, limit))
 
     async def expire_replies(self, before: float, after: str, limit: int) -> tuple[int, str]:
+        if limit <= 0:
+            return 0, ""
         # SCAN's cursor is the pass's cursor: it visits every conversation once, whatever
         # is added or trimmed meanwhile, and comes back to 0 at the end.
         cursor, keys = await self._redis().scan(int(after or 0), match=self._glob() + "conv:*", count=limit)
@@ -709,15 +736,18 @@ class RedisStore(Store):
         done = await asyncio.gather(*(self._run(self._expire, k[head:], before, self._retention) for k in keys))
         return sum(int(n) for n in done), "" if cursor == 0 else str(cursor)
 
-    async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter:
+    async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter | None:
         letter_id = str(uuid.uuid4())
         error = error[:_ERROR_LIMIT]
         try:
-            data, attempts = await self._run(self._dead_message, message_id, error, now, letter_id)
+            found = await self._run(self._dead_message, message_id, error, now, letter_id)
         except ResponseError as e:
             if _NO_MESSAGE in str(e):
                 raise KeyError(message_id) from None
             raise
+        if not found:  # no longer pending: nothing changed
+            return None
+        data, attempts = found
         m = _message(message_id, data, attempts).message
         return DeadLetter(
             id=letter_id,
@@ -739,9 +769,18 @@ class RedisStore(Store):
         return await self._append_replies(conversation_id, drafts, now=now, outbox=outbox, complete="")
 
     async def _append_replies(
-        self, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool, complete: str
+        self,
+        conversation_id: str,
+        drafts: Sequence[ReplyDraft],
+        *,
+        now: float,
+        outbox: bool,
+        complete: str,
+        keyed: bool = True,
     ) -> list[Reply]:
-        args: list[Any] = [conversation_id, now, "1" if outbox else "0", self._retention, complete, _fresh(now)]
+        args: list[Any] = [
+            conversation_id, now, "1" if outbox else "0", self._retention, complete, _fresh(now), "1" if keyed else "0"
+        ]  # fmt: skip
         for d in drafts:
             body = orjson.dumps(
                 {

@@ -449,6 +449,8 @@ class SqliteStore(Store):
         return await self._run(op)
 
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
         sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE state = 'pending' ORDER BY arrival LIMIT ?"
         return await self._read(lambda c: [_message(r) for r in c.execute(sql, (limit,))])
 
@@ -463,6 +465,8 @@ class SqliteStore(Store):
         return await self._run(op)
 
     async def forget_messages(self, before: float, limit: int) -> int:
+        if limit <= 0:
+            return 0
         sql = (
             "DELETE FROM messages WHERE arrival IN (SELECT arrival FROM messages"
             " WHERE state = 'done' AND received_at < ? ORDER BY received_at LIMIT ?)"
@@ -470,11 +474,13 @@ class SqliteStore(Store):
         # Not fsync'd on its own: forgetting lost to a power cut is done again by the next sweep.
         return int(await self._run(lambda c: c.execute(sql, (before, limit)).rowcount, durable=False))
 
-    async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter:
-        def op(c: sqlite3.Connection) -> DeadLetter:
-            row = c.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)).fetchone()
+    async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter | None:
+        def op(c: sqlite3.Connection) -> DeadLetter | None:
+            row = c.execute(f"SELECT {_MESSAGE_COLUMNS}, state FROM messages WHERE id = ?", (message_id,)).fetchone()
             if row is None:
                 raise KeyError(message_id)
+            if row[-1] != "pending":
+                return None
             stored = _message(row)
             m = stored.message
             c.execute("UPDATE messages SET state = 'dead', last_error = ? WHERE id = ?", (error[:500], message_id))
@@ -492,19 +498,25 @@ class SqliteStore(Store):
         return await self._run(lambda c: self._append(c, conversation_id, rows, now, outbox))
 
     async def finish_message(
-        self, message_id: str, conversation_id: str, drafts: Sequence[ReplyDraft], *, now: float, outbox: bool
+        self,
+        message_id: str,
+        conversation_id: str,
+        drafts: Sequence[ReplyDraft],
+        *,
+        now: float,
+        outbox: bool,
+        keyed: bool = True,
     ) -> list[Reply]:
         rows = [(d, orjson.dumps(d.payload)) for d in drafts]
 
         def op(c: sqlite3.Connection) -> list[Reply]:
-            # Only a pending message can finish, once: so these replies need no dedupe
-            # key of their own (a re-run after a crash finds the message done, or none
-            # of them stored). Keys still guard what the bot emitted before it returned.
+            # Only a pending message can finish, once. On its first run (keyed=False) no
+            # earlier run can have emitted under these keys, so they skip the dedupe index.
             if not c.execute(
                 "UPDATE messages SET state = 'done' WHERE id = ? AND state = 'pending'", (message_id,)
             ).rowcount:
                 return []
-            return self._append(c, conversation_id, rows, now, outbox, keyed=False) if rows else []
+            return self._append(c, conversation_id, rows, now, outbox, keyed=keyed) if rows else []
 
         return await self._run(op)
 
@@ -562,12 +574,16 @@ class SqliteStore(Store):
             oldest = c.execute(
                 "SELECT created_at FROM replies WHERE conversation_id = ? AND sequence = ?", (conversation_id, first)
             ).fetchone()
-            if oldest is not None and oldest[0] < before:  # only then read the whole log
-                aged = c.execute(
-                    "SELECT MAX(sequence) FROM replies WHERE conversation_id = ? AND created_at < ?",
-                    (conversation_id, before),
-                ).fetchone()[0]
-                upto = max(upto, min(aged, first + _EXPIRE_STEP - 1))
+            if oldest is not None and oldest[0] < before:  # only then read on, at most one step
+                # The leading run of old replies, up to the first young one: a clock stepped
+                # back can put a young reply between old ones, and it must stay.
+                end = min(last, first + _EXPIRE_STEP - 1)
+                young = c.execute(
+                    "SELECT sequence FROM replies WHERE conversation_id = ? AND sequence > ? AND sequence <= ?"
+                    " AND created_at >= ? ORDER BY sequence LIMIT 1",
+                    (conversation_id, first, end, before),
+                ).fetchone()
+                upto = max(upto, end if young is None else young[0] - 1)
         if upto < first:
             return 0
         protected = c.execute(
@@ -586,6 +602,9 @@ class SqliteStore(Store):
         return int(deleted)
 
     async def expire_replies(self, before: float, after: str, limit: int) -> tuple[int, str]:
+        if limit <= 0:
+            return 0, ""
+
         def op(c: sqlite3.Connection) -> tuple[int, str]:
             ids = [
                 row[0]
@@ -693,10 +712,15 @@ class SqliteStore(Store):
                 f"SELECT {_REPLY_COLUMNS} FROM replies r WHERE r.conversation_id = ? AND r.sequence = ?",
                 (conversation_id, sequence),
             ).fetchone()
-            if row is None:
+            # Only a reply still owed: one delivered (or dead) already is not in the outbox.
+            if (
+                row is None
+                or not c.execute(
+                    "DELETE FROM outbox WHERE conversation_id = ? AND sequence = ?", (conversation_id, sequence)
+                ).rowcount
+            ):
                 raise KeyError((conversation_id, sequence))
             reply = _reply(row)
-            c.execute("DELETE FROM outbox WHERE conversation_id = ? AND sequence = ?", (conversation_id, sequence))
             return _insert_dead(c, "reply", conversation_id, sequence, reply.webhook_body(), error, attempts, now,
                                 {"webhook_id": reply.bot_message_id})  # fmt: skip
 
@@ -738,10 +762,12 @@ class SqliteStore(Store):
                     "INSERT OR REPLACE INTO outbox (conversation_id, sequence, next_attempt_at) VALUES (?, ?, ?)",
                     (letter.conversation_id, letter.sequence, now),
                 )
-            else:
-                c.execute(
-                    "UPDATE messages SET state = 'pending', attempts = 0 WHERE id = ?", (letter.extra["message_id"],)
-                )
+            elif not c.execute(
+                "UPDATE messages SET state = 'pending', attempts = 0 WHERE id = ? AND state = 'dead'",
+                (letter.extra["message_id"],),
+            ).rowcount:
+                c.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
+                return False  # a stale letter: the message was replayed and handled since
             c.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
             return True
 
