@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tests.local_server import LocalServer
+
 
 @dataclass
 class Received:
@@ -33,42 +35,25 @@ class Script:
     hang: bool = False
 
 
-class Receiver:
+class Receiver(LocalServer):
     """``async with Receiver() as r``: r.url to POST to, r.requests, r.wait_for(n)."""
 
     def __init__(self, path: str = "/replies") -> None:
-        self.path = path
+        super().__init__(path)
         self.requests: list[Received] = []
         self.scripts: dict[str, Script] = {}
         self._changed = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self.port = 0
         self._release = asyncio.Event()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
 
     def script(self, conversation_id: str, *statuses: int, then: int = 200, retry_after: str | None = None,
                hang: bool = False) -> None:  # fmt: skip
         self.scripts[conversation_id] = Script(collections.deque(statuses), then, retry_after, hang)
 
-    async def __aenter__(self) -> Receiver:
-        app = web.Application()
-        app.router.add_post(self.path, self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
-        return self
-
     async def __aexit__(self, *exc: object) -> None:
-        self._release.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        self._release.set()  # hanging answers end, so that the server can stop
+        await super().__aexit__(*exc)
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
         body = orjson.loads(raw) if raw else None
         conversation = body.get("conversationId", "") if isinstance(body, dict) else ""
