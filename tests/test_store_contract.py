@@ -454,3 +454,10 @@ async def test_expiry_stops_at_the_first_young_reply_even_if_the_clock_stepped_b
             break
     assert expired == 1
     assert [r.sequence for r in await store.replies_after("c1", 0, 10)] == [2, 3]
+
+
+async def test_dead_letters_are_listed_in_the_order_they_were_made(store: Store) -> None:
+    for conversation in ("c2", "c1", "c3"):
+        stored = (await store.accept(msg(conversation=conversation), now=1.0)).stored
+        await store.dead_letter_message(stored.id, "gave up", now=5.0)  # same time for all
+    assert [d.conversation_id for d in await store.list_dead_letters()] == ["c2", "c1", "c3"]

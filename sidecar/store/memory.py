@@ -288,12 +288,12 @@ class MemoryStore(Store):
     async def list_dead_letters(
         self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100
     ) -> list[DeadLetter]:
+        # Creation order, as SQLite and Redis keep it: the dict's own order.
         letters = [
             d
             for d in self._dead.values()
             if (kind is None or d.kind == kind) and (conversation_id is None or d.conversation_id == conversation_id)
         ]
-        letters.sort(key=lambda d: (d.dead_at, d.conversation_id, d.sequence))
         return letters[:limit]
 
     async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
