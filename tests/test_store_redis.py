@@ -180,19 +180,20 @@ async def test_a_store_step_that_fails_mid_message_is_retried_and_the_conversati
     admin = RedisStore(prefixed_url, exclusive=False)
     await admin.open()
     try:
-        others = {c["id"] for c in await admin._redis().client_list()}
+        before = {c["id"] for c in await admin._redis().client_list()}
         s = await start_app(store=prefixed_url, bot="script", bot_script=str(rules))
+        name = admin.client_name  # the sidecar's store has the same prefix, so the same name
         assert (await s.post(message(message_id="m1"))).status == 200
 
         async def first_reply_stored() -> bool:
             return await s.app.store.last_sequence("c1") == 1
 
         await eventually(first_reply_stored, what="the first reply")
-        # While the bot waits before its second reply, cut every connection the sidecar
-        # has (tests run one at a time: the clients that were not there before are its):
-        # the step that stores "second" and marks m1 handled fails with ConnectionError.
+        # While the bot waits before its second reply, cut every connection of the sidecar's
+        # store: named for this prefix (nobody else's) and opened after it started (not this
+        # test's own). The step that stores "second" and marks m1 handled fails.
         for client in await admin._redis().client_list():
-            if client["id"] not in others:
+            if client["name"] == name and client["id"] not in before:
                 await admin._redis().client_kill_filter(_id=client["id"])
 
         async def failure_seen() -> bool:

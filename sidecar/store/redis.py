@@ -457,6 +457,7 @@ class RedisStore(Store):
         self._lease_ms = int(lease_seconds * 1000)
         self._owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
         self._lease_task: asyncio.Task[None] | None = None
+        self.client_name = "sidecar:" + re.sub(r"[^A-Za-z0-9:_.-]", "_", self.prefix)
         self._safe_url = redact_url(self._url)
         # As user info, or as redis-py's ?password= parameter: scrubbed from error texts.
         self._password = urlsplit(self._url).password or dict(parse_qsl(urlsplit(self._url).query)).get("password", "")
@@ -483,6 +484,8 @@ class RedisStore(Store):
                 # No automatic retries: a script whose answer was lost may have run.
                 retry=Retry(NoBackoff(), 0),
                 socket_connect_timeout=5.0,
+                # Named in CLIENT LIST: an operator (or a test) can tell this sidecar's connections apart.
+                client_name=self.client_name,
             )
         except (ValueError, TypeError) as e:
             raise RedisStoreError(f"store (SIDECAR_STORE): {self._safe_url}: invalid URL: {self._scrub(e)}") from None
