@@ -61,8 +61,11 @@ class App:
         if self.webhook is not None:
             await self.webhook.start()
         await self.core.start()
-        self.http_port = await self._serve_http(self._http.app(), c.http_addr, "http_addr", self._ssl_context())
-        self.admin_port = await self._serve_http(self._admin.app(), c.admin_addr, "admin_addr")
+        tls = self._ssl_context()
+        self.http_port = await self._serve_http(self._http.app(), c.http_addr, "http_addr", tls)
+        self.admin_port = await self._serve_http(
+            self._admin.app(), c.admin_addr, "admin_addr", tls if c.admin_tls else None
+        )
         server, health = build_server(c, self.core, self.metrics, self.tokens)
         host, port = split_addr(c.grpc_addr, "grpc_addr")
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

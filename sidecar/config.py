@@ -46,6 +46,7 @@ class Config:
     allow_unauthenticated: bool = _opt(False, "serve ingress beyond loopback without tokens")
     tls_cert_file: str = _opt("", "PEM certificate chain: serve HTTP ingress and gRPC over TLS")
     tls_key_file: str = _opt("", "PEM private key of tls_cert_file")
+    admin_tls: bool = _opt(False, "serve the admin listener over TLS too, with tls_cert_file (probes then use HTTPS)")
     # --- outbound webhook ---
     response_url: str = _opt("", "where replies are POSTed; empty: no webhook delivery")
     response_authorization: str = _opt("", "Authorization header value sent with every webhook POST", secret=True)
@@ -262,6 +263,8 @@ def validate(c: Config) -> None:
                     f"binding {host} without tokens would expose the ingress; set "
                     "SIDECAR_AUTH_TOKENS, or SIDECAR_ALLOW_UNAUTHENTICATED=true to allow it",
                 )
+    if c.admin_tls and not c.tls_cert_file:
+        _fail("admin_tls", "needs SIDECAR_TLS_CERT_FILE and SIDECAR_TLS_KEY_FILE")
     if bool(c.tls_cert_file) != bool(c.tls_key_file):
         _fail("tls_key_file" if c.tls_cert_file else "tls_cert_file", "TLS needs both a certificate and a key")
     for name in ("tls_cert_file", "tls_key_file"):

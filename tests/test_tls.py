@@ -79,3 +79,20 @@ async def test_the_cli_sends_and_tails_over_tls_with_a_ca_file(start_app: StartA
     plain = await asyncio.to_thread(cli, "send", "--grpc", target, "--timeout", "3", "--user", "u",
                                     "--conversation", "c1")  # fmt: skip
     assert plain.returncode == 1  # without --tls the handshake never happens
+
+
+async def test_the_admin_listener_serves_tls_only_when_asked(start_app: StartApp, cert: tuple[Path, Path]) -> None:
+    from sidecar.config import ConfigError, load
+
+    crt, key = cert
+    context = ssl.create_default_context(cafile=str(crt))
+    plain = await start_app(tls_cert_file=str(crt), tls_key_file=str(key))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"http://127.0.0.1:{plain.app.admin_port}/healthz") as resp:
+            assert resp.status == 200  # the default: probes keep plain HTTP
+        secure = await start_app(tls_cert_file=str(crt), tls_key_file=str(key), admin_tls=True,
+                                 store=f"sqlite:///{crt.parent}/second.db")  # fmt: skip
+        async with session.get(f"https://127.0.0.1:{secure.app.admin_port}/healthz", ssl=context) as resp:
+            assert resp.status == 200
+    with pytest.raises(ConfigError, match="SIDECAR_ADMIN_TLS"):
+        load(env={"SIDECAR_ADMIN_TLS": "true"})

@@ -90,7 +90,9 @@ class MemoryStore(Store):
         return [self._messages[k] for k in pending[:limit]]
 
     async def record_attempt(self, message_id: str, error: str) -> int:
-        stored = self._messages[message_id]
+        stored = self._messages.get(message_id)
+        if stored is None:
+            return 0  # as SQLite and Redis answer for an unknown message
         self._messages[message_id] = stored = replace(stored, attempts=stored.attempts + 1)
         return stored.attempts
 
