@@ -139,6 +139,11 @@ class Core:
         if self._pending >= self._config.max_pending_messages or self._backlog:
             # With a backlog the store holds pending messages not loaded yet: a new one
             # would run before older ones of its conversation, so it waits its turn too.
+            # A repeat of a stored message adds no work: it gets its answer (a client
+            # retrying after a lost 200 should not be told to back off).
+            known = await self._store.known(message)
+            if known is not None:
+                return known
             raise Overloaded(retry_after=1.0)
         result = await self._store.accept(message, now=time.time())
         if not result.duplicate:

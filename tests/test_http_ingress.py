@@ -199,6 +199,10 @@ async def test_queue_bound_reached_is_429_with_retry_after(start_app: StartApp, 
     assert resp.status == 429
     assert int(resp.headers["Retry-After"]) >= 1
     assert_error_shape(await resp.json(), "overloaded")
+    # A repeat of the accepted message adds no work: it still gets its answers.
+    again = await s.post(message(message_id="m1"))
+    assert again.status == 200 and (await again.json())["duplicate"] is True
+    assert (await s.post(message(message_id="m1", text="other"))).status == 409
 
 
 async def test_draining_sidecar_answers_503(start_app: StartApp) -> None:

@@ -461,3 +461,13 @@ async def test_dead_letters_are_listed_in_the_order_they_were_made(store: Store)
         stored = (await store.accept(msg(conversation=conversation), now=1.0)).stored
         await store.dead_letter_message(stored.id, "gave up", now=5.0)  # same time for all
     assert [d.conversation_id for d in await store.list_dead_letters()] == ["c2", "c1", "c3"]
+
+
+async def test_known_answers_like_accept_for_a_stored_message_and_stores_nothing(store: Store) -> None:
+    assert await store.known(msg(message_id="m1")) is None
+    assert await store.pending_messages(10) == []
+    first = (await store.accept(msg(message_id="m1"), now=1.0)).stored
+    known = await store.known(msg(message_id="m1"))
+    assert known is not None and known.duplicate and known.stored.id == first.id
+    with pytest.raises(Conflict):
+        await store.known(msg(message_id="m1", text="other"))

@@ -48,6 +48,12 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def known(self, message: InboundMessage) -> AcceptResult | None:
+        """What ``accept`` would answer for a message already stored (a duplicate, or
+        Conflict for other content under its ids), without storing anything: None when
+        it is new. For answering repeats while new work is refused."""
+
+    @abc.abstractmethod
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
         """Messages accepted but neither completed nor dead-lettered, oldest first."""
 

@@ -82,6 +82,14 @@ class MemoryStore(Store):
         self._conv(message.conversation_id).user_id = message.user_id
         return AcceptResult(stored, duplicate=False)
 
+    async def known(self, message: InboundMessage) -> AcceptResult | None:
+        existing = self._messages.get(sidecar_id("message", message.conversation_id, message.message_id))
+        if existing is None:
+            return None
+        if existing.fingerprint != message.fingerprint():
+            raise Conflict()
+        return AcceptResult(existing, duplicate=True)
+
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
         if limit <= 0:
             return []

@@ -701,6 +701,16 @@ class RedisStore(Store):
         stored = StoredMessage(id=key, message=message, fingerprint=fingerprint, received_at=now)
         return AcceptResult(stored, duplicate=False)
 
+    async def known(self, message: InboundMessage) -> AcceptResult | None:
+        key = sidecar_id("message", message.conversation_id, message.message_id)
+        fields = await self._redis().hmget(self._key("msg:", key), ["fingerprint", "data", "attempts"])
+        fingerprint, data, attempts = cast(list[str | None], fields)
+        if fingerprint is None or data is None:
+            return None
+        if fingerprint != message.fingerprint():
+            raise Conflict()
+        return AcceptResult(_message(key, data, attempts), duplicate=True)
+
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
         if limit <= 0:
             return []

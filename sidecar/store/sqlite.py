@@ -448,6 +448,16 @@ class SqliteStore(Store):
 
         return await self._run(op)
 
+    async def known(self, message: InboundMessage) -> AcceptResult | None:
+        key = sidecar_id("message", message.conversation_id, message.message_id)
+        sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?"
+        row = await self._read(lambda c: c.execute(sql, (key,)).fetchone())
+        if row is None:
+            return None
+        if row[7] != message.fingerprint():
+            raise Conflict()
+        return AcceptResult(_message(row), duplicate=True)
+
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
         if limit <= 0:
             return []
