@@ -20,6 +20,7 @@ from sidecar.bots import create_bot
 from sidecar.config import Config, ConfigError, env_name, is_loopback, split_addr
 from sidecar.core import Core
 from sidecar.delivery.webhook import WebhookDelivery
+from sidecar.http_server import HttpServer
 from sidecar.ingress.grpc import SERVING, build_server
 from sidecar.ingress.http import HttpIngress
 from sidecar.models import JSON
@@ -46,7 +47,7 @@ class App:
         callback_tokens = TokenChecker(config.callback_tokens)
         self._http = HttpIngress(config, self.core, self.metrics, self.tokens, callback_tokens)
         self._admin = AdminApp(self.metrics, self.readiness, self.core, TokenChecker(config.admin_tokens))
-        self._runners: list[web.AppRunner] = []
+        self._http_servers: list[HttpServer] = []
         self._grpc: grpc.aio.Server | None = None
         self._health: object = None
         self._response_url_check = "not checked"
@@ -121,15 +122,13 @@ class App:
         self, app: web.Application, addr: str, name: str, ssl_context: ssl.SSLContext | None = None
     ) -> int:
         host, port = split_addr(addr, name)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
-        self._runners.append(runner)
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        server = HttpServer(app, self.config.http_header_timeout)
+        self._http_servers.append(server)
         try:
-            await site.start()
+            await server.start(host, port, ssl_context)
         except OSError as e:
             raise ConfigError(f"{name} ({env_name(name)}): cannot listen on {addr}: {e.strerror}") from None
-        return int(runner.addresses[-1][1])
+        return server.port
 
     async def readiness(self) -> tuple[bool, dict[str, JSON]]:
         details: dict[str, JSON] = {"started": self._started, "draining": self._draining}
@@ -164,9 +163,9 @@ class App:
         """Close everything; safe after a failed start and when called twice."""
         if self._grpc is not None:
             await self._grpc.stop(grace=None)
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        self._runners.clear()
+        for server in reversed(self._http_servers):
+            await server.stop()
+        self._http_servers.clear()
         if self.webhook is not None:
             await self.webhook.stop()
         with contextlib.suppress(Exception):

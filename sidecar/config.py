@@ -46,6 +46,7 @@ class Config:
     allow_unauthenticated: bool = _opt(False, "serve ingress beyond loopback without tokens")
     tls_cert_file: str = _opt("", "PEM certificate chain: serve HTTP ingress and gRPC over TLS")
     tls_key_file: str = _opt("", "PEM private key of tls_cert_file")
+    http_header_timeout: float = _opt(30.0, "seconds a client has to send a request's headers (HTTP and admin)")
     admin_tls: bool = _opt(False, "serve the admin listener over TLS too, with tls_cert_file (probes then use HTTPS)")
     # --- outbound webhook ---
     response_url: str = _opt("", "where replies are POSTed; empty: no webhook delivery")
@@ -317,7 +318,7 @@ def validate(c: Config) -> None:
         "webhook_backoff_max", "webhook_concurrency", "bot_timeout", "bot_max_attempts",
         "bot_backoff_initial", "bot_backoff_max", "bot_concurrency", "bot_breaker_failures", "bot_breaker_cooldown",
         "reply_retention", "reply_max_age", "dedupe_window",
-        "max_body_bytes", "max_id_length", "max_payload_depth", "max_pending_messages",
+        "http_header_timeout", "max_body_bytes", "max_id_length", "max_payload_depth", "max_pending_messages",
         "stream_queue_size", "max_streams",
     )  # fmt: skip
     for f in fields(c):

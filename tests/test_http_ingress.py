@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from sidecar.models import JSON
@@ -306,3 +307,27 @@ async def test_a_large_number_written_as_a_float_is_a_float_and_accepted(start_a
     resp = await s.post(message(payload={"n": 1e20, "text": "x"}))
     assert resp.status == 200
     assert (await resp.json())["message"]["payload"]["n"] == 1e20
+
+
+async def test_a_client_too_slow_to_send_its_headers_is_disconnected(start_app: StartApp) -> None:
+    s = await start_app(http_header_timeout=0.5)
+    for port in (s.app.http_port, s.app.admin_port):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /webhook HTTP/1.1\r\nHost: x\r\n")  # and then nothing more
+        await writer.drain()
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # closed by the sidecar, without an answer
+        writer.close()
+    # Headers sent in pieces, but in time, are fine, and so is the next request on the connection.
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.app.http_port)
+    body = orjson.dumps(message())
+    head = f"POST /webhook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    for piece in (head[:20].encode(), head[20:].encode(), b"\r", b"\n" + body):
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+    assert (await reader.readline()).split()[1] == b"200"
+    writer.close()
+    assert (await s.post(message(message_id="m2"))).status == 200
+    await asyncio.sleep(0.7)  # past the deadline: the kept-alive connection is not cut for it
+    assert (await s.post(message(message_id="m3"))).status == 200
