@@ -30,6 +30,8 @@ _PAGE = 32
 _RETRYABLE = {408, 429}
 _MAX_ANSWER = 64 * 1024
 """Bytes of a receiver's answer read at most: only its status and headers matter."""
+_COALESCE = 0.02
+"""Seconds the scheduler waits at least before a pass due to the clock (not to a wake-up)."""
 _STORE_PAUSE = 1.0
 """Seconds a conversation waits after a store step of its delivery failed."""
 
@@ -142,7 +144,10 @@ class WebhookDelivery:
             except Exception:
                 log.exception("webhook scheduler failed to read the outbox; retrying")
                 next_due = time.time() + 1.0
-            delay = None if next_due is None else max(0.0, next_due - time.time())
+            # Heads falling due within _COALESCE of each other are picked up by one pass:
+            # after an outage, retries come due one by one, and a pass (two outbox
+            # reads) for each would cost more than a few milliseconds of delay.
+            delay = None if next_due is None else max(_COALESCE, next_due - time.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
