@@ -122,7 +122,8 @@ class App:
         self, app: web.Application, addr: str, name: str, ssl_context: ssl.SSLContext | None = None
     ) -> int:
         host, port = split_addr(addr, name)
-        server = HttpServer(app, self.config.http_header_timeout)
+        refused = self.metrics.connections_refused.labels(name.removesuffix("_addr")).inc
+        server = HttpServer(app, self.config.http_header_timeout, self.config.http_max_connections, refused)
         self._http_servers.append(server)
         try:
             await server.start(host, port, ssl_context)

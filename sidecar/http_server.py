@@ -1,14 +1,25 @@
-"""Serving the aiohttp apps: aiohttp's runner, plus a deadline for a request's headers."""
+"""Serving the aiohttp apps: aiohttp's runner, plus a deadline for a request's headers
+and a cap on open connections."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import ssl
+from collections.abc import Callable
 
 from aiohttp import web
 
 log = logging.getLogger(__name__)
+
+
+class _Count:
+    """Connections open on one listener."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = 0
 
 
 class HeaderDeadline(asyncio.Protocol):
@@ -21,19 +32,32 @@ class HeaderDeadline(asyncio.Protocol):
     Everything else is passed on untouched.
     """
 
-    def __init__(self, inner: asyncio.Protocol, timeout: float) -> None:
+    def __init__(
+        self, inner: asyncio.Protocol, timeout: float, count: _Count, limit: int, refused: Callable[[], None]
+    ) -> None:
         self._inner = inner
         self._timeout = timeout
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""  # the end of what arrived so far: "\r\n\r\n" may straddle two reads
         self._transport: asyncio.BaseTransport | None = None
+        self._count, self._limit, self._refused = count, limit, refused
+        self._admitted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._count.open >= self._limit:
+            # Past the cap: closed before aiohttp sees it, so it holds no handler or buffer.
+            self._refused()
+            transport.close()
+            return
+        self._admitted = True
+        self._count.open += 1
         self._transport = transport
         self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if not self._admitted:
+            return
         if self._timer is not None:
             seen = self._tail + data
             if b"\r\n\r\n" in seen:
@@ -44,19 +68,25 @@ class HeaderDeadline(asyncio.Protocol):
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received()
+        return self._inner.eof_received() if self._admitted else None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
+        self._count.open -= 1
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self._inner.pause_writing()
+        if self._admitted:
+            self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self._inner.resume_writing()
+        if self._admitted:
+            self._inner.resume_writing()
 
     def _expire(self) -> None:
         self._timer = None
@@ -69,19 +99,28 @@ class HttpServer:
     """One aiohttp app on one address: ``start`` binds (OSError if it cannot), ``stop``
     stops accepting and closes the connections (requests in flight get ``shutdown_timeout``)."""
 
-    def __init__(self, app: web.Application, header_timeout: float) -> None:
+    def __init__(
+        self, app: web.Application, header_timeout: float, max_connections: int, refused: Callable[[], None]
+    ) -> None:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         self._header_timeout = header_timeout
+        self._max_connections = max_connections
+        self._refused = refused
+        self._count = _Count()
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
+
+    @property
+    def connections(self) -> int:
+        return self._count.open
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
         await self._runner.setup()
         factory = self._runner.server
         assert factory is not None
-        timeout = self._header_timeout
+        timeout, count, limit, refused = self._header_timeout, self._count, self._max_connections, self._refused
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: HeaderDeadline(factory(), timeout), host, port, ssl=ssl_context
+            lambda: HeaderDeadline(factory(), timeout, count, limit, refused), host, port, ssl=ssl_context
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
 

@@ -87,6 +87,12 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "sidecar_http_connections_refused_total",
+            "Connections closed at once because the listener had http_max_connections open",
+            ["listener"],
+            registry=r,
+        )
         self.messages_forgotten = Counter(
             "sidecar_messages_forgotten_total",
             "Handled messages deleted from the store once older than the dedupe window",

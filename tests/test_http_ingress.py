@@ -12,7 +12,7 @@ import orjson
 import pytest
 
 from sidecar.models import JSON
-from tests.conftest import StartApp, message
+from tests.conftest import StartApp, message, metric
 
 
 def assert_error_shape(body: dict[str, object], code: str) -> None:
@@ -331,3 +331,19 @@ async def test_a_client_too_slow_to_send_its_headers_is_disconnected(start_app: 
     assert (await s.post(message(message_id="m2"))).status == 200
     await asyncio.sleep(0.7)  # past the deadline: the kept-alive connection is not cut for it
     assert (await s.post(message(message_id="m3"))).status == 200
+
+
+async def test_connections_past_the_cap_are_closed_at_once_and_counted(start_app: StartApp) -> None:
+    s = await start_app(http_max_connections=2)
+    held = [await asyncio.open_connection("127.0.0.1", s.app.http_port) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.app.http_port)
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""  # closed without a word
+    writer.close()
+    assert await metric(s, 'sidecar_http_connections_refused_total{listener="http"}') == 1.0
+    for _, w in held:
+        w.close()
+    await asyncio.sleep(0.1)  # their slots are free again
+    async with aiohttp.ClientSession() as session, session.post(s.http + "/webhook", json=message()) as resp:
+        assert resp.status == 200
