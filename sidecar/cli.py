@@ -161,15 +161,20 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _limit(text: str) -> int:
-    """An argparse type: how many dead letters, 1 to 1000."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= value <= 1000:
-        raise argparse.ArgumentTypeError(f"must be from 1 to 1000, got {value}")
-    return value
+def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number from ``low`` (to ``high``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
 
 
 def _http_url(value: str) -> bool:
@@ -235,16 +240,6 @@ def _send(args: argparse.Namespace) -> int:
 # --- tail -----------------------------------------------------------------------
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
-    return value
-
-
 def add_tail_parser(subparsers: Subparsers) -> None:
     parser = subparsers.add_parser(
         "tail",
@@ -259,7 +254,7 @@ def add_tail_parser(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--after",
         metavar="N",
-        type=_non_negative,
+        type=_whole(0),
         help="first replay every reply with sequence > N (0: all retained replies) [default: live replies only]",
     )
     parser.add_argument("--grpc", metavar="ADDR", default=DEFAULT_GRPC, help=f"gRPC address [default: {DEFAULT_GRPC}]")
@@ -267,7 +262,7 @@ def add_tail_parser(subparsers: Subparsers) -> None:
     _add_tls(parser)
     parser.add_argument("--once", action="store_true", help="do not reconnect: exit when the stream ends or fails")
     parser.add_argument(
-        "--max-replies", metavar="N", type=_non_negative, help="exit 0 after printing N replies [default: no limit]"
+        "--max-replies", metavar="N", type=_whole(0), help="exit 0 after printing N replies [default: no limit]"
     )
     parser.set_defaults(handler=_tail)
 
@@ -325,7 +320,7 @@ def add_dlq_parser(subparsers: Subparsers) -> None:
     ls = commands.add_parser("list", help="print dead letters, oldest first, one JSON object per line")
     ls.add_argument("--kind", choices=("reply", "message"), help="only replies or only messages")
     ls.add_argument("--conversation", help="only this conversation")
-    ls.add_argument("--limit", type=_limit, default=100, help="at most this many, 1 to 1000 (default 100)")
+    ls.add_argument("--limit", type=_whole(1, 1000), default=100, help="at most this many, 1 to 1000 (default 100)")
     ls.set_defaults(handler=_dlq_list)
     show = commands.add_parser("show", help="print one dead letter with its body and last error")
     show.add_argument("id", help="the dead letter's id (from list)")

@@ -27,9 +27,9 @@ from sidecar.models import (
     entity_id,
     sidecar_id,
 )
-from sidecar.observability import Metrics
+from sidecar.observability import Metrics, describe_error
 from sidecar.store.base import Store
-from sidecar.validate import payload_problem
+from sidecar.validate import reply_problems
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class Core:
             await self._load_pending()
         except Exception as e:  # noqa: BLE001 - the next message handled tries again
             self._metrics.store_errors.labels("message").inc()
-            log.error("loading pending messages failed", extra={"error": _describe(e)})
+            log.error("loading pending messages failed", extra={"error": describe_error(e)})
         finally:
             self._reloading = False
 
@@ -204,7 +204,7 @@ class Core:
                     self._metrics.store_errors.labels("message").inc()
                     log.error(
                         "handling a message failed in the store; will retry",
-                        extra={**_ids(lane[0]), "attempt": failures, "error": _describe(e)},
+                        extra={**_ids(lane[0]), "attempt": failures, "error": describe_error(e)},
                     )
                     delay = full_jitter(failures, self._config.bot_backoff_initial, self._config.bot_backoff_max)
                     with contextlib.suppress(TimeoutError):
@@ -299,19 +299,17 @@ class Core:
         """A bot's reply if the log can hold it and both protocols carry it exactly,
         else a BotError: a payload google.protobuf.Value cannot hold would break
         every Subscribe that replays it. Retrying the same bot cannot help."""
-        limit = self._config.max_id_length
-        kind, payload = reply.type, reply.payload
-        ids = (reply.bot_message_id, reply.bot_user_id, reply.bot_conversation_id)
-        problem = ""
-        if type(kind) is not str or not 0 < len(kind) <= limit:
-            problem = f"type must be a non-empty string of at most {limit} characters"
-        # A flat object of strings (most replies: {"text": ...}) needs no walk.
-        elif not _flat_strings(payload) and (reason := payload_problem(payload, self._config.max_payload_depth)):
-            problem = f"payload {reason}"
-        elif [i for i in ids if type(i) is not str or len(i) > limit]:
-            problem = f"bot ids must be strings of at most {limit} characters"
-        if problem:
-            raise BotError(f"the bot gave an invalid reply: {problem}", retryable=False)
+        bad = reply_problems(
+            reply.type,
+            reply.payload,
+            {"bot_message_id": reply.bot_message_id, "bot_user_id": reply.bot_user_id,
+             "bot_conversation_id": reply.bot_conversation_id},
+            max_id_length=self._config.max_id_length,
+            max_payload_depth=self._config.max_payload_depth,
+        )  # fmt: skip
+        if bad:
+            problems = "; ".join(f"{v.field} {v.reason}" for v in bad)
+            raise BotError(f"the bot gave an invalid reply: {problems}", retryable=False)
         return reply
 
     def _draft(self, stored: StoredMessage, reply: BotReply, dedupe_key: str) -> ReplyDraft:
@@ -507,20 +505,6 @@ def _reply_key(stored: StoredMessage, index: int) -> str:
     for this message, and new when the same message id is accepted again after
     ``dedupe_window`` forgot it (so its replies are appended, with new webhook-ids)."""
     return f"{stored.id}@{stored.received_at:.6f}/{index}"
-
-
-def _flat_strings(payload: object) -> bool:
-    if type(payload) is not dict:
-        return False
-    for key, value in payload.items():  # noqa: SIM110 - a loop, not all(): no generator on the hot path
-        if type(key) is not str or type(value) is not str:
-            return False
-    return True
-
-
-def _describe(error: BaseException) -> str:
-    """An error for the log: its class and the start of its message."""
-    return f"{type(error).__name__}: {error}"[:300]
 
 
 def _ids(stored: StoredMessage) -> dict[str, str]:

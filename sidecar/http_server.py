@@ -13,15 +13,6 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 
-class _Count:
-    """Connections open on one listener."""
-
-    __slots__ = ("open",)
-
-    def __init__(self) -> None:
-        self.open = 0
-
-
 class HeaderDeadline(asyncio.Protocol):
     """aiohttp's protocol for one connection, closed if the first request's headers are
     not complete within ``timeout`` seconds.
@@ -32,27 +23,25 @@ class HeaderDeadline(asyncio.Protocol):
     Everything else is passed on untouched.
     """
 
-    def __init__(
-        self, inner: asyncio.Protocol, timeout: float, count: _Count, limit: int, refused: Callable[[], None]
-    ) -> None:
+    def __init__(self, inner: asyncio.Protocol, server: HttpServer) -> None:
         self._inner = inner
-        self._timeout = timeout
+        self._server = server  # its header timeout, connection cap and count
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""  # the end of what arrived so far: "\r\n\r\n" may straddle two reads
         self._transport: asyncio.BaseTransport | None = None
-        self._count, self._limit, self._refused = count, limit, refused
         self._admitted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._count.open >= self._limit:
+        server = self._server
+        if server.connections >= server.max_connections:
             # Past the cap: closed before aiohttp sees it, so it holds no handler or buffer.
-            self._refused()
+            server.refused()
             transport.close()
             return
         self._admitted = True
-        self._count.open += 1
+        server.connections += 1
         self._transport = transport
-        self._timer = asyncio.get_running_loop().call_later(self._timeout, self._expire)
+        self._timer = asyncio.get_running_loop().call_later(server.header_timeout, self._expire)
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -74,7 +63,7 @@ class HeaderDeadline(asyncio.Protocol):
         if not self._admitted:
             return
         self._admitted = False
-        self._count.open -= 1
+        self._server.connections -= 1
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -103,24 +92,19 @@ class HttpServer:
         self, app: web.Application, header_timeout: float, max_connections: int, refused: Callable[[], None]
     ) -> None:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        self._header_timeout = header_timeout
-        self._max_connections = max_connections
-        self._refused = refused
-        self._count = _Count()
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.refused = refused
+        self.connections = 0  # open now: counted by the connections' protocols
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
-
-    @property
-    def connections(self) -> int:
-        return self._count.open
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
         await self._runner.setup()
         factory = self._runner.server
         assert factory is not None
-        timeout, count, limit, refused = self._header_timeout, self._count, self._max_connections, self._refused
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: HeaderDeadline(factory(), timeout, count, limit, refused), host, port, ssl=ssl_context
+            lambda: HeaderDeadline(factory(), self), host, port, ssl=ssl_context
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
 

@@ -107,6 +107,11 @@ def ingress_metrics(metrics: Metrics, protocol: str) -> tuple[dict[str, Counter]
     return counters, metrics.ingress_latency.labels(protocol)
 
 
+def describe_error(error: BaseException) -> str:
+    """An error for the log: its class and the start of its message."""
+    return f"{type(error).__name__}: {error}"[:300]
+
+
 class _JsonFormatter(logging.Formatter):
     """One JSON object per line; ``extra={...}`` fields become top-level keys."""
 

@@ -78,6 +78,8 @@ def message_from_fields(
 
 def payload_problem(payload: JSON, max_depth: int) -> str:
     """Why a payload is refused ("" when it is fine): too deep, or numbers that do not round-trip."""
+    if _flat_strings(payload):  # most payloads ({"text": ...}) need no walk
+        return ""
     stack: list[tuple[JSON, int]] = [(payload, 1)]
     while stack:
         value, depth = stack.pop()
@@ -99,6 +101,31 @@ def payload_problem(payload: JSON, max_depth: int) -> str:
         else:
             return "must be a JSON value"
     return ""
+
+
+def _flat_strings(payload: JSON) -> bool:
+    if type(payload) is not dict:
+        return False
+    for key, value in payload.items():  # noqa: SIM110 - a loop, not all(): no generator on the hot path
+        if type(key) is not str or type(value) is not str:
+            return False
+    return True
+
+
+def reply_problems(
+    kind: object, payload: JSON, bot_ids: Mapping[str, object], *, max_id_length: int, max_payload_depth: int
+) -> list[FieldViolation]:
+    """What makes a bot's reply one the log cannot hold or a protocol cannot carry
+    exactly: its type, its bot ids (by the names given) and its payload. Empty when fine."""
+    bad = []
+    if type(kind) is not str or not 0 < len(kind) <= max_id_length:
+        bad.append(FieldViolation("type", f"must be a non-empty string of at most {max_id_length} characters"))
+    for name, value in bot_ids.items():
+        if type(value) is not str or len(value) > max_id_length:
+            bad.append(FieldViolation(name, f"must be a string of at most {max_id_length} characters"))
+    if reason := payload_problem(payload, max_payload_depth):
+        bad.append(FieldViolation("payload", reason))
+    return bad
 
 
 def normalize_numbers(value: JSON) -> JSON:

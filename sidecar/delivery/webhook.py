@@ -19,7 +19,7 @@ from sidecar.backoff import full_jitter
 from sidecar.config import Config
 from sidecar.http_client import read_at_most
 from sidecar.models import Delivery
-from sidecar.observability import Metrics
+from sidecar.observability import Metrics, describe_error
 from sidecar.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class WebhookDelivery:
             self._metrics.store_errors.labels("delivery").inc()
             log.error(
                 "a webhook delivery step failed in the store; will retry",
-                extra={"conversation_id": conversation_id, "error": f"{type(e).__name__}: {e}"[:300]},
+                extra={"conversation_id": conversation_id, "error": describe_error(e)},
             )
             await asyncio.sleep(_STORE_PAUSE)
         finally:

@@ -27,7 +27,7 @@ from sidecar.errors import (
 )
 from sidecar.models import JSON, AcceptResult
 from sidecar.observability import Metrics, ingress_metrics
-from sidecar.validate import MAX_SAFE_INT, message_from_fields, payload_problem
+from sidecar.validate import MAX_SAFE_INT, message_from_fields, reply_problems
 
 log = logging.getLogger(__name__)
 
@@ -274,20 +274,18 @@ class HttpIngress:
             raise InvalidArgument(
                 "each reply must be a JSON object", details=(FieldViolation(prefix or "body", "not an object"),)
             )
-        bad = []
         limit = self._config.max_id_length
-        for name in ("type", "conversationId"):
-            value = item.get(name)
-            if not isinstance(value, str) or not value or len(value) > limit:
-                bad.append(FieldViolation(prefix + name, f"must be a non-empty string of at most {limit} characters"))
-        for name in ("botpressUserId", "botpressMessageId", "botpressConversationId"):
-            value = item.get(name, "")
-            if not isinstance(value, str) or len(value) > limit:
-                bad.append(FieldViolation(prefix + name, f"must be a string of at most {limit} characters"))
-        if "payload" not in item:
-            bad.append(FieldViolation(prefix + "payload", "is required"))
-        elif reason := payload_problem(item["payload"], self._config.max_payload_depth):
-            bad.append(FieldViolation(prefix + "payload", reason))
+        ids = {name: item.get(name, "") for name in ("botpressUserId", "botpressMessageId", "botpressConversationId")}
+        bad = reply_problems(
+            item.get("type"), item.get("payload"), ids, max_id_length=limit,
+            max_payload_depth=self._config.max_payload_depth,
+        )  # fmt: skip
+        conversation_id = item.get("conversationId")
+        if not isinstance(conversation_id, str) or not conversation_id or len(conversation_id) > limit:
+            bad.append(FieldViolation("conversationId", f"must be a non-empty string of at most {limit} characters"))
+        if "payload" not in item:  # absent reads as None, which payload_problem accepts
+            bad.append(FieldViolation("payload", "is required"))
+        bad = [FieldViolation(prefix + v.field, v.reason) for v in bad]
         if bad:
             raise InvalidArgument("the reply has invalid fields", details=tuple(bad))
         reply = BotReply(

@@ -67,14 +67,10 @@ class MemoryStore(Store):
     # --- inbound messages ---
 
     async def accept(self, message: InboundMessage, *, now: float) -> AcceptResult:
+        if (known := await self.known(message)) is not None:
+            return known
         key = sidecar_id("message", message.conversation_id, message.message_id)
-        fingerprint = message.fingerprint()
-        existing = self._messages.get(key)
-        if existing is not None:
-            if existing.fingerprint != fingerprint:
-                raise Conflict()
-            return AcceptResult(existing, duplicate=True)
-        stored = StoredMessage(id=key, message=message, fingerprint=fingerprint, received_at=now)
+        stored = StoredMessage(id=key, message=message, fingerprint=message.fingerprint(), received_at=now)
         self._messages[key] = stored
         self._state[key] = "pending"
         self._arrivals += 1

@@ -460,7 +460,8 @@ class RedisStore(Store):
         self.client_name = "sidecar:" + re.sub(r"[^A-Za-z0-9:_.-]", "_", self.prefix)
         self._safe_url = redact_url(self._url)
         # As user info, or as redis-py's ?password= parameter: scrubbed from error texts.
-        self._password = urlsplit(self._url).password or dict(parse_qsl(urlsplit(self._url).query)).get("password", "")
+        parts = urlsplit(self._url)
+        self._password = parts.password or dict(parse_qsl(parts.query)).get("password", "")
         self._retention = retention
         self._max_connections = max_connections
         self._client: Redis | None = None
@@ -528,10 +529,9 @@ class RedisStore(Store):
         """Take the prefix's owner lease, waiting out one left by a sidecar that ended
         without closing (it expires within ``lease_seconds``); a live holder renews
         its lease, so after that wait the start is refused."""
-        client, key = self._redis(), self._key("owner")
         deadline = asyncio.get_running_loop().time() + self._lease_ms / 1000 + 1.0
-        while not await client.set(key, self._owner, nx=True, px=self._lease_ms):
-            holder = cast(str | None, await client.get(key)) or "a sidecar that just left"
+        while not await self._claim():
+            holder = cast(str | None, await self._redis().get(self._key("owner"))) or "a sidecar that just left"
             if asyncio.get_running_loop().time() >= deadline:
                 raise RedisStoreError(
                     f"store (SIDECAR_STORE): prefix {self.prefix!r} on {self._safe_url} is in use by another"
@@ -540,6 +540,10 @@ class RedisStore(Store):
             log.warning("waiting for the store prefix to be free", extra={"prefix": self.prefix, "holder": holder})
             await asyncio.sleep(min(1.0, self._lease_ms / 3000))
         self._lease_task = asyncio.create_task(self._keep_lease(), name="redis-store-lease")
+
+    async def _claim(self) -> bool:
+        """Take the lease if nobody holds it."""
+        return bool(await self._redis().set(self._key("owner"), self._owner, nx=True, px=self._lease_ms))
 
     async def _keep_lease(self) -> None:
         """Renew the lease at a third of its life. If it was lost (this process stalled
@@ -551,7 +555,7 @@ class RedisStore(Store):
             try:
                 if await self._renew(keys=[key], args=[self._owner, self._lease_ms]):
                     continue
-                if await self._redis().set(key, self._owner, nx=True, px=self._lease_ms):
+                if await self._claim():
                     log.warning("store prefix lease had lapsed; taken again", extra={"prefix": self.prefix})
                     continue
                 holder = await self._redis().get(key)

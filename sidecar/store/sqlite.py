@@ -434,10 +434,8 @@ class SqliteStore(Store):
                  payload, fingerprint, now),
             ).rowcount  # fmt: skip
             if not inserted:
-                row = c.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (key,)).fetchone()
-                if row[7] != fingerprint:
-                    raise Conflict()
-                return AcceptResult(_message(row), duplicate=True)
+                return _repeat(c.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (key,)).fetchone(),
+                               fingerprint)  # fmt: skip
             c.execute(
                 "INSERT INTO conversations (conversation_id, user_id) VALUES (?, ?)"
                 " ON CONFLICT(conversation_id) DO UPDATE SET user_id = excluded.user_id",
@@ -452,11 +450,7 @@ class SqliteStore(Store):
         key = sidecar_id("message", message.conversation_id, message.message_id)
         sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?"
         row = await self._read(lambda c: c.execute(sql, (key,)).fetchone())
-        if row is None:
-            return None
-        if row[7] != message.fingerprint():
-            raise Conflict()
-        return AcceptResult(_message(row), duplicate=True)
+        return None if row is None else _repeat(row, message.fingerprint())
 
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
         if limit <= 0:
@@ -772,14 +766,17 @@ class SqliteStore(Store):
                     "INSERT OR REPLACE INTO outbox (conversation_id, sequence, next_attempt_at) VALUES (?, ?, ?)",
                     (letter.conversation_id, letter.sequence, now),
                 )
-            elif not c.execute(
-                "UPDATE messages SET state = 'pending', attempts = 0 WHERE id = ? AND state = 'dead'",
-                (letter.extra["message_id"],),
-            ).rowcount:
-                c.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
-                return False  # a stale letter: the message was replayed and handled since
+                replayed = True
+            else:  # a stale letter (its message was replayed and handled since) is dropped unreplayed
+                replayed = (
+                    c.execute(
+                        "UPDATE messages SET state = 'pending', attempts = 0 WHERE id = ? AND state = 'dead'",
+                        (letter.extra["message_id"],),
+                    ).rowcount
+                    > 0
+                )
             c.execute("DELETE FROM dead_letters WHERE id = ?", (dead_letter_id,))
-            return True
+            return replayed
 
         return await self._run(op)
 
@@ -871,6 +868,13 @@ class _Worker:
                 self._loop.call_soon_threadsafe(done, result, error)
             except RuntimeError:  # the loop is closed: nobody is left to tell
                 return
+
+
+def _repeat(row: tuple[Any, ...], fingerprint: str) -> AcceptResult:
+    """The answer to a message whose ids are stored (``row``): a duplicate, or Conflict."""
+    if row[7] != fingerprint:
+        raise Conflict()
+    return AcceptResult(_message(row), duplicate=True)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
