@@ -9,7 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.convert import json_to_value, reply_to_proto, value_to_json
+from sidecar.ingress.grpc import WireCache
 from sidecar.models import Reply, canonical_json
+from sidecar.v1 import sidecar_pb2
 from sidecar.validate import normalize_numbers
 
 json_values = st.recursive(
@@ -50,3 +52,22 @@ def test_reply_to_proto_carries_every_field() -> None:
     assert (p.bot_conversation_id, p.user_id, p.in_reply_to) == ("bc", "u", "m")
     assert value_to_json(p.payload) == {"text": "hi"}
     assert p.created_at.seconds == 1700000000 and p.created_at.nanos == 250_000_000
+
+
+def test_wire_cache_serializes_each_reply_once_and_stays_bounded() -> None:
+    cache = WireCache(max_entries=3, max_bytes=10_000)
+    first = Reply("c", 1, "text", {"text": "hi"}, "bu", "bm", "bc", "u", "m", 1700000000.25)
+    data = cache(first)
+    assert sidecar_pb2.Reply.FromString(data) == reply_to_proto(first)
+    assert cache(first) is data  # the same object again: no second conversion
+    # An equal reply that is another object (read from the log) is converted on its own.
+    twin = Reply("c", 1, "text", {"text": "hi"}, "bu", "bm", "bc", "u", "m", 1700000000.25)
+    assert cache(twin) == data and cache(twin) is not data
+    later = [Reply("c", n, "text", {"text": "x" * 10}, "", "", "", "", "", 0.0) for n in range(2, 6)]
+    for r in later:
+        cache(r)
+    assert len(cache._entries) == 3  # oldest out first
+    assert id(first) not in cache._entries and id(later[-1]) in cache._entries
+    big = Reply("c", 9, "text", {"text": "y" * 20_000}, "", "", "", "", "", 0.0)
+    assert sidecar_pb2.Reply.FromString(cache(big)).payload.struct_value.fields["text"].string_value == "y" * 20_000
+    assert cache._size <= 10_000 and not cache._entries  # larger than the byte bound: not kept

@@ -20,7 +20,7 @@ from sidecar.config import Config
 from sidecar.convert import reply_to_proto, send_request_to_fields
 from sidecar.core import Core
 from sidecar.errors import FieldViolation, Internal, InvalidArgument, SidecarError, Unauthenticated
-from sidecar.models import InboundMessage
+from sidecar.models import InboundMessage, Reply
 from sidecar.observability import Metrics, ingress_metrics
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar.validate import PROTO_NAMES, message_from_fields
@@ -86,6 +86,38 @@ def _undecodable(name: str) -> InvalidArgument:
     )
 
 
+class WireCache:
+    """Recent replies' wire bytes, so a reply fanned out to many subscribers is
+    converted and serialized once (~9 µs) rather than once per subscriber.
+
+    Keyed by identity: the broker hands every live subscriber the same Reply
+    object. An entry holds that object, so its id cannot be reused while the
+    entry lives and a hit is always the same reply. Bounded in entries and in
+    bytes, oldest out first; a miss costs one dict lookup.
+    """
+
+    __slots__ = ("_entries", "_max_bytes", "_max_entries", "_size")
+
+    def __init__(self, max_entries: int = 256, max_bytes: int = 4 << 20) -> None:
+        self._entries: dict[int, tuple[Reply, bytes]] = {}
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._size = 0
+
+    def __call__(self, reply: Reply) -> bytes:
+        entry = self._entries.get(id(reply))
+        if entry is not None and entry[0] is reply:
+            return entry[1]
+        data = reply_to_proto(reply).SerializeToString()
+        entries = self._entries
+        entries[id(reply)] = (reply, data)
+        self._size += len(data)
+        while len(entries) > self._max_entries or self._size > self._max_bytes:
+            oldest = next(iter(entries))
+            self._size -= len(entries.pop(oldest)[1])
+        return data
+
+
 def message_from_request(request: sidecar_pb2.SendMessageRequest, config: Config) -> InboundMessage:
     """A SendMessageRequest as a validated message, or InvalidArgument naming proto fields."""
     try:
@@ -108,6 +140,7 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
         self._metrics = metrics
         self._tokens = tokens
         self._outcomes, self._latency = ingress_metrics(metrics, "grpc")
+        self._wire = WireCache()
 
     def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if not self._tokens.enabled:
@@ -164,7 +197,7 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
             # Headers now, not with the first reply: the client learns the
             # subscription is live (wait_for_connection) before any reply exists.
             await context.send_initial_metadata(())
-            await self._pump(stream, context)
+            await self._pump(stream, context, self._wire)
         except SidecarError as e:
             # Leave the broker first: a client that stopped reading must not
             # hold a buffer while its trailers wait behind unread data.
@@ -180,7 +213,7 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
             stream.close()
 
     @staticmethod
-    async def _pump(stream: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _pump(stream: Any, context: grpc.aio.ServicerContext[Any, Any], wire: WireCache) -> None:
         # A client that stops reading blocks context.write() on flow control.
         # The broker's cut-off cancels this task wherever it waits, so such a
         # stream ends (RESOURCE_EXHAUSTED) instead of buffering without bound;
@@ -197,7 +230,7 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
         stream.on_cut_off(cut_off)
         try:
             async for reply in stream:
-                await context.write(reply_to_proto(reply))
+                await context.write(wire(reply))  # bytes: see Subscribe's serializer
         except asyncio.CancelledError:
             if not cut:
                 raise  # the client went away or the server is stopping
@@ -254,11 +287,16 @@ def _add_messaging_service(servicer: MessagingService, server: grpc.aio.Server) 
         "Subscribe": grpc.unary_stream_rpc_method_handler(
             servicer.Subscribe,
             request_deserializer=_lenient(sidecar_pb2.SubscribeRequest, UNDECODABLE_SUBSCRIBE),
-            response_serializer=sidecar_pb2.Reply.SerializeToString,
+            # Subscribe writes Reply messages already serialized, by WireCache.
+            response_serializer=_as_is,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _as_is(data: bytes) -> bytes:
+    return data
 
 
 def _serve_reflection_v1(names: tuple[str, ...], server: grpc.aio.Server) -> None:
