@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from standardwebhooks.webhooks import Webhook
 
@@ -282,7 +282,7 @@ def validate(c: Config) -> None:
     if c.bot not in {"echo", "script", "http", "botpress"}:
         _fail("bot", f"expected echo, script, http or botpress, got {c.bot!r}")
     if c.bot in {"http", "botpress"} and not _is_http_url(c.bot_url):
-        _fail("bot_url", f"the {c.bot} bot needs an http(s) URL")
+        _fail("bot_url", f"the {c.bot} bot needs an http(s) URL with a host (and a port from 0 to 65535)")
     if c.bot == "botpress" and not c.bot_token:
         _fail("bot_token", "the botpress bot needs the integration's personal access token")
     if c.bot == "script" and not c.bot_script:
@@ -290,7 +290,7 @@ def validate(c: Config) -> None:
     if c.bot_format not in {"json", "rasa"}:
         _fail("bot_format", f"expected json or rasa, got {c.bot_format!r}")
     if c.response_url and not _is_http_url(c.response_url):
-        _fail("response_url", "expected an http(s) URL")
+        _fail("response_url", "expected an http(s) URL with a host (and a port from 0 to 65535)")
     # aiohttp refuses a request with both, at every attempt: refuse the pair at start instead.
     if c.response_authorization and "@" in urlsplit(c.response_url).netloc:
         _fail("response_authorization", "cannot be combined with credentials inside SIDECAR_RESPONSE_URL")
@@ -305,7 +305,8 @@ def validate(c: Config) -> None:
             Webhook(secret)  # and the signer's own checks (e.g. not empty)
         except Exception:  # noqa: BLE001 - binascii.Error or the library's own error types
             _fail("webhook_secret", "the part after whsec_ must be non-empty base64")
-    scheme = urlsplit(c.store).scheme
+    store = _split(c.store)
+    scheme = "" if store is None else store.scheme
     if scheme not in {"memory", "sqlite", "redis"}:
         _fail("store", f"expected sqlite:///path, memory:// or redis://host:port/db, got {c.store!r}")
     if scheme == "sqlite" and not c.store[len("sqlite://") :].lstrip("/"):
@@ -337,8 +338,19 @@ def validate(c: Config) -> None:
 
 
 def _is_http_url(url: str) -> bool:
-    parts = urlsplit(url)
-    return parts.scheme in {"http", "https"} and bool(parts.netloc)
+    parts = _split(url)
+    return parts is not None and parts.scheme in {"http", "https"} and bool(parts.hostname)
+
+
+def _split(url: str) -> SplitResult | None:
+    """The URL's parts, or None when it cannot be parsed (a bracket left open) or its
+    port is not a number in 0-65535: refused at start, not at every request."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsed on access, raising ValueError when invalid
+    except ValueError:
+        return None
+    return parts
 
 
 def sqlite_path(store_url: str) -> str:
