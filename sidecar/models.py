@@ -156,6 +156,13 @@ class Reply:
     in_reply_to: str
     created_at: float
 
+    @property
+    def webhook_id(self) -> str:
+        """The ``webhook-id`` of this reply's POSTs: the same on every retry and replay,
+        and the sidecar's own, unlike ``bot_message_id``, which a bot may set to anything
+        (a repeat across conversations, a character a header cannot carry)."""
+        return sidecar_id("webhook", self.conversation_id, str(self.sequence), f"{self.created_at:.6f}")
+
     def webhook_body(self) -> dict[str, JSON]:
         """The six-field body the Messaging API integration POSTs (SPEC §3)."""
         return {

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -119,18 +120,43 @@ async def test_signed_webhooks_verify_with_every_secret_and_keep_their_id_across
         await r.wait_for(1)
     ids = {x.headers["webhook-id"] for x in r.requests}
     assert len(r.requests) == 3 and len(ids) == 1
-    assert ids == {r.requests[-1].body["botpressMessageId"]}
     for got in r.requests:
-        for secret in (SECRET_A, SECRET_B):
-            for sig in got.headers["webhook-signature"].split():
-                headers = {**got.headers, "webhook-signature": sig}
-                try:
-                    Webhook(secret).verify(got.raw, headers)
-                    break
-                except Exception:  # noqa: BLE001 - try the next signature
-                    continue
-            else:
-                raise AssertionError(f"no signature verifies with {secret[:10]}…")
+        verify(got, (SECRET_A, SECRET_B))
+
+
+def verify(got: Any, secrets: tuple[str, ...]) -> None:
+    """Some signature of the POST verifies with each secret, as the standardwebhooks library checks."""
+    for secret in secrets:
+        for sig in got.headers["webhook-signature"].split():
+            headers = {**got.headers, "webhook-signature": sig}
+            try:
+                Webhook(secret).verify(got.raw, headers)
+                break
+            except Exception:  # noqa: BLE001 - try the next signature
+                continue
+        else:
+            raise AssertionError(f"no signature verifies with {secret[:10]}…")
+
+
+async def test_the_webhook_id_is_the_sidecars_own_whatever_ids_the_bot_gives(start_app: StartApp) -> None:
+    """A bot's botpressMessageId goes in the body as given; the webhook-id header is the
+    sidecar's: distinct per reply although the bot repeats its ids, and header-safe although
+    they hold a newline or non-ASCII letters (which would fail every POST, or its signature)."""
+    async with Receiver() as r:
+        s = await start_app(response_url=r.url, webhook_secret=SECRET_A, callback_tokens=("cb",))
+        for conversation in ("c1", "c2"):  # known conversations; the echo bot answers no image
+            assert (await s.post(message(conversation, type="image", payload={"url": "x"}))).status == 200
+        odd = ["same", "same", "line\nbreak", "réponse-1"]
+        for n, (conversation, bot_id) in enumerate(zip(("c1", "c2", "c1", "c1"), odd, strict=True)):
+            reply = {"type": "text", "payload": {"text": f"r{n}"}, "conversationId": conversation,
+                     "botpressMessageId": bot_id}  # fmt: skip
+            assert (await s.post(reply, token="cb", path="/bot/replies")).status == 200
+        await r.wait_for(4)
+    assert sorted(x.body["botpressMessageId"] for x in r.requests) == sorted(odd)
+    ids = [x.headers["webhook-id"] for x in r.requests]
+    assert len(set(ids)) == 4 and all(i.isascii() and i.isprintable() for i in ids)
+    for got in r.requests:
+        verify(got, (SECRET_A,))
 
 
 async def test_static_authorization_header_is_sent(start_app: StartApp) -> None:

@@ -242,9 +242,8 @@ class WebhookDelivery:
         if self._config.response_authorization:
             headers["Authorization"] = self._config.response_authorization
         if self._signers:
-            # The id is the reply's bot message id: the same for every retry
-            # and replay, so receivers can deduplicate on it.
-            msg_id = delivery.reply.bot_message_id
+            # The same for every retry and replay, so receivers can deduplicate on it.
+            msg_id = delivery.reply.webhook_id
             now = datetime.now(UTC)
             text = body.decode()
             headers["webhook-id"] = msg_id

@@ -284,7 +284,7 @@ class MemoryStore(Store):
             error=error,
             attempts=attempts,
             dead_at=now,
-            extra={"webhook_id": reply.bot_message_id},
+            extra={"webhook_id": reply.webhook_id},
         )
         self._dead[letter.id] = letter
         return letter

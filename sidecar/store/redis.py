@@ -900,7 +900,7 @@ class RedisStore(Store):
             error=error,
             attempts=attempts,
             dead_at=now,
-            extra={"webhook_id": reply.bot_message_id},
+            extra={"webhook_id": reply.webhook_id},
         )
 
     # --- dead letters ------------------------------------------------------------
@@ -983,7 +983,7 @@ def _letter(letter_id: str, fields: Sequence[str | None]) -> DeadLetter:
     extra: dict[str, Any]
     if kind == "reply":
         reply = _reply(conversation_id, source)
-        body, extra = reply.webhook_body(), {"webhook_id": reply.bot_message_id}
+        body, extra = reply.webhook_body(), {"webhook_id": reply.webhook_id}
     else:
         body, extra = _message(message_id or "", source, 0).message.api_json(), {"message_id": message_id}
     return DeadLetter(

@@ -726,7 +726,7 @@ class SqliteStore(Store):
                 raise KeyError((conversation_id, sequence))
             reply = _reply(row)
             return _insert_dead(c, "reply", conversation_id, sequence, reply.webhook_body(), error, attempts, now,
-                                {"webhook_id": reply.bot_message_id})  # fmt: skip
+                                {"webhook_id": reply.webhook_id})  # fmt: skip
 
         return await self._run(op)
 
