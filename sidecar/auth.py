@@ -40,7 +40,10 @@ class TokenChecker:
         if scheme.lower() != "bearer" or not token:
             return False
         self._reload()
-        candidate = token.strip().encode()
+        # A header that was not UTF-8 reaches us with its bytes as surrogate escapes
+        # (aiohttp decodes it so): compare those bytes, which match no token, rather
+        # than fail to encode them (a 500 where a 401 is due).
+        candidate = token.strip().encode("utf-8", "surrogateescape")
         # Compare against every token without short-circuit so timing does not
         # tell which (or whether any) token matched a prefix.
         ok = False

@@ -7,10 +7,47 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable
+from typing import Any
 
-from aiohttp import web
+import orjson
+from aiohttp import http_exceptions, web, web_protocol
+from aiohttp.web_request import BaseRequest
+
+from sidecar.errors import Internal, InvalidArgument, PayloadTooLarge, SidecarError, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
+
+# How long an idle kept-alive connection stays open, and so how long a later request
+# on it may take to send its headers (aiohttp's own default is 3,630 s). At least the
+# header timeout, which bounds the first request's.
+KEEPALIVE_TIMEOUT = 75.0
+
+
+class JsonErrors(web_protocol.RequestHandler):
+    """aiohttp's per-connection handler, answering what it refuses before any route
+    runs (malformed HTTP, a bad chunk, an unknown Content-Encoding) in the one JSON
+    error shape instead of aiohttp's plain text, and without its parser's words."""
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if an answer already began
+        error: SidecarError
+        if isinstance(exc, http_exceptions.ContentEncodingError) and "install" in str(exc).lower():
+            # A known coding whose decoder is not installed (br, zstd): aiohttp's words
+            # for it advise installing a package. A corrupt body is a plain 400 below.
+            error = UnsupportedMediaType("the Content-Encoding is not supported (gzip and deflate are)")
+        elif status == 413:
+            error = PayloadTooLarge("the request is too large")
+        elif 400 <= status < 500:
+            error = InvalidArgument("the request is not valid HTTP/1.1")
+        else:
+            error = Internal()
+        response = web.Response(
+            body=orjson.dumps(error.to_json()), status=error.http_status, content_type="application/json"
+        )
+        response.force_close()
+        return response
 
 
 class HeaderDeadline(asyncio.Protocol):
@@ -19,7 +56,8 @@ class HeaderDeadline(asyncio.Protocol):
 
     aiohttp waits for them without limit: a client sending a header line now and then
     would hold the connection, and a file descriptor, for ever ("slowloris"). Later
-    requests on a kept-alive connection fall under aiohttp's own keep-alive timeout.
+    requests on a kept-alive connection fall under the keep-alive timeout
+    (KEEPALIVE_TIMEOUT), which aiohttp applies until their headers are complete.
     Everything else is passed on untouched.
     """
 
@@ -91,7 +129,13 @@ class HttpServer:
     def __init__(
         self, app: web.Application, header_timeout: float, max_connections: int, refused: Callable[[], None]
     ) -> None:
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=1.0,
+            keepalive_timeout=max(KEEPALIVE_TIMEOUT, header_timeout),
+        )
         self.header_timeout = header_timeout
         self.max_connections = max_connections
         self.refused = refused
@@ -103,8 +147,11 @@ class HttpServer:
         await self._runner.setup()
         factory = self._runner.server
         assert factory is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: HeaderDeadline(factory(), self), host, port, ssl=ssl_context
+        loop = asyncio.get_running_loop()
+        # What web.Server.__call__ does, with JsonErrors in place of RequestHandler.
+        options: dict[str, Any] = factory._kwargs
+        self._server = await loop.create_server(
+            lambda: HeaderDeadline(JsonErrors(factory, loop=loop, **options), self), host, port, ssl=ssl_context
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
 

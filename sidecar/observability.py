@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -146,20 +147,22 @@ class _TextFormatter(logging.Formatter):
         return f"{line} {extra}" if extra else line
 
 
-class _MalformedRequestFilter(logging.Filter):
+class MalformedRequestFilter(logging.Filter):
     """aiohttp logs a request it cannot parse at ERROR, with a traceback whose message
     quotes the offending bytes: the start of an over-long ``Authorization`` header,
     say. Such a record becomes one WARNING line naming the error, without them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
+        # RequestPayloadError: a body that cannot be decoded, met again by aiohttp's
+        # read of what is left of it after our 400 went out.
+        if isinstance(exc, HttpProcessingError | RequestPayloadError):
             if isinstance(record.args, tuple) and record.args:  # "Error handling request from %s"
                 record.remote = str(record.args[0])
             record.msg, record.args = "malformed HTTP request refused", ()
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.error, record.status = type(exc).__name__, exc.code
+            record.error, record.status = type(exc).__name__, getattr(exc, "code", 400)
         return True
 
 
@@ -173,5 +176,5 @@ def setup_logging(fmt: str, level: str) -> None:
     # aiohttp logs every request at INFO; our metrics cover that.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     server = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, _MalformedRequestFilter) for f in server.filters):
-        server.addFilter(_MalformedRequestFilter())
+    if not any(isinstance(f, MalformedRequestFilter) for f in server.filters):
+        server.addFilter(MalformedRequestFilter())

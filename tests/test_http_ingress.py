@@ -12,6 +12,7 @@ import orjson
 import pytest
 
 from sidecar.models import JSON
+from sidecar.observability import MalformedRequestFilter
 from tests.conftest import StartApp, message, metric
 
 
@@ -347,3 +348,93 @@ async def test_connections_past_the_cap_are_closed_at_once_and_counted(start_app
     await asyncio.sleep(0.1)  # their slots are free again
     async with aiohttp.ClientSession() as session, session.post(s.http + "/webhook", json=message()) as resp:
         assert resp.status == 200
+
+
+async def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are; the status, headers and body of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+        return int(lines[0].split()[1]), headers, body
+    finally:
+        writer.close()
+
+
+def _post(headers: bytes, body: bytes) -> bytes:
+    return b"POST /webhook HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n" + body
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        # Refused by aiohttp's parser, before any route: still the one JSON error shape.
+        (_post(b"Content-Type: application/json\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n", b"{}"),
+         400, "invalid_argument"),
+        (_post(b"Transfer-Encoding: chunked\r\n", b"zz\r\n{}\r\n0\r\n\r\n"), 400, "invalid_argument"),
+        (_post(b"Content-Encoding: br\r\nContent-Length: 2\r\n", b"{}"), 415, "unsupported_media_type"),
+        # Read by the route, but not readable as sent.
+        (_post(b"Content-Encoding: gzip\r\nContent-Length: 16\r\n", b"this is not gzip"), 400, "invalid_argument"),
+        (_post(b"Content-Encoding: deflate\r\nContent-Length: 5\r\n", b"\x78\x9c\x00\x01\x02"), 400,
+         "invalid_argument"),
+    ],
+)  # fmt: skip
+async def test_malformed_http_is_answered_in_the_error_shape_without_an_error_logged(
+    start_app: StartApp, caplog: pytest.LogCaptureFixture, request_bytes: bytes, status: int, code: str
+) -> None:
+    s = await start_app()
+    # As `sidecar serve` sets it up: aiohttp's own record of a malformed request is one WARNING.
+    server_log = logging.getLogger("aiohttp.server")
+    demote = MalformedRequestFilter()
+    server_log.addFilter(demote)
+    try:
+        got, headers, body = await raw_exchange(s.app.http_port, request_bytes)
+        await asyncio.sleep(0.1)  # aiohttp's lingering read of the rest, logged after the answer
+    finally:
+        server_log.removeFilter(demote)
+    assert (got, headers["content-type"].split(";")[0]) == (status, "application/json")
+    assert_error_shape(orjson.loads(body), code)
+    assert b"Brotli" not in body and b"chunk" not in body  # no parser internals
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert (await s.post(message())).status == 200
+
+
+async def test_an_authorization_header_that_is_not_utf8_is_401(start_app: StartApp) -> None:
+    s = await start_app(auth_tokens=("t0ken",))
+    body = orjson.dumps(message())
+    head = b"Content-Type: application/json\r\nAuthorization: Bearer \xff\xfe\r\nContent-Length: %d\r\n" % len(body)
+    status, headers, answer = await raw_exchange(s.app.http_port, _post(head, body))
+    assert status == 401 and headers["www-authenticate"].startswith("Bearer")
+    assert_error_shape(orjson.loads(answer), "unauthenticated")
+
+
+async def test_a_wrong_method_is_405_saying_which_is_allowed(start_app: StartApp) -> None:
+    s = await start_app()
+    async with s.session.get(s.http + "/webhook") as resp:
+        assert resp.status == 405 and resp.headers["Allow"] == "POST"
+        assert_error_shape(await resp.json(), "method_not_allowed")
+
+
+async def test_a_kept_alive_connection_is_closed_once_idle_past_the_keepalive_timeout(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later request's headers are bounded too: aiohttp's own default would hold such a
+    connection for an hour."""
+    monkeypatch.setattr("sidecar.http_server.KEEPALIVE_TIMEOUT", 0.5)
+    s = await start_app(http_header_timeout=0.2)
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.app.http_port)
+    body = orjson.dumps(message())
+    writer.write(_post(b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(body), body))
+    await writer.drain()
+    assert (await reader.readline()).split()[1] == b"200"
+    writer.write(b"POST /webhook HTTP/1.1\r\nHost: x\r\n")  # the next request's headers, never finished
+    await writer.drain()
+    async with asyncio.timeout(10):
+        while await reader.read(65536):  # the first answer's rest, then the close
+            pass
+    writer.close()

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import orjson
-from aiohttp import web
+from aiohttp import http_exceptions, web, web_protocol
 
 from sidecar.auth import TokenChecker
 from sidecar.bots.base import BotReply
@@ -70,7 +70,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             raise
         code = _STATUS_CODES.get(e.status, "http_error")
         body = {"error": {"code": code, "message": e.reason, "details": []}}
-        return json_response(body, e.status)
+        allow = e.headers.get("Allow")  # a 405 must say which methods are allowed
+        return json_response(body, e.status, {"Allow": allow} if allow else None)
     except Exception:
         # The route's pattern, not the path: a path may carry the callback's secret.
         route = request.match_info.route.resource
@@ -89,6 +90,12 @@ async def read_json(request: web.Request, max_bytes: int) -> JSON:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes") from None
+    except (web_protocol.RequestPayloadError, http_exceptions.HttpProcessingError):
+        # A body that cannot be read as sent: a corrupt gzip or deflate stream, a
+        # broken chunk. The client's fault, so a 400 rather than an unhandled error.
+        raise InvalidArgument(
+            "the body could not be read", details=(FieldViolation("body", "malformed or badly encoded"),)
+        ) from None
     return parse_json(raw)
 
 
@@ -99,7 +106,8 @@ def parse_json(raw: bytes) -> JSON:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidArgument(
-            "the body is not valid JSON (UTF-8)", details=(FieldViolation("body", "invalid JSON"),)
+            "the body is not valid JSON (UTF-8), or holds a number beyond a double's range",
+            details=(FieldViolation("body", "invalid JSON"),),
         ) from None
     # orjson keeps the last of duplicate keys silently; an ambiguous body is refused instead.
     # Every key is followed by a colon, so as many colons as parsed keys proves there was no
