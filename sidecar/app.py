@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 from aiohttp import web
+from grpc_health.v1.health import aio as health_aio
 
 from sidecar.admin import AdminApp
 from sidecar.auth import TokenChecker
@@ -21,13 +22,17 @@ from sidecar.config import Config, ConfigError, env_name, is_loopback, split_add
 from sidecar.core import Core
 from sidecar.delivery.webhook import WebhookDelivery
 from sidecar.http_server import HttpServer
-from sidecar.ingress.grpc import SERVING, build_server
+from sidecar.ingress.grpc import NOT_SERVING, SERVICE_NAME, SERVING, build_server
 from sidecar.ingress.http import HttpIngress
 from sidecar.models import JSON
 from sidecar.observability import Metrics, setup_logging
 from sidecar.store import create_store
 
 log = logging.getLogger(__name__)
+
+# How often gRPC health is brought in line with readiness when nobody asks /readyz
+# (a gRPC probe or load balancer reads the health service only).
+HEALTH_INTERVAL = 5.0
 
 
 class App:
@@ -49,7 +54,8 @@ class App:
         self._admin = AdminApp(self.metrics, self.readiness, self.core, TokenChecker(config.admin_tokens))
         self._http_servers: list[HttpServer] = []
         self._grpc: grpc.aio.Server | None = None
-        self._health: object = None
+        self._health: health_aio.HealthServicer | None = None
+        self._health_watch: asyncio.Task[None] | None = None
         self._response_url_check = "not checked"
         self._started = False
         self._draining = False
@@ -78,10 +84,11 @@ class App:
         except RuntimeError:
             raise ConfigError(f"grpc_addr (SIDECAR_GRPC_ADDR): cannot listen on {c.grpc_addr}") from None
         await server.start()
-        await health.set("", SERVING)
-        await health.set("sidecar.v1.MessagingService", SERVING)
+        for service in ("", SERVICE_NAME):
+            await health.set(service, SERVING)
         self._grpc, self._health = server, health
         self._started = True
+        self._health_watch = asyncio.create_task(self._watch_health())
         if self.webhook is not None and c.check_response_url:
             self._response_url_check = await self.webhook.check_response_url()
             level = logging.INFO if self._response_url_check == "ok" else logging.WARNING
@@ -144,24 +151,44 @@ class App:
         if self.webhook is not None:
             details["response_url"] = self._response_url_check
         ready = self._started and not self._draining and details["store"] == "ok"
+        if self._health is not None and not self._draining:
+            # gRPC health says what /readyz says: a store that cannot be reached is
+            # NOT_SERVING on both. (Draining has already set NOT_SERVING for good.)
+            status = SERVING if ready else NOT_SERVING
+            for service in ("", SERVICE_NAME):
+                await self._health.set(service, status)
         return ready, details
+
+    async def _watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL)
+            try:
+                await self.readiness()
+            except Exception:  # the next round tries again
+                log.exception("updating gRPC health failed")
 
     async def drain(self, timeout: float | None = None) -> None:
         """Fail readiness, refuse new work, let work in flight finish within the grace period."""
         budget = self.config.drain_timeout if timeout is None else timeout
         deadline = time.monotonic() + budget
         self._draining = True
+        self._stop_health_watch()
         if self._health is not None:
-            health = self._health
-            await health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+            await self._health.enter_graceful_shutdown()
         await self.core.drain(max(0.0, deadline - time.monotonic()))
         if self.webhook is not None:
             await self.webhook.drain(max(0.0, deadline - time.monotonic()))
         if self._grpc is not None:
             await self._grpc.stop(grace=max(0.0, min(1.0, deadline - time.monotonic())))
 
+    def _stop_health_watch(self) -> None:
+        if self._health_watch is not None:
+            self._health_watch.cancel()
+            self._health_watch = None
+
     async def stop(self) -> None:
         """Close everything; safe after a failed start and when called twice."""
+        self._stop_health_watch()
         if self._grpc is not None:
             await self._grpc.stop(grace=None)
         for server in reversed(self._http_servers):

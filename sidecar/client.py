@@ -17,6 +17,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from sidecar import convert  # the JSON <-> protobuf mapping the server uses, so payloads match exactly
+from sidecar.convert import CURSOR_METADATA
 from sidecar.models import JSON
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 
@@ -214,6 +215,14 @@ class TailOptions:
     tls: Tls = Tls()
 
 
+def _start_cursor(call: Any) -> int | None:
+    """The sequence a Subscribe stream starts after, from its initial metadata (None from
+    a server that does not send it). Waits for the stream's headers, which the sidecar
+    sends as soon as the subscription is live."""
+    value = dict(call.initial_metadata() or ()).get(CURSOR_METADATA)
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else None
+
+
 def tail(
     options: TailOptions,
     out: TextIO,
@@ -233,6 +242,10 @@ def tail(
             started = time.monotonic()
             call = stub.Subscribe(sidecar_pb2.SubscribeRequest(**kwargs), metadata=_metadata(options.token))
             try:
+                if cursor is None:
+                    # Live only: the server names where the stream starts, so that a
+                    # reconnect before the first reply still misses nothing.
+                    cursor = _start_cursor(call)
                 for reply in call:
                     # The server promises no repeats; this makes "never printed twice" hold regardless.
                     if cursor is not None and reply.sequence <= cursor:

@@ -344,8 +344,7 @@ class Core:
 
     def _published(self, conversation_id: str, replies: Sequence[Reply], *, source: str) -> None:
         """Committed replies go live: to subscribers now, to the webhook worker's queue."""
-        for reply in replies:
-            self.broker.publish(reply)
+        self.broker.publish(conversation_id, replies)
         if replies:
             (self._replies_by_bot if source == "bot" else self._metrics.replies.labels(source)).inc(len(replies))
             if self._webhook is not None:

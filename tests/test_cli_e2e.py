@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,3 +193,40 @@ def test_tail_resumes_after_a_restart_from_the_last_sequence_printed(tmp_path: P
         server.stop()
     assert [(r["sequence"], r["payload"]) for r in replies] == [(2, {"text": "two"}), (3, {"text": "three"})]
     assert "reconnecting" in stderr
+
+
+def test_live_only_tail_misses_nothing_across_a_restart_before_its_first_reply(tmp_path: Path) -> None:
+    """Without --after, tail still has a cursor from the start: the one the stream names
+    in its headers. A reply committed while it reconnects is printed, not skipped."""
+    server = Server(tmp_path, f"sqlite:///{tmp_path}/sidecar.db", SIDECAR_AUTH_TOKENS=TOKEN).start()
+    conv = conversation()
+    send(server, "--conversation", conv, "--message-id", "m0", "--text", "before")  # sequence 1
+    tail = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "tail", conv, "--grpc", server.grpc, "--max-replies", "2"],
+        env=clean_env(SIDECAR_TOKEN=TOKEN),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while _streams(server) < 1:  # subscribed, live only, nothing printed yet
+            assert time.monotonic() < deadline, "tail never subscribed"
+            time.sleep(0.05)
+        assert server.stop() == 0
+        server.start()
+        send(server, "--conversation", conv, "--message-id", "m1", "--text", "one")  # before tail is back
+        send(server, "--conversation", conv, "--message-id", "m2", "--text", "two")
+        replies = tail_lines(tail, 2)
+        assert tail.wait(10) == 0
+    finally:
+        if tail.poll() is None:
+            tail.kill()
+        tail.communicate()
+        server.stop()
+    assert [(r["sequence"], r["payload"]) for r in replies] == [(2, {"text": "one"}), (3, {"text": "two"})]
+
+
+def _streams(server: Server) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.admin_port}/readyz", timeout=5) as r:
+        return int(json.load(r)["details"]["streams"])

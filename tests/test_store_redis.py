@@ -8,13 +8,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sidecar.config import redact_url
 from sidecar.models import AcceptResult, InboundMessage
 from sidecar.store.redis import RedisStore, RedisStoreError
 from tests.conftest import StartApp, admin_metrics, eventually, message
 from tests.procs import free_port
+from tests.test_grpc_ingress import request
 from tests.test_store_contract import open_redis_or_skip, redis_url
 from tests.test_streams import read_n, subscribe
 
@@ -254,3 +257,52 @@ async def test_forgetting_thousands_at_once_is_one_whole_step(prefixed_url: str)
         assert not (await store.accept(InboundMessage("u", "m0", "c", "text", "", {}), now=3.0)).duplicate
     finally:
         await store.close()
+
+
+async def test_an_unreachable_redis_is_unavailable_on_every_front_door(
+    start_app: StartApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """503 / UNAVAILABLE ("try again"), never UNKNOWN with redis-py's words, for writes and
+    for the reads a Subscribe makes; and gRPC health turns NOT_SERVING, as /readyz does."""
+    monkeypatch.setattr("sidecar.app.HEALTH_INTERVAL", 0.1)
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        probe = RedisStore(f"redis://127.0.0.1:{port}/0", exclusive=False)
+        await eventually(lambda: _opens(probe), what="redis-server listening")
+        await probe.close()
+        s = await start_app(store=f"redis://127.0.0.1:{port}/0")
+        assert (await s.post(message())).status == 200
+        server.terminate()
+        await server.wait()
+        for after in (None, 0):
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await read_n(subscribe(s, after=after), 1)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+            assert "redis" not in (e.value.details() or "").lower()
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await s.stub.SendMessage(request(message_id="m2"))
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert (await s.post(message(message_id="m3"))).status == 503
+        health = health_pb2_grpc.HealthStub(s.channel)
+
+        async def not_serving() -> bool:
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            return bool(answer.status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        await eventually(not_serving, what="gRPC health NOT_SERVING")  # with nobody asking /readyz
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
+
+
+async def _opens(store: RedisStore) -> bool:
+    try:
+        await store.open()
+    except RedisStoreError:
+        return False
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,78 @@ async def test_gauges_report_open_streams_and_pending_messages_when_scraped(
     assert await metric(s, "sidecar_pending_messages") == 2
     for call in calls[1:]:
         call.cancel()
+
+
+async def test_a_burst_larger_than_the_queue_reaches_a_prompt_subscriber_whole(start_app: StartApp) -> None:
+    """One bot answer of 40 replies against a buffer of 8: the subscriber reads them from
+    the log instead of being cut off for a lag it never had."""
+    s = await start_app(stream_queue_size=8)
+    core = s.app.core
+    await s.stub.SendMessage(request(message_id="seed"))
+    await wait_for_sequence(s, "c1", 1)
+    call = subscribe(s)
+    await wait_until(lambda: len(core.broker) == 1)
+    burst = [BotReply(type="text", payload={"i": i}, bot_message_id=f"b{i}") for i in range(40)]
+    await core.add_bot_replies("c1", burst)
+    assert [r.sequence for r in await read_n(call, 40)] == list(range(2, 42))
+    after = [BotReply(type="text", payload={"i": i}, bot_message_id=f"a{i}") for i in range(3)]
+    await core.add_bot_replies("c1", after)  # and live again after it
+    assert [r.sequence for r in await read_n(call, 3)] == [42, 43, 44]
+    call.cancel()
+    assert core.broker.cutoffs == 0
+
+
+async def test_every_stream_names_its_starting_cursor_in_its_headers(start_app: StartApp) -> None:
+    """A live-only subscriber cut off before its first reply can still resume exactly."""
+    s = await start_app()
+    await s.stub.SendMessage(request(message_id="seed"))
+    await wait_for_sequence(s, "c1", 1)
+    for after, expected in ((None, "1"), (0, "0"), (1, "1")):
+        call = subscribe(s, after=after)
+        assert dict(await call.initial_metadata())["sidecar-after-sequence"] == expected
+        call.cancel()
+
+
+async def test_a_stream_whose_next_replies_were_all_trimmed_ends_out_of_range_at_once(start_app: StartApp) -> None:
+    s = await start_app()
+    core = s.app.core
+    await s.stub.SendMessage(request(message_id="seed", type="image"))  # known conversation, no echo
+    await core.add_bot_replies("c1", [BotReply(type="text", payload={"i": i}) for i in range(3)])
+    stream = await core.subscribe("c1", 0)  # a cursor valid when it opened
+    await s.app.store.expire_replies(float("inf"), "", 1000)  # then the log is emptied
+    with pytest.raises(Exception) as e:
+        async with asyncio.timeout(5):  # not "until the next reply arrives"
+            await stream.__anext__()
+    assert getattr(e.value, "grpc_status", None) == grpc.StatusCode.OUT_OF_RANGE
+    stream.close()
+
+
+async def test_a_burst_of_sends_past_max_streams_is_not_cancelled_by_grpc(start_app: StartApp) -> None:
+    s = await start_app(max_streams=10)
+    results = await asyncio.gather(
+        *(s.stub.SendMessage(request(f"c{i % 7}", f"m{i}")) for i in range(300)), return_exceptions=True
+    )
+    assert [r for r in results if isinstance(r, BaseException)] == []
+
+
+async def test_a_client_leaving_mid_replay_is_not_logged_as_an_error(
+    start_app: StartApp, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = await start_app()
+    core = s.app.core
+    await s.stub.SendMessage(request(message_id="seed", type="image"))  # known conversation, no echo
+    big = "x" * 20_000
+    await core.add_bot_replies("c1", [BotReply(type="text", payload={"t": big}) for _ in range(100)])
+    # No BDP probing: the window stays small, so the server is blocked in a write
+    # (not between two) when the client cancels.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{s.app.grpc_port}", options=[("grpc.http2.bdp_probe", 0)]) as ch:
+        stub = sidecar_pb2_grpc.MessagingServiceStub(ch)
+        for _ in range(3):
+            call = stub.Subscribe(sidecar_pb2.SubscribeRequest(conversation_id="c1", after_sequence=0))
+            await call.read()
+            await asyncio.sleep(0.3)
+            call.cancel()
+            await asyncio.sleep(0.3)
+    await wait_until(lambda: len(core.broker) == 0)
+    await asyncio.sleep(0.2)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

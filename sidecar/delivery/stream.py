@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from sidecar.errors import CursorExpired, SidecarError, SlowConsumer, Unavailable
 from sidecar.models import Reply
@@ -97,10 +97,24 @@ class Broker:
             if not subs:
                 del self._subs[sub.conversation_id]
 
-    def publish(self, reply: Reply) -> None:
-        for sub in self._subs.get(reply.conversation_id, ()):
-            if not sub.offer(reply):
-                self.cutoffs += 1
+    def publish(self, conversation_id: str, replies: Sequence[Reply]) -> None:
+        """Offer committed replies, in sequence order, to the conversation's subscribers.
+
+        A batch larger than the room left in a subscriber's buffer (a bot answering
+        one message with a thousand replies) is offered as its last reply alone: the
+        gap makes the stream read the others from the log, where they already are.
+        Only a buffer already full, a subscriber that stopped reading, cuts it off.
+        """
+        subs = self._subs.get(conversation_id)
+        if not subs or not replies:
+            return
+        last = replies[-1:]
+        for sub in subs:
+            room = sub.limit - (len(sub.buffer) if sub.buffer is not None else 0)
+            for reply in replies if len(replies) <= room else last:
+                if not sub.offer(reply):
+                    self.cutoffs += 1
+                    break
 
     def close_all(self, reason: SidecarError) -> None:
         for subs in self._subs.values():
@@ -196,6 +210,10 @@ class ReplyStream:
             if self._refill:
                 page = await self._store.replies_after(sub.conversation_id, self.last, _PAGE)
                 if page and page[0].sequence != self.last + 1:
+                    raise CursorExpired("replies after the cursor were trimmed while the stream was behind")
+                if not page and self.last + 1 < await self._store.first_retained_sequence(sub.conversation_id):
+                    # Every reply after the cursor was trimmed: say so now, not when
+                    # (if ever) the next live reply arrives and shows the gap.
                     raise CursorExpired("replies after the cursor were trimmed while the stream was behind")
                 self._replayed = iter(page)
                 self._refill = len(page) == _PAGE

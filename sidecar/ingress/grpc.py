@@ -11,13 +11,14 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
+from grpc._cython.cygrpc import ExecuteBatchError  # what a write to a call that ended raises
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_status import rpc_status
 
 from sidecar.auth import TokenChecker
 from sidecar.config import Config
-from sidecar.convert import reply_to_proto, send_request_to_fields
+from sidecar.convert import CURSOR_METADATA, reply_to_proto, send_request_to_fields
 from sidecar.core import Core
 from sidecar.errors import FieldViolation, Internal, InvalidArgument, SidecarError, Unauthenticated
 from sidecar.models import InboundMessage, Reply
@@ -193,24 +194,43 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
             stream = await self._core.subscribe(conversation_id, after)
         except SidecarError as e:
             await abort(context, e)
+        except Exception:
+            log.exception("unhandled error in Subscribe")
+            await abort(context, Internal())
         try:
             # Headers now, not with the first reply: the client learns the
-            # subscription is live (wait_for_connection) before any reply exists.
-            await context.send_initial_metadata(())
+            # subscription is live (wait_for_connection) before any reply exists,
+            # and the cursor it starts from, to resume from should it be cut
+            # off before its first reply (a live-only subscriber has no other).
+            await context.send_initial_metadata(((CURSOR_METADATA, str(stream.last)),))
             await self._pump(stream, context, self._wire)
         except SidecarError as e:
-            # Leave the broker first: a client that stopped reading must not
-            # hold a buffer while its trailers wait behind unread data.
-            stream.close()
-            try:
-                await asyncio.wait_for(abort(context, e), ABORT_GRACE)
-            except TimeoutError:
-                # Still not reading: give up on a status it will never read
-                # and let grpc reset the stream (the client sees CANCELLED).
-                log.info("subscriber not reading; dropping the stream", extra={"conversation_id": conversation_id})
-                raise asyncio.CancelledError from None
+            await self._end(stream, context, e, conversation_id)
+        except Exception as e:
+            # A write that failed because the call is over: the client cancelled or went
+            # away while a reply was being sent. Nobody is left to tell.
+            if isinstance(e, ExecuteBatchError) or context.cancelled() or context.done():
+                log.debug("subscriber left mid-write", extra={"conversation_id": conversation_id})
+                return
+            log.exception("unhandled error in Subscribe", extra={"conversation_id": conversation_id})
+            await self._end(stream, context, Internal(), conversation_id)
         finally:
             stream.close()
+
+    @staticmethod
+    async def _end(
+        stream: Any, context: grpc.aio.ServicerContext[Any, Any], error: SidecarError, conversation_id: str
+    ) -> None:
+        # Leave the broker first: a client that stopped reading must not
+        # hold a buffer while its trailers wait behind unread data.
+        stream.close()
+        try:
+            await asyncio.wait_for(abort(context, error), ABORT_GRACE)
+        except TimeoutError:
+            # Still not reading: give up on a status it will never read
+            # and let grpc reset the stream (the client sees CANCELLED).
+            log.info("subscriber not reading; dropping the stream", extra={"conversation_id": conversation_id})
+            raise asyncio.CancelledError from None
 
     @staticmethod
     async def _pump(stream: Any, context: grpc.aio.ServicerContext[Any, Any], wire: WireCache) -> None:
@@ -244,6 +264,11 @@ def build_server(
     config: Config, core: Core, metrics: Metrics, tokens: TokenChecker
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """The gRPC server with every service registered; the caller binds and starts it."""
+    # Room for every call our own limits would admit (streams, and SendMessage up to
+    # the pending-message cap, which answers RESOURCE_EXHAUSTED past it), so that grpc
+    # core never cancels one of them first; bounded, since each waiting call holds
+    # its request.
+    pending = min(100_000, max(1_000, config.max_streams + config.max_pending_messages))
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", config.max_body_bytes),
@@ -254,9 +279,9 @@ def build_server(
             # Calls that arrived but the asyncio server has not picked up yet.
             # grpc core cancels them at random past 1000 (all past 3000), so a
             # burst of reconnecting subscribers after a restart would see
-            # CANCELLED; our own limit (max_streams) is the one that should bite.
-            ("grpc.server.max_pending_requests", config.max_streams),
-            ("grpc.server.max_pending_requests_hard_limit", 2 * config.max_streams),
+            # CANCELLED; our own limits are the ones that should bite.
+            ("grpc.server.max_pending_requests", pending),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * pending),
             # Idle Subscribe streams must survive proxies; answer client pings.
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

@@ -59,8 +59,8 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Sequence
-from typing import Any, cast
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
@@ -87,6 +87,8 @@ from sidecar.models import (
 from sidecar.store.base import Store
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_PREFIX = "sidecar:"
 _ERROR_LIMIT = 500  # like the SQLite store: a stored error string stays bounded
@@ -707,7 +709,7 @@ class RedisStore(Store):
 
     async def known(self, message: InboundMessage) -> AcceptResult | None:
         key = sidecar_id("message", message.conversation_id, message.message_id)
-        fields = await self._redis().hmget(self._key("msg:", key), ["fingerprint", "data", "attempts"])
+        fields = await _reached(self._redis().hmget(self._key("msg:", key), ["fingerprint", "data", "attempts"]))
         fingerprint, data, attempts = cast(list[str | None], fields)
         if fingerprint is None or data is None:
             return None
@@ -748,7 +750,7 @@ class RedisStore(Store):
             return 0, ""
         # SCAN's cursor is the pass's cursor: it visits every conversation once, whatever
         # is added or trimmed meanwhile, and comes back to 0 at the end.
-        cursor, keys = await self._redis().scan(int(after or 0), match=self._glob() + "conv:*", count=limit)
+        cursor, keys = await _reached(self._redis().scan(int(after or 0), match=self._glob() + "conv:*", count=limit))
         head = len(self.prefix) + len("conv:")
         done = await asyncio.gather(*(self._run(self._expire, k[head:], before, self._retention) for k in keys))
         return sum(int(n) for n in done), "" if cursor == 0 else str(cursor)
@@ -818,13 +820,13 @@ class RedisStore(Store):
     async def replies_after(self, conversation_id: str, after: int, limit: int) -> list[Reply]:
         if limit <= 0:
             return []
-        rows = await self._redis().zrangebyscore(
-            self._key("log:", conversation_id), f"({after}", "+inf", start=0, num=limit
+        rows = await _reached(
+            self._redis().zrangebyscore(self._key("log:", conversation_id), f"({after}", "+inf", start=0, num=limit)
         )
         return [_reply(conversation_id, cast(str, row)) for row in rows]
 
     async def _conversation(self, conversation_id: str) -> list[str | None]:
-        fields = await self._redis().hmget(self._key("conv:", conversation_id), ["last", "first", "user"])
+        fields = await _reached(self._redis().hmget(self._key("conv:", conversation_id), ["last", "first", "user"]))
         return cast(list[str | None], fields)
 
     async def last_sequence(self, conversation_id: str) -> int:
@@ -851,8 +853,8 @@ class RedisStore(Store):
         return [_delivery(*row) for row in rows]
 
     async def next_due_at(self, after: float) -> float | None:
-        heads = await self._redis().zrangebyscore(
-            self._key("heads"), f"({after!r}", "+inf", start=0, num=1, withscores=True
+        heads = await _reached(
+            self._redis().zrangebyscore(self._key("heads"), f"({after!r}", "+inf", start=0, num=1, withscores=True)
         )
         return float(cast(tuple[str, float], heads[0])[1]) if heads else None
 
@@ -916,7 +918,8 @@ class RedisStore(Store):
 
     async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         fields = cast(
-            list[str | None], await self._redis().hmget(self._key("letter:", dead_letter_id), list(_LETTER_FIELDS))
+            list[str | None],
+            await _reached(self._redis().hmget(self._key("letter:", dead_letter_id), list(_LETTER_FIELDS))),
         )
         return _letter(dead_letter_id, fields) if fields[0] is not None else None
 
@@ -997,3 +1000,12 @@ def _letter(letter_id: str, fields: Sequence[str | None]) -> DeadLetter:
         dead_at=float(dead_at or 0.0),
         extra=extra,
     )
+
+
+async def _reached(awaitable: Awaitable[T]) -> T:
+    """A direct read's result. An unreachable Redis is Unavailable (503 / UNAVAILABLE),
+    as for scripts in _run, not redis-py's error with its host and port."""
+    try:
+        return await awaitable
+    except (RedisConnectionError, RedisTimeoutError):
+        raise Unavailable("the store is unreachable; try again") from None
