@@ -8,9 +8,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sidecar.backoff import full_jitter
 from sidecar.bots.base import Bot, BotError, BotReply
@@ -145,11 +145,37 @@ class Core:
             if known is not None:
                 return known
             raise Overloaded(retry_after=1.0)
-        result = await self._store.accept(message, now=time.time())
+        now = time.time()
+        try:
+            result = await self._store.accept(message, now=now)
+        except asyncio.CancelledError:
+            # The caller gave up (a gRPC deadline), but the store finishes what it has
+            # started: the message may be stored now with nobody left to queue it.
+            # Accepting it again, behind the first in the store's order, tells.
+            self._spawn(self._accept_abandoned(message, now))
+            raise
+        self._queue_accepted(result)
+        return result
+
+    def _queue_accepted(self, result: AcceptResult) -> None:
         if not result.duplicate:
             self._first_runs.add(result.stored.id)
             self._enqueue(result.stored)
-        return result
+        elif result.pending and not self._backlog:
+            # Stored but maybe never queued: its first accept's caller was cancelled, or
+            # lost the answer (Redis). _enqueue skips one that is queued already.
+            self._enqueue(result.stored)
+
+    async def _accept_abandoned(self, message: InboundMessage, now: float) -> None:
+        try:
+            self._queue_accepted(await self._store.accept(message, now=now))
+        except Exception as e:  # noqa: BLE001 - the client was not told 200; its retry decides
+            log.warning("re-checking a cancelled accept failed", extra={"error": describe_error(e)})
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _enqueue(self, stored: StoredMessage) -> None:
         if stored.id in self._queued:
@@ -159,9 +185,7 @@ class Core:
         lane = self._lanes.get(stored.conversation_id)
         if lane is None:
             lane = self._lanes[stored.conversation_id] = collections.deque()
-            task = asyncio.create_task(self._run_lane(stored.conversation_id, lane))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._run_lane(stored.conversation_id, lane))
         lane.append(stored)
 
     async def _load_pending(self) -> int:

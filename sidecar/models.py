@@ -121,6 +121,9 @@ class AcceptResult:
 
     stored: StoredMessage
     duplicate: bool
+    pending: bool = True
+    """Still waiting for the bot (always, for a new message): a repeat of one that was
+    stored but never queued (its first caller cancelled mid-accept) is queued then."""
 
 
 @dataclass(frozen=True, slots=True)

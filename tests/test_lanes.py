@@ -4,16 +4,19 @@ timing out while what it emitted commits. Real stores, real sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from sidecar.models import InboundMessage
 from sidecar.store.sqlite import SqliteStore
 from tests.bot_server import BotServer
 from tests.conftest import StartApp, eventually, message
 from tests.receiver import Receiver
+from tests.test_store_redis import prefixed_url  # noqa: F401 - a fixture
 from tests.test_streams import read_n, subscribe
 from tests.test_webhook_delivery import dead_letters
 
@@ -108,3 +111,31 @@ async def test_a_reply_emitted_before_the_bot_times_out_still_goes_live(start_ap
         await r.wait_for(1, conversation_id="c1")
     assert reply.payload.struct_value["text"] == "early"
     assert [b["payload"]["text"] for b in r.delivered("c1")] == ["early"]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "memory", "redis"])
+async def test_a_send_cancelled_mid_accept_still_gets_its_message_handled(
+    start_app: StartApp,
+    store: str,
+    prefixed_url: str,  # noqa: F811 - the fixture imported above
+) -> None:
+    """A gRPC deadline cancels the handler while the store commits the message: it must
+    not sit stored and unqueued (a retry would answer 200 duplicate) until a restart."""
+    urls = {"memory": "memory://", "redis": prefixed_url}
+    s = await start_app(**({"store": urls[store]} if store in urls else {}))
+    core = s.app.core
+    inbound = InboundMessage("u", "m1", "c1", "text", "hello", {"text": "hello"})
+    task = asyncio.create_task(core.send(inbound))
+    await asyncio.sleep(0)  # inside the store's accept, waiting for its commit
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+    async def answered() -> bool:
+        return await s.app.store.last_sequence("c1") == 1
+
+    await eventually(answered, what="the echo reply of the cancelled send")
+    again = await core.send(inbound)  # the client's retry
+    assert again.duplicate and not again.pending
+    await asyncio.sleep(0.2)
+    assert await s.app.store.last_sequence("c1") == 1 and core.pending == 0  # handled once

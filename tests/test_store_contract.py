@@ -91,6 +91,10 @@ async def test_accept_stores_a_pending_message_and_recognises_a_duplicate(store:
     again = await store.accept(msg(), now=2.0)
     assert again.duplicate and again.stored.id == first.stored.id and again.stored.received_at == 1.0
     assert [m.id for m in await store.pending_messages(10)] == [first.stored.id]
+    assert again.pending and (await store.known(msg())).pending  # type: ignore[union-attr]
+    await store.finish_message(first.stored.id, "c1", [], now=3.0, outbox=False)
+    done = await store.accept(msg(), now=4.0)
+    assert done.duplicate and not done.pending and not (await store.known(msg())).pending  # type: ignore[union-attr]
 
 
 async def test_same_message_id_with_other_content_is_a_conflict(store: Store) -> None:

@@ -84,7 +84,7 @@ class MemoryStore(Store):
             return None
         if existing.fingerprint != message.fingerprint():
             raise Conflict()
-        return AcceptResult(existing, duplicate=True)
+        return AcceptResult(existing, duplicate=True, pending=self._state.get(existing.id) == "pending")
 
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
         if limit <= 0:

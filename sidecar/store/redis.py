@@ -172,10 +172,10 @@ end
 # ARGV: P, message id, conversation id, user id, fingerprint, data JSON, received_at
 _ACCEPT = """
 local m = P .. 'msg:' .. ARGV[2]
-local found = redis.call('HMGET', m, 'fingerprint', 'data', 'attempts')
+local found = redis.call('HMGET', m, 'fingerprint', 'data', 'attempts', 'state')
 if found[1] then
   if found[1] ~= ARGV[5] then return {'conflict'} end
-  return {'duplicate', found[2], found[3]}
+  return {'duplicate', found[2], found[3], found[4]}
 end
 local arrival = redis.call('INCR', P .. 'arrivals')
 redis.call('HSET', m, 'data', ARGV[6], 'fingerprint', ARGV[5], 'conversation_id', ARGV[3], 'arrival', arrival,
@@ -703,19 +703,21 @@ class RedisStore(Store):
         if answer[0] == "conflict":
             raise Conflict()
         if answer[0] == "duplicate":
-            return AcceptResult(_message(key, answer[1], answer[2]), duplicate=True)
+            return AcceptResult(_message(key, answer[1], answer[2]), duplicate=True, pending=answer[3] == "pending")
         stored = StoredMessage(id=key, message=message, fingerprint=fingerprint, received_at=now)
         return AcceptResult(stored, duplicate=False)
 
     async def known(self, message: InboundMessage) -> AcceptResult | None:
         key = sidecar_id("message", message.conversation_id, message.message_id)
-        fields = await _reached(self._redis().hmget(self._key("msg:", key), ["fingerprint", "data", "attempts"]))
-        fingerprint, data, attempts = cast(list[str | None], fields)
+        fields = await _reached(
+            self._redis().hmget(self._key("msg:", key), ["fingerprint", "data", "attempts", "state"])
+        )
+        fingerprint, data, attempts, state = cast(list[str | None], fields)
         if fingerprint is None or data is None:
             return None
         if fingerprint != message.fingerprint():
             raise Conflict()
-        return AcceptResult(_message(key, data, attempts), duplicate=True)
+        return AcceptResult(_message(key, data, attempts), duplicate=True, pending=state == "pending")
 
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
         if limit <= 0:

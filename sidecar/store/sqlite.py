@@ -119,6 +119,7 @@ _REPLY_COLUMNS = (
     "r.bot_conversation_id, r.user_id, r.in_reply_to, r.created_at"
 )
 _MESSAGE_COLUMNS = "id, conversation_id, message_id, user_id, type, text, payload, fingerprint, received_at, attempts"
+_REPEAT_SQL = f"SELECT {_MESSAGE_COLUMNS}, state FROM messages WHERE id = ?"
 # Each conversation's lowest queued sequence, found by skipping from one
 # conversation id to the next on the primary key: two index seeks per
 # conversation, however long the queues. (A correlated MIN per outbox row
@@ -434,8 +435,7 @@ class SqliteStore(Store):
                  payload, fingerprint, now),
             ).rowcount  # fmt: skip
             if not inserted:
-                return _repeat(c.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?", (key,)).fetchone(),
-                               fingerprint)  # fmt: skip
+                return _repeat(c.execute(_REPEAT_SQL, (key,)).fetchone(), fingerprint)
             c.execute(
                 "INSERT INTO conversations (conversation_id, user_id) VALUES (?, ?)"
                 " ON CONFLICT(conversation_id) DO UPDATE SET user_id = excluded.user_id",
@@ -448,8 +448,7 @@ class SqliteStore(Store):
 
     async def known(self, message: InboundMessage) -> AcceptResult | None:
         key = sidecar_id("message", message.conversation_id, message.message_id)
-        sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = ?"
-        row = await self._read(lambda c: c.execute(sql, (key,)).fetchone())
+        row = await self._read(lambda c: c.execute(_REPEAT_SQL, (key,)).fetchone())
         return None if row is None else _repeat(row, message.fingerprint())
 
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
@@ -871,10 +870,11 @@ class _Worker:
 
 
 def _repeat(row: tuple[Any, ...], fingerprint: str) -> AcceptResult:
-    """The answer to a message whose ids are stored (``row``): a duplicate, or Conflict."""
+    """The answer to a message whose ids are stored (``row``, of _REPEAT_SQL): a duplicate,
+    or Conflict."""
     if row[7] != fingerprint:
         raise Conflict()
-    return AcceptResult(_message(row), duplicate=True)
+    return AcceptResult(_message(row), duplicate=True, pending=row[10] == "pending")
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
