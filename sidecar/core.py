@@ -460,12 +460,16 @@ class Core:
                 details=(FieldViolation("selection", "empty"),),
             )
         # Replay and purge remove what they touch, so the first page is always the next one.
+        # Only letters dead before the call began: a replayed reply that the receiver
+        # refuses again is a new letter, which would otherwise be replayed again, and so
+        # on for as long as the receiver refuses.
         seen: set[str] = set()
+        began = time.time()
         while True:
             page = await self._store.list_dead_letters(
                 kind=selection.kind, conversation_id=selection.conversation_id or None, limit=500
             )
-            page = [d for d in page if d.id not in seen]
+            page = [d for d in page if d.id not in seen and d.dead_at <= began]
             if not page:
                 return
             for letter in page:

@@ -165,3 +165,17 @@ async def test_a_reply_the_protocols_cannot_carry_dead_letters_its_message_and_t
     # Whatever the log holds replays to a subscriber: nothing in it breaks Subscribe.
     replies = await read_n(subscribe(s, "c1", after=0), 1 + ("delay" in bad))
     assert replies[-1].payload.struct_value["text"] == "ok"
+
+
+async def test_replaying_everything_while_the_receiver_still_refuses_ends(start_app: StartApp) -> None:
+    """Replies refused again during a replay become new dead letters; the replay takes
+    only those dead before it began, instead of chasing its own for ever."""
+    async with Receiver() as r:
+        r.script("c1", then=400)  # refused for good, however often
+        s = await start_app(response_url=r.url, admin_tokens=(ADMIN,))
+        await send_texts(s, "c1", [f"t{i}" for i in range(5)])
+        await dead_letters(s, 5)
+        async with asyncio.timeout(20):
+            status, answer = await api(s, "POST", "/v1/dead-letters/replay", {"all": True})
+        assert (status, answer) == (200, {"replayed": 5})
+        await dead_letters(s, 5)  # refused again: dead again, once each
