@@ -79,6 +79,7 @@ class Core:
         self._pending = 0
         self._backlog = False  # more pending messages in the store than were loaded
         self._reloading = False
+        self._load_failures = 0
         self._started = False
         self._draining = False
         self._stopping = asyncio.Event()
@@ -205,11 +206,28 @@ class Core:
         self._reloading = True
         try:
             await self._load_pending()
-        except Exception as e:  # noqa: BLE001 - the next message handled tries again
-            self._metrics.store_errors.labels("message").inc()
-            log.error("loading pending messages failed", extra={"error": describe_error(e)})
+            self._load_failures = 0
+        except Exception as e:  # noqa: BLE001 - tried again after a pause
+            self._load_failed(e)
         finally:
             self._reloading = False
+
+    def _load_failed(self, error: Exception) -> None:
+        """Try the load again after a pause: the lanes ask only as messages finish, and
+        when none is left to finish nobody would ask again (with a backlog, every new
+        message meanwhile is answered 429)."""
+        self._backlog = True  # whatever the store holds, it is not all queued
+        self._load_failures += 1
+        self._metrics.store_errors.labels("message").inc()
+        log.error("loading pending messages failed; will retry", extra={"error": describe_error(error)})
+        self._spawn(self._refill_later(self._load_failures))
+
+    async def _refill_later(self, failures: int) -> None:
+        delay = full_jitter(failures, self._config.bot_backoff_initial, self._config.bot_backoff_max)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        if self._backlog:
+            await self._refill()
 
     async def _run_lane(self, conversation_id: str, lane: collections.deque[StoredMessage]) -> None:
         failures = 0
@@ -436,7 +454,10 @@ class Core:
         if messages:
             # Like a start: the oldest pending first, and the rest as a backlog if they
             # are more than the queue holds (they would otherwise stay pending unseen).
-            await self._load_pending()
+            try:
+                await self._load_pending()
+            except Exception as e:  # noqa: BLE001 - the letters are replayed: loading them is ours to retry
+                self._load_failed(e)
         log.info("dead letters replayed", extra={"count": replayed})
         return replayed
 

@@ -139,3 +139,37 @@ async def test_a_send_cancelled_mid_accept_still_gets_its_message_handled(
     assert again.duplicate and not again.pending
     await asyncio.sleep(0.2)
     assert await s.app.store.last_sequence("c1") == 1 and core.pending == 0  # handled once
+
+
+async def test_a_backlog_load_that_fails_is_tried_again_even_with_nothing_left_to_finish(
+    start_app: StartApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "sidecar.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    for i in range(1, 6):  # accepted before a restart, never handled
+        await store.accept(InboundMessage("u", f"m{i}", "c1", "text", f"m{i}", {"text": f"m{i}"}), now=1.0)
+    await store.close()
+    s = await start_app(
+        store=f"sqlite:///{path}", max_pending_messages=2, bot_backoff_initial=0.05,
+        bot="script", bot_script=slow_rules(tmp_path, 0.2),
+    )  # fmt: skip
+    # While the two loaded messages are with the bot, the store starts failing the next
+    # two loads: the one asked as the last of them finishes, and the first retry.
+    real = s.app.store.pending_messages
+    failures = [RuntimeError("store outage"), RuntimeError("store outage")]
+
+    async def flaky(limit: int) -> Any:
+        if failures:
+            raise failures.pop()
+        return await real(limit)
+
+    monkeypatch.setattr(s.app.store, "pending_messages", flaky)
+
+    async def taken() -> bool:
+        return (await s.post(message("c1", "m6", "m6"))).status == 200
+
+    await eventually(taken, what="the backlog loaded after the outage, so that m6 is taken")
+    replies = await read_n(subscribe(s, "c1", after=0), 6)
+    assert [r.in_reply_to for r in replies] == [f"m{i}" for i in range(1, 7)]
+    assert not failures and s.app.core.pending == 0
