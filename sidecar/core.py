@@ -243,6 +243,7 @@ class Core:
                     # try it again after a pause, in order, rather than let the lane die
                     # and strand this conversation until a restart.
                     failures += 1
+                    self._resync(conversation_id)
                     self._metrics.store_errors.labels("message").inc()
                     log.error(
                         "handling a message failed in the store; will retry",
@@ -380,9 +381,19 @@ class Core:
         def committed(done: asyncio.Future[list[Reply]]) -> None:
             if not done.cancelled() and done.exception() is None:
                 self._published(conversation_id, done.result(), source=source)
+            else:
+                self._resync(conversation_id)
 
         append.add_done_callback(committed)
         return await asyncio.shield(append)
+
+    def _resync(self, conversation_id: str) -> None:
+        """A store step failed, but may have landed all the same (Redis ran the script and
+        the answer was lost): what it stored must not wait for the next reply to be seen.
+        Subscribers read the log, the webhook worker reads the outbox."""
+        self.broker.resync(conversation_id)
+        if self._webhook is not None:
+            self._webhook.notify(conversation_id)
 
     def _published(self, conversation_id: str, replies: Sequence[Reply], *, source: str) -> None:
         """Committed replies go live: to subscribers now, to the webhook worker's queue."""

@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from sidecar.errors import Unavailable
 from sidecar.models import InboundMessage
 from sidecar.store.sqlite import SqliteStore
 from tests.bot_server import BotServer
@@ -173,3 +174,30 @@ async def test_a_backlog_load_that_fails_is_tried_again_even_with_nothing_left_t
     replies = await read_n(subscribe(s, "c1", after=0), 6)
     assert [r.in_reply_to for r in replies] == [f"m{i}" for i in range(1, 7)]
     assert not failures and s.app.core.pending == 0
+
+
+async def test_replies_a_store_stored_but_answered_as_failed_still_go_live(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis may run an append and lose its answer: the caller hears Unavailable, but the
+    replies are in the log and the outbox. Subscribers and the webhook worker are told to
+    look, rather than wait for the conversation's next reply (which may never come)."""
+    async with Receiver() as r:
+        s = await start_app(response_url=r.url, callback_tokens=("cb",))
+        assert (await s.post(message("c1", "m1", "hi"))).status == 200
+        await r.wait_for(1)
+        stream = subscribe(s, "c1")
+        await eventually(lambda: len(s.app.core.broker) == 1, what="subscribed")
+        real = s.app.store.append_replies
+
+        async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+            await real(*args, **kwargs)
+            raise Unavailable("the store is unreachable; try again")
+
+        monkeypatch.setattr(s.app.store, "append_replies", answer_lost)
+        reply = {"type": "text", "payload": {"text": "late"}, "conversationId": "c1", "botpressMessageId": "b1"}
+        assert (await s.post(reply, token="cb", path="/bot/replies")).status == 503
+        got = await read_n(stream, 1, timeout=3)  # at once, not at some later reply
+        assert [(g.sequence, g.bot_message_id) for g in got] == [(2, "b1")]
+        await r.wait_for(2)
+    assert [x["payload"] for x in r.delivered("c1")] == [{"text": "hi"}, {"text": "late"}]

@@ -23,7 +23,7 @@ class Subscription:
     sidecar's largest population, and every object per stream counts.
     """
 
-    __slots__ = ("_waiter", "buffer", "closed", "conversation_id", "limit", "on_cut_off")
+    __slots__ = ("_waiter", "buffer", "closed", "conversation_id", "limit", "on_cut_off", "stale")
 
     def __init__(self, conversation_id: str, limit: int) -> None:
         self.conversation_id = conversation_id
@@ -36,6 +36,8 @@ class Subscription:
         self.closed: SidecarError | None = None
         """Why the subscriber must end (it fell behind, or the sidecar drains); None while open."""
         self.on_cut_off: Callable[[], None] | None = None
+        self.stale = False
+        """The log may hold replies never offered here: read it before the buffer."""
 
     def offer(self, reply: Reply) -> bool:
         """Buffer a live reply; False (and cut off) when the buffer is full."""
@@ -51,6 +53,10 @@ class Subscription:
         self._wake()
         return True
 
+    def resync(self) -> None:
+        self.stale = True
+        self._wake()
+
     def close(self, reason: SidecarError) -> None:
         if self.closed is None:
             self.closed = reason
@@ -60,7 +66,7 @@ class Subscription:
 
     async def wait(self) -> None:
         """Until a live reply is buffered or the subscription is closed (returns at once if so)."""
-        if self.buffer or self.closed is not None:
+        if self.buffer or self.closed is not None or self.stale:
             return
         self._waiter = asyncio.get_running_loop().create_future()
         try:
@@ -115,6 +121,12 @@ class Broker:
                 if not sub.offer(reply):
                     self.cutoffs += 1
                     break
+
+    def resync(self, conversation_id: str) -> None:
+        """Replies of the conversation may be committed without having been offered (a
+        store that lost its answer to an append that landed): its streams read the log."""
+        for sub in self._subs.get(conversation_id, ()):
+            sub.resync()
 
     def close_all(self, reason: SidecarError) -> None:
         for subs in self._subs.values():
@@ -202,6 +214,9 @@ class ReplyStream:
         while True:
             if sub.closed is not None:
                 raise sub.closed
+            if sub.stale:
+                sub.stale = False
+                self._refill = True
             if self._replayed is not None:
                 reply = next(self._replayed, None)
                 if reply is not None:

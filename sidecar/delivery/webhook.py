@@ -33,6 +33,8 @@ _MAX_ANSWER = 64 * 1024
 _COALESCE = 0.02
 """Seconds the scheduler waits at least before a pass due to the clock (not to a wake-up)."""
 _STORE_PAUSE = 1.0
+# The longest the scheduler sleeps without reading the outbox.
+_POLL = 5.0
 """Seconds a conversation waits after a store step of its delivery failed."""
 
 
@@ -147,7 +149,9 @@ class WebhookDelivery:
             # Heads falling due within _COALESCE of each other are picked up by one pass:
             # after an outage, retries come due one by one, and a pass (two outbox
             # reads) for each would cost more than a few milliseconds of delay.
-            delay = None if next_due is None else max(_COALESCE, next_due - time.time())
+            # At most _POLL, whatever is due: a reply queued by a store step whose answer
+            # was lost (so nobody called notify) is picked up then, not never.
+            delay = _POLL if next_due is None else min(_POLL, max(_COALESCE, next_due - time.time()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
