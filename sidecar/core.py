@@ -43,6 +43,8 @@ class Notifier(Protocol):
 
     def notify(self, conversation_id: str) -> None: ...
 
+    def replayed(self, conversation_id: str) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Selection:
@@ -461,7 +463,7 @@ class Core:
                 replayed += 1
                 messages |= letter.kind == "message"
                 if letter.kind == "reply" and self._webhook is not None:
-                    self._webhook.notify(letter.conversation_id)
+                    self._webhook.replayed(letter.conversation_id)
         if messages:
             # Like a start: the oldest pending first, and the rest as a backlog if they
             # are more than the queue holds (they would otherwise stay pending unseen).

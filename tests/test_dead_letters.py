@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from tests.conftest import Running, StartApp, eventually, message
+from tests.local_server import LocalServer
 from tests.receiver import Receiver
 from tests.test_streams import read_n, subscribe
 from tests.test_webhook_delivery import SECRET_A, dead_letters, send_texts
@@ -179,3 +181,37 @@ async def test_replaying_everything_while_the_receiver_still_refuses_ends(start_
             status, answer = await api(s, "POST", "/v1/dead-letters/replay", {"all": True})
         assert (status, answer) == (200, {"replayed": 5})
         await dead_letters(s, 5)  # refused again: dead again, once each
+
+
+class SlowReceiver(LocalServer):
+    """Refuses the text "first" once (400: dead-lettered), answers the rest after 0.1 s."""
+
+    def __init__(self) -> None:
+        super().__init__("/replies")
+        self.seen: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        text = (await request.json())["payload"]["text"]
+        if text == "first" and "first(400)" not in self.seen:
+            self.seen.append("first(400)")
+            return web.Response(status=400)
+        await asyncio.sleep(0.1)
+        self.seen.append(text)
+        return web.Response(status=200)
+
+
+async def test_a_replayed_reply_goes_before_the_later_replies_a_delivery_holds(start_app: StartApp) -> None:
+    async with SlowReceiver() as r:
+        s = await start_app(response_url=r.url, admin_tokens=(ADMIN,))
+        await send_texts(s, "c1", ["first"])
+        await dead_letters(s, 1)
+        for i in range(2, 7):
+            assert (await s.post(message("c1", f"c1-n{i}", f"r{i}"))).status == 200
+        await eventually(lambda: "r2" in r.seen, what="r2 delivered")  # r3..r6 in the delivery's hands
+        before = len(r.seen)
+        assert (await api(s, "POST", "/v1/dead-letters/replay", {"all": True}))[1] == {"replayed": 1}
+        await eventually(lambda: len(r.seen) == 7, what="every reply delivered")
+    # Next after the POST under way when it was replayed, before every later reply
+    # (not after the page of later replies the delivery held).
+    assert r.seen.index("first") <= before + 1 < 6
+    assert [t for t in r.seen if t.startswith("r")] == ["r2", "r3", "r4", "r5", "r6"]

@@ -82,6 +82,9 @@ class WebhookDelivery:
         self._session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        # Conversations whose page in hand no longer starts at their lowest queued reply:
+        # a dead reply was replayed into the outbox at its own, earlier, sequence.
+        self._replayed: set[str] = set()
         self._slots = asyncio.Semaphore(config.webhook_concurrency)
         self._scheduler: asyncio.Task[None] | None = None
         self._draining = False
@@ -101,6 +104,14 @@ class WebhookDelivery:
 
     def notify(self, conversation_id: str) -> None:
         """New replies were queued; cheap enough to call on every append."""
+        self._wake.set()
+
+    def replayed(self, conversation_id: str) -> None:
+        """A reply went back into the conversation's outbox below replies queued after
+        it: a delivery under way re-reads its queue before its next POST, so the
+        replayed reply goes first."""
+        if conversation_id in self._in_flight:
+            self._replayed.add(conversation_id)
         self._wake.set()
 
     async def drain(self, timeout: float) -> None:
@@ -168,9 +179,14 @@ class WebhookDelivery:
         this task itself records their outcome.
         """
         conversation_id = head.reply.conversation_id
+        self._replayed.discard(conversation_id)  # the head was read just now
         queue = collections.deque([head])
         try:
             while queue and not self._draining:
+                if conversation_id in self._replayed:
+                    self._replayed.discard(conversation_id)
+                    queue = collections.deque(await self._store.queued_deliveries(conversation_id, _PAGE))
+                    continue
                 delivery = queue[0]
                 if delivery.next_attempt_at > time.time():
                     break
