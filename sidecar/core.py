@@ -33,6 +33,9 @@ from sidecar.validate import reply_problems
 
 log = logging.getLogger(__name__)
 
+# Later than any delivery's next attempt: "due by now" for every queued reply.
+_EVER = 1e18
+
 # Messages forgotten, or conversations visited, per store step (~2 ms of SQLite on the
 # loop): other work interleaves with a sweep.
 _SWEEP_PAGE = 200
@@ -113,10 +116,32 @@ class Core:
         recovered = await self._load_pending()
         if recovered:
             log.info("resuming messages accepted before the restart", extra={"count": recovered})
+        if self._webhook is None:
+            await self._dead_letter_orphaned_outbox()
         task = asyncio.create_task(self._sweep())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._started = True
+
+    async def _dead_letter_orphaned_outbox(self) -> None:
+        """Replies an earlier run queued for its webhook, when this one has no response URL:
+        dead-lettered, so they are visible and replayable (once a URL is set again) instead
+        of waiting unseen, and no longer keep retention from trimming their conversation."""
+        orphaned = 0
+        while heads := await self._store.due_deliveries(_EVER, 256):
+            for head in heads:
+                reply = head.reply
+                await self._store.delivery_dead(
+                    reply.conversation_id, reply.sequence, attempts=head.attempts,
+                    error="no response URL was configured when the sidecar started", now=time.time(),
+                )  # fmt: skip
+                orphaned += 1
+        if orphaned:
+            self._metrics.dead_letters.labels("reply").inc(orphaned)
+            log.warning(
+                "replies queued for a webhook, now without a response URL, were dead-lettered",
+                extra={"count": orphaned},
+            )
 
     async def drain(self, timeout: float) -> None:
         """Refuse new work, end streams, let bot calls in flight finish (up to timeout).

@@ -215,3 +215,23 @@ async def test_a_replayed_reply_goes_before_the_later_replies_a_delivery_holds(s
     # (not after the page of later replies the delivery held).
     assert r.seen.index("first") <= before + 1 < 6
     assert [t for t in r.seen if t.startswith("r")] == ["r2", "r3", "r4", "r5", "r6"]
+
+
+async def test_replies_queued_for_a_webhook_are_dead_lettered_when_it_is_no_longer_configured(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    store = f"sqlite:///{tmp_path}/kept.db"
+    async with Receiver() as r:
+        r.script("c1", then=503)
+        r.script("c2", then=503)
+        s = await start_app(store=store, response_url=r.url, webhook_max_attempts=1000)
+        await send_texts(s, "c1", ["a", "b"])
+        await send_texts(s, "c2", ["c"])
+        await r.wait_for(2, ok=False)
+        await s.app.drain(1.0)
+        await s.app.stop()
+    s = await start_app(store=store, admin_tokens=(ADMIN,))  # the response URL removed
+    letters = (await api(s, "GET", "/v1/dead-letters?kind=reply"))[1]["deadLetters"]
+    assert sorted((d["conversationId"], d["sequence"]) for d in letters) == [("c1", 1), ("c1", 2), ("c2", 1)]
+    assert all("no response URL" in d["error"] for d in letters)
+    assert await s.app.store.due_deliveries(1e18, 10) == []
