@@ -51,6 +51,9 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", int(BACKOFF_INITIAL * 1000)),
     ("grpc.min_reconnect_backoff_ms", int(BACKOFF_INITIAL * 1000)),
     ("grpc.max_reconnect_backoff_ms", int(BACKOFF_MAX * 1000)),
+    # A reply may be as large as the server's SIDECAR_MAX_BODY_BYTES allows; past grpc's
+    # 4 MiB default the stream would fail with RESOURCE_EXHAUSTED at every reconnect.
+    ("grpc.max_receive_message_length", -1),
 ]
 
 

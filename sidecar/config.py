@@ -61,7 +61,9 @@ class Config:
     webhook_max_age: float = _opt(86400.0, "seconds after the first attempt before a reply is dead-lettered")
     webhook_backoff_initial: float = _opt(0.5, "first retry delay in seconds (full jitter)")
     webhook_backoff_max: float = _opt(60.0, "cap of the retry delay in seconds")
-    webhook_retry_after_max: float = _opt(300.0, "cap on a receiver's Retry-After, in seconds")
+    webhook_retry_after_max: float = _opt(
+        300.0, "cap on a receiver's Retry-After, in seconds (never sooner than the first backoff step)"
+    )
     webhook_concurrency: int = _opt(64, "conversations delivered concurrently")
     # --- bot ---
     bot: str = _opt("echo", "echo, script, http or botpress")

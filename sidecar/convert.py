@@ -76,7 +76,10 @@ def value_to_json(value: struct_pb2.Value) -> JSON:
 
 def reply_to_proto(reply: Reply) -> sidecar_pb2.Reply:
     seconds = int(reply.created_at)
-    created = timestamp_pb2.Timestamp(seconds=seconds, nanos=round((reply.created_at - seconds) * 1e9) % 1_000_000_000)
+    nanos = round((reply.created_at - seconds) * 1e9)
+    if nanos == 1_000_000_000:  # a fraction that rounds up is the next second, not this one's start
+        seconds, nanos = seconds + 1, 0
+    created = timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
     return sidecar_pb2.Reply(
         conversation_id=reply.conversation_id,
         sequence=reply.sequence,

@@ -71,3 +71,8 @@ def test_wire_cache_serializes_each_reply_once_and_stays_bounded() -> None:
     big = Reply("c", 9, "text", {"text": "y" * 20_000}, "", "", "", "", "", 0.0)
     assert sidecar_pb2.Reply.FromString(cache(big)).payload.struct_value.fields["text"].string_value == "y" * 20_000
     assert cache._size <= 10_000 and not cache._entries  # larger than the byte bound: not kept
+
+
+def test_a_creation_time_whose_fraction_rounds_up_is_the_next_second() -> None:
+    p = reply_to_proto(Reply("c", 1, "text", {}, "", "", "", "", "", 5.9999999999))
+    assert (p.created_at.seconds, p.created_at.nanos) == (6, 0)  # not (5, 0): a second early

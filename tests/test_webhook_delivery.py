@@ -93,14 +93,16 @@ async def test_retry_after_is_honoured_and_capped(start_app: StartApp) -> None:
     async with Receiver() as r:
         r.script("c1", then=429, retry_after="120")
         r.script("c2", then=503, retry_after="99999")
-        s = await start_app(response_url=r.url, webhook_retry_after_max=300)
+        r.script("c3", then=503, retry_after="0")  # no sooner than the first backoff step, though
+        s = await start_app(response_url=r.url, webhook_retry_after_max=300, webhook_backoff_initial=60)
         before = time.time()
-        await send_texts(s, "c1", ["a"])
-        await send_texts(s, "c2", ["b"])
-        await r.wait_for(2, ok=False)
-        heads = {c: await head_attempted(s, c) for c in ("c1", "c2")}
+        for c in ("c1", "c2", "c3"):
+            await send_texts(s, c, ["a"])
+        await r.wait_for(3, ok=False)
+        heads = {c: await head_attempted(s, c) for c in ("c1", "c2", "c3")}
     assert 119 <= heads["c1"] - before <= 121 + (time.time() - before)
     assert 299 <= heads["c2"] - before <= 301 + (time.time() - before)
+    assert 59 <= heads["c3"] - before <= 61 + (time.time() - before)
 
 
 def test_retry_after_parses_seconds_and_http_dates() -> None:

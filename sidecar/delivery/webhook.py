@@ -245,7 +245,12 @@ class WebhookDelivery:
             return True
         delay = full_jitter(attempts, self._config.webhook_backoff_initial, self._config.webhook_backoff_max)
         if outcome.retry_after is not None:
-            delay = min(outcome.retry_after, self._config.webhook_retry_after_max)
+            # The receiver's word, capped; but never sooner than our first backoff step:
+            # "Retry-After: 0" on every answer would otherwise be a retry loop as fast as
+            # the receiver answers, until the attempts run out.
+            delay = max(
+                self._config.webhook_backoff_initial, min(outcome.retry_after, self._config.webhook_retry_after_max)
+            )
         await self._store.delivery_failed(
             reply.conversation_id, reply.sequence,
             attempts=attempts, first_attempt_at=first, next_attempt_at=now + delay, error=outcome.error,
