@@ -195,6 +195,22 @@ async def test_dedupe_keys_are_remembered_while_their_replies_are_retained(make_
     assert [r.sequence for r in await store.append_replies("c1", [draft("k1")], now=3.0, outbox=False)] == [4]
 
 
+async def test_a_purge_that_unpins_replies_leaves_trimming_to_the_next_append(make_store: Factory) -> None:
+    """The same in every store: purging a dead reply neither trims at once nor forgets keys."""
+    store = await make_store(retention=1)
+    await store.append_replies("c", [draft("k1")], now=1.0, outbox=True)
+    await store.delivery_dead("c", 1, attempts=1, error="HTTP 400", now=2.0)
+    for key in ("k2", "k3"):
+        (reply,) = await store.append_replies("c", [draft(key)], now=3.0, outbox=True)
+        await store.delivery_succeeded("c", reply.sequence)
+    (letter,) = await store.list_dead_letters()
+    assert await store.purge_dead_letters([letter.id]) == 1
+    assert await store.first_retained_sequence("c") == 1
+    assert await store.append_replies("c", [draft("k1")], now=4.0, outbox=False) == []  # a retried callback
+    await store.append_replies("c", [draft("k4")], now=5.0, outbox=False)
+    assert await store.first_retained_sequence("c") == 4  # the next append trims to retention
+
+
 async def test_unknown_conversation_has_nothing_trimmed_and_no_user(store: Store) -> None:
     assert await store.first_retained_sequence("nope") == 1
     assert await store.conversation_user("nope") is None

@@ -781,19 +781,17 @@ class SqliteStore(Store):
 
     async def purge_dead_letters(self, ids: Sequence[str]) -> int:
         def op(c: sqlite3.Connection) -> int:
+            # The replies a purge unpins are trimmed by the next append or sweep, as in
+            # the other stores: not here, which would also forget their dedupe keys at once.
             removed = 0
-            conversations = set()
             for i in ids:
-                row = c.execute("SELECT conversation_id, kind, extra FROM dead_letters WHERE id = ?", (i,)).fetchone()
+                row = c.execute("SELECT kind, extra FROM dead_letters WHERE id = ?", (i,)).fetchone()
                 if row:
                     c.execute("DELETE FROM dead_letters WHERE id = ?", (i,))
-                    conversations.add(row[0])
                     removed += 1
-                    if row[1] == "message":  # given up for good: handled, so the dedupe window forgets it
-                        message_id = orjson.loads(row[2])["message_id"]
+                    if row[0] == "message":  # given up for good: handled, so the dedupe window forgets it
+                        message_id = orjson.loads(row[1])["message_id"]
                         c.execute("UPDATE messages SET state = 'done' WHERE id = ? AND state = 'dead'", (message_id,))
-            for conversation_id in conversations:
-                self._trim(c, conversation_id)
             return removed
 
         return await self._run(op)
