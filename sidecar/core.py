@@ -576,9 +576,12 @@ class Core:
             raise Unavailable()
         if self._streams >= self._config.max_streams:
             raise Overloaded("too many open streams", retry_after=1.0)
-        stream = await ReplyStream.open(self._store, self.broker, conversation_id, after, self._stream_closed)
-        self._streams += 1
-        return stream
+        self._streams += 1  # counted before the store reads: opens meanwhile see this one
+        try:
+            return await ReplyStream.open(self._store, self.broker, conversation_id, after, self._stream_closed)
+        except BaseException:
+            self._streams -= 1
+            raise
 
     def _stream_closed(self, stream: ReplyStream) -> None:
         self._streams -= 1

@@ -289,3 +289,23 @@ async def test_a_client_leaving_mid_replay_is_not_logged_as_an_error(
     await wait_until(lambda: len(core.broker) == 0)
     await asyncio.sleep(0.2)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_concurrent_opens_cannot_overshoot_the_stream_limit(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = await start_app(max_streams=3)
+    core = s.app.core
+    real = s.app.store.last_sequence
+
+    async def slow(conversation_id: str) -> int:  # as a networked store's read
+        await asyncio.sleep(0.05)
+        return await real(conversation_id)
+
+    monkeypatch.setattr(s.app.store, "last_sequence", slow)
+    results = await asyncio.gather(*(core.subscribe(f"c{i}", None) for i in range(6)), return_exceptions=True)
+    opened = [r for r in results if not isinstance(r, BaseException)]
+    assert len(opened) == 3 and core.streams == 3
+    for stream in opened:
+        stream.close()
+    assert core.streams == 0
