@@ -32,15 +32,21 @@ def slow_rules(tmp_path: Path, delay: float) -> str:
     return str(rules)
 
 
-async def test_a_backlog_after_a_restart_runs_in_order_and_new_messages_wait_their_turn(
-    start_app: StartApp, tmp_path: Path
-) -> None:
+async def stored_before_a_restart(tmp_path: Path, count: int) -> Path:
+    """A SQLite file holding ``count`` messages of c1 accepted and never handled (m1, m2, …)."""
     path = tmp_path / "sidecar.db"
     store = SqliteStore(str(path))
     await store.open()
-    for i in range(1, 6):  # accepted before a restart, never handled
+    for i in range(1, count + 1):
         await store.accept(InboundMessage("u", f"m{i}", "c1", "text", f"m{i}", {"text": f"m{i}"}), now=1.0)
     await store.close()
+    return path
+
+
+async def test_a_backlog_after_a_restart_runs_in_order_and_new_messages_wait_their_turn(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    path = await stored_before_a_restart(tmp_path, 5)
     s = await start_app(
         store=f"sqlite:///{path}", max_pending_messages=2, bot="script", bot_script=slow_rules(tmp_path, 0.1)
     )
@@ -145,12 +151,7 @@ async def test_a_send_cancelled_mid_accept_still_gets_its_message_handled(
 async def test_a_backlog_load_that_fails_is_tried_again_even_with_nothing_left_to_finish(
     start_app: StartApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "sidecar.db"
-    store = SqliteStore(str(path))
-    await store.open()
-    for i in range(1, 6):  # accepted before a restart, never handled
-        await store.accept(InboundMessage("u", f"m{i}", "c1", "text", f"m{i}", {"text": f"m{i}"}), now=1.0)
-    await store.close()
+    path = await stored_before_a_restart(tmp_path, 5)
     s = await start_app(
         store=f"sqlite:///{path}", max_pending_messages=2, bot_backoff_initial=0.05,
         bot="script", bot_script=slow_rules(tmp_path, 0.2),

@@ -31,6 +31,15 @@ def subscribe(s: Running, conversation: str = "c1", after: int | None = None) ->
     return s.stub.Subscribe(req)
 
 
+async def live_subscriber_after_one_reply(s: Running) -> Any:
+    """A live-only Subscribe to c1, registered with the broker, after c1's first reply."""
+    await s.stub.SendMessage(request(message_id="seed"))
+    await wait_for_sequence(s, "c1", 1)
+    call = subscribe(s)
+    await wait_until(lambda: len(s.app.core.broker) == 1)
+    return call
+
+
 async def test_send_message_reply_arrives_on_subscribe_with_every_field(start_app: StartApp) -> None:
     s = await start_app()
     call = subscribe(s)
@@ -151,10 +160,7 @@ async def test_grpc_client_that_stops_reading_is_cut_off(start_app: StartApp) ->
     """Flow control blocks the server's writes; the broker's cut-off still ends the stream."""
     s = await start_app(stream_queue_size=8)
     core = s.app.core
-    await s.stub.SendMessage(request(message_id="seed"))
-    await wait_for_sequence(s, "c1", 1)
-    call = subscribe(s)
-    await wait_until(lambda: len(core.broker) == 1)
+    call = await live_subscriber_after_one_reply(s)
     big = "x" * 60_000  # a few replies exhaust the HTTP/2 window
     for i in range(200):
         await core.add_bot_replies("c1", [BotReply(type="text", payload={"t": big}, bot_message_id=f"b{i}")])
@@ -221,10 +227,7 @@ async def test_a_burst_larger_than_the_queue_reaches_a_prompt_subscriber_whole(s
     the log instead of being cut off for a lag it never had."""
     s = await start_app(stream_queue_size=8)
     core = s.app.core
-    await s.stub.SendMessage(request(message_id="seed"))
-    await wait_for_sequence(s, "c1", 1)
-    call = subscribe(s)
-    await wait_until(lambda: len(core.broker) == 1)
+    call = await live_subscriber_after_one_reply(s)
     burst = [BotReply(type="text", payload={"i": i}, bot_message_id=f"b{i}") for i in range(40)]
     await core.add_bot_replies("c1", burst)
     assert [r.sequence for r in await read_n(call, 40)] == list(range(2, 42))
