@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from sidecar.bots.http import HttpBot
 from sidecar.convert import value_to_json
+from sidecar.models import InboundMessage, StoredMessage
+from sidecar.observability import Metrics
 from tests.bot_server import BotServer
-from tests.conftest import Running, StartApp, admin_metrics, eventually, message
+from tests.conftest import Running, StartApp, admin_metrics, eventually, make_config, message
 from tests.procs import free_port
 from tests.receiver import Receiver
 from tests.streaming_server import StreamingServer
@@ -151,6 +156,38 @@ async def test_a_bot_outage_opens_the_breaker_and_delays_messages_instead_of_los
             assert value_to_json(reply.payload) == {"text": "sync: hello"}
     assert await s.app.store.list_dead_letters() == []
     assert 'sidecar_bot_breaker_open{bot="http"} 0.0' in await admin_metrics(s)
+
+
+async def test_calls_cut_by_the_sidecars_own_timeout_count_against_the_breaker(tmp_path: Path) -> None:
+    """The core's bot timeout may fire before the session's own (aiohttp rounds a deadline
+    past 5 s up to a whole second): such a cancelled call is a failure too. Otherwise a
+    hanging bot never opens the breaker, and a half-open trial cut so jams it shut."""
+
+    async def hang(body: Any) -> tuple[int, Any]:
+        await asyncio.sleep(30)
+        return 200, []
+
+    stored = StoredMessage("id", InboundMessage("u", "m1", "c1", "text", "hi", {"text": "hi"}), "f", 1.0)
+    async with BotServer(hang) as server:
+        config = make_config(tmp_path, bot="http", bot_url=server.url, bot_timeout=30.0, bot_breaker_failures=2,
+                             bot_breaker_cooldown=0.2)  # fmt: skip
+        bot = HttpBot(config, Metrics())
+        await bot.start()
+        try:
+            for _ in range(2):
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.1):  # as the core's, before the session's
+                        await bot.call(stored)
+            assert bot.breaker.open
+            await asyncio.sleep(0.25)  # the cool-down: one trial call goes through, and hangs
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await bot.call(stored)
+            assert bot.breaker.open and not bot.breaker.allow()  # re-opened by the cut trial
+            await asyncio.sleep(0.25)
+            assert bot.breaker.allow()  # not jammed: the next trial is let through
+        finally:
+            await bot.close()
 
 
 async def test_rasa_mode_speaks_the_rest_channel_and_maps_every_answer_kind(start_app: StartApp) -> None:

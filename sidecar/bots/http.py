@@ -194,6 +194,13 @@ class HttpBot(Bot):
         except aiohttp.ClientError as e:
             self.breaker.failure()
             raise BotError(f"cannot reach the bot ({type(e).__name__})") from None
+        except BaseException:
+            # Cancelled: mostly the core's own bot timeout, which (by aiohttp's rounding of
+            # its deadline) fires before the session's. A call that hung that long failed,
+            # and counts; uncounted, a hanging bot never opened the breaker, and a
+            # half-open trial cancelled so left the breaker waiting for it for ever.
+            self.breaker.failure()
+            raise
         if status >= 500 or status in (408, 429):
             self.breaker.failure()
             raise BotError(f"the bot answered HTTP {status}")
