@@ -82,6 +82,17 @@ async def test_default_answers_when_no_rule_matches(script: ScriptBot) -> None:
     assert [r.payload for r in await run(script, stored("what?"))] == [{"text": "Sorry: what?"}]
 
 
+async def test_delays_that_cannot_fit_in_the_bot_timeout_are_refused_at_start(tmp_path: Path) -> None:
+    path = tmp_path / "slow.yaml"
+    path.write_text(
+        "rules:\n  - match: {text: hi}\n    replies: [{type: text, payload: {text: a}, delay: 1},"
+        " {type: text, payload: {text: b}, delay: 1.5}]\n"
+    )
+    with pytest.raises(ConfigError, match=r"rule 0: its delays add up to 2.5s.*SIDECAR_BOT_TIMEOUT"):
+        await ScriptBot(str(path), timeout=2.0).start()
+    await ScriptBot(str(path), timeout=3.0).start()  # fits
+
+
 async def test_toml_rules_work_too(tmp_path: Path) -> None:
     path = tmp_path / "rules.toml"
     path.write_text('[[rules]]\nmatch = {text = "ping"}\nreplies = [{type = "text", payload = {text = "pong"}}]\n')

@@ -16,7 +16,7 @@ def create_bot(config: Config, metrics: Metrics) -> Bot:
     if config.bot == "script":
         from sidecar.bots.script import ScriptBot
 
-        return ScriptBot(config.bot_script)
+        return ScriptBot(config.bot_script, config.bot_timeout)
     if config.bot == "http":
         from sidecar.bots.http import HttpBot
 

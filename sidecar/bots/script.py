@@ -23,6 +23,7 @@ that reply.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -74,13 +75,24 @@ class ScriptBot(Bot):
 
     name = "script"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout: float = math.inf) -> None:
         self._path = path
+        self._timeout = timeout  # the sidecar's bot_timeout, which a whole run must fit in
         self._rules: tuple[_Rule, ...] = ()
         self._default: tuple[_Reply, ...] = ()
 
     async def start(self) -> None:
         self._rules, self._default = load_rules(self._path)
+        # A run waits out all of its replies' delays inside the bot timeout: delays that
+        # add up to it could never succeed, and every message would end dead-lettered.
+        for name, replies in [*((f"rule {i}", r.replies) for i, r in enumerate(self._rules)),
+                              ("default", self._default)]:  # fmt: skip
+            total = sum(reply.delay for reply in replies)
+            if total >= self._timeout:
+                raise ConfigError(
+                    f"bot_script (SIDECAR_BOT_SCRIPT): {self._path} {name}: its delays add up to {total:g}s,"
+                    f" which must stay under bot_timeout (SIDECAR_BOT_TIMEOUT, {self._timeout:g}s)"
+                )
 
     async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
         m = message.message
