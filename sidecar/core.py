@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -538,31 +538,44 @@ class Core:
     # --- replies from asynchronous bots ---------------------------------------
 
     async def add_bot_replies(self, conversation_id: str, replies: Sequence[BotReply]) -> list[Reply]:
-        """Append replies a bot POSTed to the callback endpoint.
+        """Append replies a bot POSTed to the callback endpoint (one conversation's)."""
+        return await self.add_bot_reply_batches({conversation_id: replies})
 
-        A reply carrying a bot message id is keyed by it, so a retried
-        callback does not add it twice.
+    async def add_bot_reply_batches(self, batches: Mapping[str, Sequence[BotReply]]) -> list[Reply]:
+        """Append replies a bot POSTed to the callback endpoint, per conversation.
+
+        Every conversation is looked up before anything is appended: a body naming one
+        unknown conversation is refused whole, not after storing the others' replies
+        (which a retry of the same body would then store again). A reply carrying a
+        bot message id is keyed by it, so a retried callback does not add it twice.
+        Taken while draining too: these answer messages already in flight, and a bot
+        (the Botpress integration) may not send them again.
         """
-        if self._draining:
-            raise Unavailable()
-        user_id = await self._store.conversation_user(conversation_id)
-        if user_id is None:
-            raise NotFound("no message was ever received in this conversation")
-        drafts = []
-        for reply in replies:
-            key = f"callback/{reply.bot_message_id or uuid.uuid4()}"
-            drafts.append(
-                ReplyDraft(
-                    type=reply.type,
-                    payload=reply.payload,
-                    dedupe_key=key,
-                    user_id=user_id,
-                    bot_user_id=reply.bot_user_id or entity_id("user", user_id),
-                    bot_message_id=reply.bot_message_id or sidecar_id("reply", conversation_id, key),
-                    bot_conversation_id=reply.bot_conversation_id or entity_id("conversation", conversation_id),
+        users: dict[str, str] = {}
+        for conversation_id in batches:
+            user_id = await self._store.conversation_user(conversation_id)
+            if user_id is None:
+                raise NotFound("no message was ever received in this conversation")
+            users[conversation_id] = user_id
+        appended: list[Reply] = []
+        for conversation_id, replies in batches.items():
+            user_id = users[conversation_id]
+            drafts = []
+            for reply in replies:
+                key = f"callback/{reply.bot_message_id or uuid.uuid4()}"
+                drafts.append(
+                    ReplyDraft(
+                        type=reply.type,
+                        payload=reply.payload,
+                        dedupe_key=key,
+                        user_id=user_id,
+                        bot_user_id=reply.bot_user_id or entity_id("user", user_id),
+                        bot_message_id=reply.bot_message_id or sidecar_id("reply", conversation_id, key),
+                        bot_conversation_id=reply.bot_conversation_id or entity_id("conversation", conversation_id),
+                    )
                 )
-            )
-        return await self._append(conversation_id, drafts, source="callback")
+            appended += await self._append(conversation_id, drafts, source="callback")
+        return appended
 
     # --- subscribe ------------------------------------------------------------
 

@@ -76,7 +76,7 @@ async def test_reused_message_id_with_other_content_is_already_exists(start_app:
 
 async def test_overload_is_resource_exhausted(start_app: StartApp, tmp_path: Path) -> None:
     rules = tmp_path / "slow.yaml"
-    rules.write_text("rules:\n  - match: {}\n    replies: [{type: text, payload: {text: slow}, delay: 30}]\n")
+    rules.write_text("rules:\n  - match: {}\n    replies: [{type: text, payload: {text: slow}, delay: 20}]\n")
     s = await start_app(bot="script", bot_script=str(rules), max_pending_messages=1)
     await s.stub.SendMessage(request(message_id="m1"))
     with pytest.raises(grpc.aio.AioRpcError) as e:

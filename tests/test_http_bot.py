@@ -277,10 +277,35 @@ async def test_a_failure_behind_the_secret_path_is_logged_without_the_secret(
     async def broken(*args: Any) -> Any:
         raise RuntimeError("the store broke")
 
-    monkeypatch.setattr(s.app.core, "add_bot_replies", broken)
+    monkeypatch.setattr(s.app.core, "add_bot_reply_batches", broken)
     ok = {"type": "text", "payload": {"text": "x"}, "conversationId": "c1"}
     status, body = await callback(s, ok, token=None, path="/bot/replies/s3cr3t-path")
     assert status == 500 and body["error"]["code"] == "internal"
     logged = [r for r in caplog.records if r.getMessage() == "unhandled error"]
     assert logged and logged[0].__dict__["route"] == "/bot/replies/{secret}"
     assert "s3cr3t" not in caplog.text
+
+
+async def test_a_callback_naming_an_unknown_conversation_is_refused_whole(start_app: StartApp) -> None:
+    s = await start_app(callback_tokens=(CALLBACK,))
+    await s.post(message(type="image", payload={"url": "x"}))  # c1 is known; no echo of an image
+    body = [
+        {"type": "text", "payload": {"text": "late A"}, "conversationId": "c1"},
+        {"type": "text", "payload": {"text": "late B"}, "conversationId": "nope"},
+    ]
+    for _ in range(2):  # and its retry
+        status, answer = await callback(s, body)
+        assert status == 404 and answer["error"]["code"] == "not_found"
+    assert await s.app.store.last_sequence("c1") == 0  # nothing of it stored
+
+
+async def test_callbacks_are_taken_while_draining(start_app: StartApp) -> None:
+    """They answer messages already in flight; the integration does not send them again."""
+    s = await start_app(callback_tokens=(CALLBACK,))
+    await s.post(message(type="image", payload={"url": "x"}))
+    drain = asyncio.create_task(s.app.drain(5.0))
+    await eventually(lambda: not s.app.core.ready, what="draining")
+    assert (await s.post(message(message_id="m2"))).status == 503  # new work is refused
+    status, answer = await callback(s, {"type": "text", "payload": {"text": "late"}, "conversationId": "c1"})
+    assert (status, answer) == (200, {"appended": [{"conversationId": "c1", "sequence": 1}]})
+    await drain

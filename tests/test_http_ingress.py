@@ -194,7 +194,7 @@ async def test_form_and_multipart_bodies_are_415(start_app: StartApp, content_ty
 
 async def test_queue_bound_reached_is_429_with_retry_after(start_app: StartApp, tmp_path: Path) -> None:
     rules = tmp_path / "slow.yaml"
-    rules.write_text("rules:\n  - match: {}\n    replies: [{type: text, payload: {text: slow}, delay: 30}]\n")
+    rules.write_text("rules:\n  - match: {}\n    replies: [{type: text, payload: {text: slow}, delay: 20}]\n")
     s = await start_app(bot="script", bot_script=str(rules), max_pending_messages=1)
     assert (await s.post(message(message_id="m1"))).status == 200
     resp = await s.post(message(message_id="m2"))

@@ -70,7 +70,7 @@ async def test_message_accepted_before_a_crash_is_handled_after_restart(
 ) -> None:
     rules = tmp_path / "slow.yaml"
     rules.write_text("rules:\n  - match: {}\n    replies: [{type: text, payload: {text: late}, delay: 60}]\n")
-    p = launch(procs, tmp_path, SIDECAR_BOT="script", SIDECAR_BOT_SCRIPT=str(rules))
+    p = launch(procs, tmp_path, SIDECAR_BOT="script", SIDECAR_BOT_SCRIPT=str(rules), SIDECAR_BOT_TIMEOUT="120")
     answer = await send(p.grpc_target, text="survive")
     assert answer.duplicate is False
     p.kill()  # the bot is still sleeping: nothing but the accepted message is on disk

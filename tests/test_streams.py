@@ -207,7 +207,7 @@ async def test_gauges_report_open_streams_and_pending_messages_when_scraped(
     start_app: StartApp, tmp_path: Path
 ) -> None:
     rules = tmp_path / "slow.yaml"
-    rules.write_text("rules:\n  - match: {}\n    replies: [{type: text, payload: {text: slow}, delay: 30}]\n")
+    rules.write_text("rules:\n  - match: {}\n    replies: [{type: text, payload: {text: slow}, delay: 20}]\n")
     s = await start_app(bot="script", bot_script=str(rules))
     calls = [subscribe(s, conversation=f"g{i}") for i in range(3)]
     await wait_until(lambda: s.app.core.streams == 3)

@@ -271,11 +271,10 @@ class HttpIngress:
         for index, item in enumerate(items):
             conversation_id, reply = self._bot_reply(item, f"[{index}]" if isinstance(body, list) else "")
             by_conversation.setdefault(conversation_id, []).append(reply)
-        appended: list[JSON] = []
-        for conversation_id, replies in by_conversation.items():
-            for r in await self._core.add_bot_replies(conversation_id, replies):
-                appended.append({"conversationId": r.conversation_id, "sequence": r.sequence})
-        return json_response({"appended": appended})
+        appended = await self._core.add_bot_reply_batches(by_conversation)
+        return json_response(
+            {"appended": [{"conversationId": r.conversation_id, "sequence": r.sequence} for r in appended]}
+        )
 
     def _bot_reply(self, item: JSON, prefix: str) -> tuple[str, BotReply]:
         if not isinstance(item, dict):
