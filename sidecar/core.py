@@ -16,7 +16,7 @@ from sidecar.backoff import full_jitter
 from sidecar.bots.base import Bot, BotError, BotReply
 from sidecar.config import Config
 from sidecar.delivery.stream import Broker, ReplyStream, draining_error
-from sidecar.errors import FieldViolation, InvalidArgument, NotFound, Overloaded, Unavailable
+from sidecar.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Overloaded, Unavailable
 from sidecar.models import (
     AcceptResult,
     DeadLetter,
@@ -480,6 +480,13 @@ class Core:
     async def replay_dead_letters(self, selection: Selection) -> int:
         """Put dead letters back: replies re-enter the outbox at their sequence (so order
         and webhook-id are kept), messages go back to their conversation's lane."""
+        if self._webhook is None and selection.kind != "message" and await self._selects_replies(selection):
+            # Back in the outbox, nothing would deliver them: the next start would dead-letter
+            # them again, over their real last error. Refused whole, before anything moves.
+            raise FailedPrecondition(
+                "replies cannot be replayed without a response URL (SIDECAR_RESPONSE_URL);"
+                " set one, or replay kind=message only"
+            )
         replayed = 0
         messages = False
         now = time.time()
@@ -498,6 +505,16 @@ class Core:
                 self._load_failed(e)
         log.info("dead letters replayed", extra={"count": replayed})
         return replayed
+
+    async def _selects_replies(self, selection: Selection) -> bool:
+        if selection.ids:
+            for dead_letter_id in selection.ids:
+                letter = await self._store.get_dead_letter(dead_letter_id)
+                if letter is not None and letter.kind == "reply":
+                    return True
+            return False
+        conversation_id = selection.conversation_id or None
+        return bool(await self._store.list_dead_letters(kind="reply", conversation_id=conversation_id, limit=1))
 
     async def purge_dead_letters(self, selection: Selection) -> int:
         purged = 0

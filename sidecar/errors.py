@@ -79,6 +79,13 @@ class Conflict(SidecarError):
     default_message = "this messageId was already used in this conversation with other content"
 
 
+class FailedPrecondition(SidecarError):
+    code = "failed_precondition"
+    http_status = 409
+    grpc_status = grpc.StatusCode.FAILED_PRECONDITION
+    default_message = "the sidecar is not in a state to do this"
+
+
 class PayloadTooLarge(SidecarError):
     code = "payload_too_large"
     http_status = 413

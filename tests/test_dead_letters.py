@@ -11,8 +11,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from sidecar.models import ReplyDraft
 from tests.conftest import Running, StartApp, eventually, message
 from tests.local_server import LocalServer
+from tests.procs import free_port
 from tests.receiver import Receiver
 from tests.test_streams import read_n, subscribe
 from tests.test_webhook_delivery import SECRET_A, dead_letters, send_texts
@@ -95,12 +97,11 @@ async def test_purge_deletes_dead_letters_and_unknown_ids_are_404(start_app: Sta
 async def test_a_message_the_bot_keeps_failing_is_dead_lettered_and_replayed_after_the_fix(
     start_app: StartApp, tmp_path: Path
 ) -> None:
-    rules = tmp_path / "slow.yaml"
-    rules.write_text("rules:\n  - match: {}\n    replies: [{type: text, payload: {text: late}, delay: 5}]\n")
-    broken = await start_app(bot="script", bot_script=str(rules), bot_timeout=0.05, bot_max_attempts=2)
+    nowhere = f"http://127.0.0.1:{free_port()}/bot"  # nothing listens: every call fails
+    broken = await start_app(bot="http", bot_url=nowhere, bot_max_attempts=2, bot_backoff_initial=0.01)
     await broken.post(message(text="help"))
     (letter,) = await dead_letters(broken, 1)
-    assert letter.kind == "message" and letter.attempts == 2 and letter.error.startswith("timeout")
+    assert letter.kind == "message" and letter.attempts == 2 and letter.error.startswith("cannot reach the bot")
     assert letter.body["text"] == "help"
     await broken.app.drain(0.5)
     await broken.app.stop()
@@ -235,3 +236,18 @@ async def test_replies_queued_for_a_webhook_are_dead_lettered_when_it_is_no_long
     assert sorted((d["conversationId"], d["sequence"]) for d in letters) == [("c1", 1), ("c1", 2), ("c2", 1)]
     assert all("no response URL" in d["error"] for d in letters)
     assert await s.app.store.due_deliveries(1e18, 10) == []
+
+
+async def test_replies_cannot_be_replayed_without_a_response_url(start_app: StartApp) -> None:
+    """Nothing would deliver them: refused (409 failed_precondition), the letters untouched."""
+    s = await start_app(admin_tokens=(ADMIN,))
+    await s.post(message(type="image", payload={"url": "x"}))
+    (reply,) = await s.app.store.append_replies("c1", [ReplyDraft("text", {"text": "a"}, "k")], now=1.0, outbox=True)
+    letter = await s.app.store.delivery_dead("c1", reply.sequence, attempts=3, error="HTTP 410", now=2.0)
+    for body in ({"all": True}, {"ids": [letter.id]}, {"conversationId": "c1"}):
+        status, answer = await api(s, "POST", "/v1/dead-letters/replay", body)
+        assert status == 409 and answer["error"]["code"] == "failed_precondition", body
+        assert "SIDECAR_RESPONSE_URL" in answer["error"]["message"]
+    assert await api(s, "POST", "/v1/dead-letters/replay", {"all": True, "kind": "message"}) == (200, {"replayed": 0})
+    (kept,) = await s.app.store.list_dead_letters()
+    assert (kept.id, kept.error, kept.attempts) == (letter.id, "HTTP 410", 3)
