@@ -67,16 +67,19 @@ class AdminApp:
         kind = query.get("kind") or None
         if kind not in (None, "reply", "message"):
             raise InvalidArgument("kind must be reply or message", details=(FieldViolation("kind", "unknown"),))
-        try:
-            limit = min(max(int(query.get("limit", "100")), 1), 1000)
-        except ValueError:
+        raw = query.get("limit", "100")
+        if not (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 1000):
             raise InvalidArgument(
-                "limit must be a number", details=(FieldViolation("limit", "not a number"),)
-            ) from None
+                "limit must be a whole number from 1 to 1000", details=(FieldViolation("limit", "out of range"),)
+            )
+        limit = int(raw)
+        # One more than asked says whether there are more ("more"), oldest first.
         letters = await self._core.list_dead_letters(
-            kind=kind, conversation_id=query.get("conversationId") or None, limit=limit
+            kind=kind, conversation_id=query.get("conversationId") or None, limit=limit + 1
         )
-        return json_response({"deadLetters": [dead_letter_json(d) for d in letters]})
+        return json_response(
+            {"deadLetters": [dead_letter_json(d) for d in letters[:limit]], "more": len(letters) > limit}
+        )
 
     async def get_dead_letter(self, request: web.Request) -> web.Response:
         self._authorize(request)

@@ -316,6 +316,11 @@ def add_dlq_parser(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--timeout", metavar="SECONDS", type=_seconds, default=10.0, help="seconds to wait for the answer (default 10)"
     )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="verify an https:// admin listener (SIDECAR_ADMIN_TLS) with this CA bundle [default: the system's CAs]",
+    )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     ls = commands.add_parser("list", help="print dead letters, oldest first, one JSON object per line")
     ls.add_argument("--kind", choices=("reply", "message"), help="only replies or only messages")
@@ -341,13 +346,19 @@ def _dlq_call(args: argparse.Namespace, method: str, path: str, body: JSON | Non
         print(f"sidecar dlq: --admin expects an http(s) URL with a host, got {args.admin!r}", file=sys.stderr)
         return 2
     try:
-        answer = client.http_json(method, args.admin.rstrip("/") + path, args.token, body, args.timeout)
+        context = client.Tls(enabled=True, ca_file=args.tls_ca).context()
+        answer = client.http_json(method, args.admin.rstrip("/") + path, args.token, body, args.timeout, context)
     except client.ClientError as e:
         print(f"sidecar dlq: {e}", file=sys.stderr)
         return 1
     items = answer.get("deadLetters") if isinstance(answer, dict) else None
     for item in items if isinstance(items, list) else [answer]:
         print(json.dumps(item, ensure_ascii=False), flush=True)
+    if isinstance(answer, dict) and answer.get("more"):
+        print(
+            "sidecar dlq: there are more; narrow with --kind or --conversation, or replay/purge a whole conversation",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -78,7 +78,7 @@ async def test_replaying_a_conversation_redelivers_its_dead_replies_in_order_wit
     redelivered = [x for x in r.requests[3:] if x.status == 200]
     assert [x.body["payload"]["text"] for x in redelivered] == ["one", "two"]
     assert [x.headers["webhook-id"] for x in redelivered] == first_ids
-    assert (await api(s, "GET", "/v1/dead-letters"))[1] == {"deadLetters": []}
+    assert (await api(s, "GET", "/v1/dead-letters"))[1] == {"deadLetters": [], "more": False}
 
 
 async def test_purge_deletes_dead_letters_and_unknown_ids_are_404(start_app: StartApp) -> None:
@@ -251,3 +251,19 @@ async def test_replies_cannot_be_replayed_without_a_response_url(start_app: Star
     assert await api(s, "POST", "/v1/dead-letters/replay", {"all": True, "kind": "message"}) == (200, {"replayed": 0})
     (kept,) = await s.app.store.list_dead_letters()
     assert (kept.id, kept.error, kept.attempts) == (letter.id, "HTTP 410", 3)
+
+
+async def test_the_list_says_when_there_are_more_and_refuses_a_limit_out_of_range(start_app: StartApp) -> None:
+    s = await start_app(admin_tokens=(ADMIN,))
+    await s.post(message(type="image", payload={"url": "x"}))
+    for n in range(3):
+        (reply,) = await s.app.store.append_replies("c1", [ReplyDraft("t", {"n": n}, f"k{n}")], now=1.0, outbox=True)
+        await s.app.store.delivery_dead("c1", reply.sequence, attempts=1, error="HTTP 410", now=2.0)
+    status, answer = await api(s, "GET", "/v1/dead-letters?limit=2")
+    assert status == 200 and len(answer["deadLetters"]) == 2 and answer["more"] is True
+    assert (await api(s, "GET", "/v1/dead-letters?limit=3"))[1]["more"] is False
+    for bad in ("0", "-3", "1001", "x", "1e3"):
+        status, answer = await api(s, "GET", f"/v1/dead-letters?limit={bad}")
+        assert status == 400 and answer["error"]["details"][0]["field"] == "limit", bad
+    code, out, err = await cli(s, "list", "--limit", "2")
+    assert code == 0 and len(out.splitlines()) == 2 and "there are more" in err

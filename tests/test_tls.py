@@ -55,15 +55,16 @@ def test_tls_needs_both_files(tmp_path: Path) -> None:
         load(env={"SIDECAR_TLS_CERT_FILE": str(tmp_path)})
 
 
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
 async def test_the_cli_sends_and_tails_over_tls_with_a_ca_file(start_app: StartApp, cert: tuple[Path, Path]) -> None:
     crt, key = cert
     s = await start_app(tls_cert_file=str(crt), tls_key_file=str(key))
     target = f"127.0.0.1:{s.app.grpc_port}"
-
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "sidecar", *args], capture_output=True, text=True, timeout=30, check=False
-        )
 
     sent = await asyncio.to_thread(cli, "send", "--grpc", target, "--tls-ca", str(crt), "--user", "u",
                                    "--conversation", "c1", "--text", "over tls")  # fmt: skip
@@ -91,8 +92,12 @@ async def test_the_admin_listener_serves_tls_only_when_asked(start_app: StartApp
         async with session.get(f"http://127.0.0.1:{plain.app.admin_port}/healthz") as resp:
             assert resp.status == 200  # the default: probes keep plain HTTP
         secure = await start_app(tls_cert_file=str(crt), tls_key_file=str(key), admin_tls=True,
-                                 store=f"sqlite:///{crt.parent}/second.db")  # fmt: skip
+                                 admin_tokens=("adm",), store=f"sqlite:///{crt.parent}/second.db")  # fmt: skip
         async with session.get(f"https://127.0.0.1:{secure.app.admin_port}/healthz", ssl=context) as resp:
             assert resp.status == 200
+    # and sidecar dlq reaches it with the same CA file
+    admin = f"https://127.0.0.1:{secure.app.admin_port}"
+    listed = await asyncio.to_thread(cli, "dlq", "--admin", admin, "--tls-ca", str(crt), "--token", "adm", "list")
+    assert listed.returncode == 0 and listed.stdout == "", listed.stderr
     with pytest.raises(ConfigError, match="SIDECAR_ADMIN_TLS"):
         load(env={"SIDECAR_ADMIN_TLS": "true"})
