@@ -106,13 +106,17 @@ async def test_callback_is_closed_without_callback_tokens(start_app: StartApp) -
 
 async def test_a_bot_that_refuses_a_message_dead_letters_it_with_the_reason(start_app: StartApp) -> None:
     async def refuse(body: Any) -> tuple[int, Any]:
-        return 422, {"error": "cannot handle"}
+        return 422, {"error": "cannot handle\nthis", "detail": "x" * 300}
 
     async with BotServer(refuse) as bot:
         s = await start_app(bot="http", bot_url=bot.url)
         await s.post(message(text="bad"))
         (letter,) = await dead_letters(s, 1)
-    assert letter.kind == "message" and letter.error == "the bot refused the message: HTTP 422"
+    # With the start of the bot's own explanation: one line, bounded.
+    assert letter.kind == "message"
+    expected = 'the bot refused the message: HTTP 422 ({"error":"cannot handle\\nthis","detail":"xx'
+    assert letter.error.startswith(expected)
+    assert letter.error.endswith("…)") and len(letter.error) < 260 and "\n" not in letter.error
     assert letter.body["text"] == "bad" and len(bot.requests) == 1
 
 

@@ -78,6 +78,15 @@ class CircuitBreaker:
             self._on_change(self.open)
 
 
+def _excerpt(raw: bytes | None, limit: int = 200) -> str:
+    """The start of a bot's error answer, for the attempt's error and its dead letter (the
+    Botpress integration explains a 400 there). One line of printable text: it is logged."""
+    if not raw:
+        return ""
+    text = "".join(c if c.isprintable() else " " for c in raw[:limit].decode("utf-8", "replace")).strip()
+    return f" ({text}{'…' if len(raw) > limit else ''})" if text else ""
+
+
 def rasa_request(message: StoredMessage) -> dict[str, JSON]:
     """Rasa keeps one tracker per ``sender``: the conversation, so each conversation has its own dialogue state."""
     m = message.message
@@ -203,10 +212,10 @@ class HttpBot(Bot):
             raise
         if status >= 500 or status in (408, 429):
             self.breaker.failure()
-            raise BotError(f"the bot answered HTTP {status}")
+            raise BotError(f"the bot answered HTTP {status}{_excerpt(raw)}")
         self.breaker.success()  # it answered: whatever it said, it is up
         if not 200 <= status < 300:
-            raise BotError(f"the bot refused the message: HTTP {status}", retryable=False)
+            raise BotError(f"the bot refused the message: HTTP {status}{_excerpt(raw)}", retryable=False)
         if raw is None:
             raise BotError("the bot's answer is larger than 1 MiB", retryable=False)
         if not raw.strip():
