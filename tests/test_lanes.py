@@ -11,8 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from sidecar.bots.base import Bot, BotReply, Emit
 from sidecar.errors import Unavailable
-from sidecar.models import InboundMessage
+from sidecar.models import InboundMessage, StoredMessage
 from sidecar.store.sqlite import SqliteStore
 from tests.bot_server import BotServer
 from tests.conftest import StartApp, eventually, message
@@ -90,17 +91,23 @@ async def test_replaying_more_dead_messages_than_the_queue_holds_runs_them_all(s
     assert not await s.app.store.pending_messages(10) and s.app.core.pending == 0
 
 
-async def test_a_reply_emitted_before_the_bot_times_out_still_goes_live(start_app: StartApp, tmp_path: Path) -> None:
-    rules = tmp_path / "early.yaml"
-    # "early" is emitted at once; the bot then waits past its timeout, every time.
-    rules.write_text(
-        "rules:\n  - match: {}\n    replies: [{type: text, payload: {text: early}},"
-        " {type: text, payload: {text: never}, delay: 5}]\n"
-    )
+class EmitsThenHangs(Bot):
+    """Emits "early" at once, then waits past any bot timeout, every time."""
+
+    name = "emits-then-hangs"
+
+    async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
+        await emit(BotReply(type="text", payload={"text": "early"}))
+        await asyncio.sleep(5)
+        return [BotReply(type="text", payload={"text": "never"})]
+
+
+async def test_a_reply_emitted_before_the_bot_times_out_still_goes_live(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with Receiver() as r:
-        s = await start_app(
-            bot="script", bot_script=str(rules), bot_timeout=0.1, bot_max_attempts=2, response_url=r.url
-        )
+        s = await start_app(bot_timeout=0.1, bot_max_attempts=2, response_url=r.url)
+        monkeypatch.setattr(s.app.core, "_bot", EmitsThenHangs())  # no real bot can be set up to time out
         original = s.app.store.append_replies
 
         async def slow_commit(*args: Any, **kwargs: Any) -> Any:
