@@ -21,7 +21,7 @@ class TokenChecker:
     def __init__(self, tokens: tuple[str, ...] = (), file: str = "") -> None:
         self._static = tuple(t.encode() for t in tokens)
         self._file = file
-        self._file_mtime: float | None = None
+        self._file_seen: tuple[int, int, int] | None = None  # (mtime_ns, size, inode) last read
         self._from_file: tuple[bytes, ...] = ()
         self._reload()
 
@@ -55,16 +55,20 @@ class TokenChecker:
         if not self._file:
             return
         try:
-            mtime = os.stat(self._file).st_mtime
+            st = os.stat(self._file)
         except OSError:
             # Keep the last good tokens: a Secret volume swap briefly removes the file.
             return
-        if mtime == self._file_mtime:
+        # Not the mtime alone: a copy that keeps it (cp -p, rsync -t, tar) is a change too.
+        seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if seen == self._file_seen:
             return
+        self._file_seen = seen  # read once per change, and warned about once if unreadable
         try:
             tokens = read_token_file(self._file)
         except ConfigError as e:
             log.warning("token file unreadable, keeping previous tokens", extra={"reason": str(e)})
             return
+        if not tokens:
+            log.warning("token file holds no token: every request will be refused", extra={"file": self._file})
         self._from_file = tuple(t.encode() for t in tokens)
-        self._file_mtime = mtime

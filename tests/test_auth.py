@@ -39,6 +39,25 @@ def test_a_token_file_is_reread_when_it_changes_and_kept_when_it_vanishes(tmp_pa
     assert checker.check("Bearer new")
 
 
+def test_a_token_file_change_that_keeps_its_mtime_is_seen_and_a_bad_one_keeps_the_tokens(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "tokens"
+    rotate(path, "old")
+    checker = TokenChecker(file=str(path))
+    assert checker.check("Bearer old")
+    stat = path.stat()
+    path.write_text("new-token\n")  # as cp -p or rsync -t: other content, the same mtime
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert checker.check("Bearer new-token") and not checker.check("Bearer old")
+    path.write_bytes(b"\xffbroken\n")  # not UTF-8: the last good tokens stay, one warning
+    for _ in range(3):
+        assert checker.check("Bearer new-token")
+    assert [r.getMessage() for r in caplog.records].count("token file unreadable, keeping previous tokens") == 1
+    path.write_bytes(b"\xef\xbb\xbfbom-token\n")  # a BOM is not part of the first token
+    assert checker.check("Bearer bom-token")
+
+
 async def test_rotating_the_token_file_applies_to_http_and_grpc_without_restart(
     start_app: StartApp, tmp_path: Path
 ) -> None:
