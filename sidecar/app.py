@@ -82,7 +82,15 @@ class App:
             else:
                 self.grpc_port = server.add_insecure_port(target)
         except RuntimeError:
-            raise ConfigError(f"grpc_addr (SIDECAR_GRPC_ADDR): cannot listen on {c.grpc_addr}") from None
+            # grpc says only that it failed: with TLS, the certificate may be the cause
+            # (it takes RSA and ECDSA keys; aiohttp, which loaded them already, takes more).
+            also = (
+                "; or grpc cannot use the certificate and key (tls_cert_file, SIDECAR_TLS_CERT_FILE:"
+                " RSA or ECDSA keys only)"
+                if c.tls_cert_file
+                else ""
+            )
+            raise ConfigError(f"grpc_addr (SIDECAR_GRPC_ADDR): cannot listen on {c.grpc_addr}{also}") from None
         await server.start()
         for service in ("", SERVICE_NAME):
             await health.set(service, SERVING)

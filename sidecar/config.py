@@ -117,7 +117,7 @@ class Config:
 
 
 _SECRET_PARAM = re.compile(
-    r"([?&;][^=&#;]*(?:pass|pwd|token|secret|key|auth|sig|credential)[^=&#;]*=)[^&#;]*", re.IGNORECASE
+    r"([?&;][^=&#;]*(?:pass|pwd|token|secret|key|auth|sig|credential|code)[^=&#;]*=)[^&#;]*", re.IGNORECASE
 )
 
 
@@ -151,6 +151,10 @@ def _kind(f: Any) -> type:
     return typing.cast(type, hint)
 
 
+# The largest whole-number setting: what gRPC's channel options (C ints) can hold.
+MAX_INT = 2**31 - 1
+
+
 def _parse(name: str, kind: type, raw: Any, source: str) -> Any:
     """Turn a raw TOML value or string into the setting's type, or say which setting is wrong."""
     where = f"{name} ({source})"
@@ -158,7 +162,7 @@ def _parse(name: str, kind: type, raw: Any, source: str) -> Any:
         if isinstance(raw, str):
             return tuple(t.strip() for t in raw.split(",") if t.strip())
         if isinstance(raw, list) and all(isinstance(t, str) for t in raw):
-            return tuple(raw)
+            return tuple(t.strip() for t in raw if t.strip())
         raise ConfigError(f"{where}: expected a comma-separated string or a list of strings")
     if kind is bool:
         if isinstance(raw, bool):
@@ -171,10 +175,16 @@ def _parse(name: str, kind: type, raw: Any, source: str) -> Any:
     if kind in (int, float):
         if isinstance(raw, bool):
             raise ConfigError(f"{where}: expected a number")
+        if kind is int and isinstance(raw, float) and not raw.is_integer():
+            raise ConfigError(f"{where}: expected a whole number, got {raw!r}")  # not cut to one silently
         try:
-            return kind(raw)
-        except (TypeError, ValueError):
+            value = kind(raw)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where}: expected a number, got {raw!r}") from None
+        if kind is int and abs(value) > MAX_INT:
+            # gRPC takes its limits as C ints, SQLite as 64-bit ones: beyond that, a crash at start.
+            raise ConfigError(f"{where}: at most {MAX_INT}, got {raw!r}")
+        return value
     if not isinstance(raw, str):
         raise ConfigError(f"{where}: expected a string")
     return raw
@@ -195,9 +205,11 @@ def load(
     known = {f.name: f for f in fields(Config)}
     if toml_path:
         try:
-            data = tomllib.loads(Path(toml_path).read_text(encoding="utf-8"))
+            data = tomllib.loads(Path(toml_path).read_text(encoding="utf-8-sig"))
         except OSError as e:
             raise ConfigError(f"--config: cannot read {toml_path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config: {toml_path} is not UTF-8 text") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"--config: {toml_path} is not valid TOML: {e}") from None
         for key, raw in data.items():
@@ -220,9 +232,11 @@ def load(
 def read_token_file(path: str) -> tuple[str, ...]:
     """Tokens from a file, one per line; blank lines and # comments are skipped."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a BOM is not part of the first token
     except OSError as e:
         raise ConfigError(f"auth_tokens_file: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"auth_tokens_file: {path} is not UTF-8 text") from None
     lines = (line.strip() for line in text.splitlines())
     return tuple(line for line in lines if line and not line.startswith("#"))
 
@@ -298,6 +312,14 @@ def validate(c: Config) -> None:
         _fail("response_authorization", "cannot be combined with credentials inside SIDECAR_RESPONSE_URL")
     if c.bot_token and c.bot in {"http", "botpress"} and "@" in urlsplit(c.bot_url).netloc:
         _fail("bot_token", "cannot be combined with credentials inside SIDECAR_BOT_URL")
+    # Sent as header values: a trailing newline (a Secret made from a file) would fail
+    # every request, one by one, long after the start.
+    for name in ("response_authorization", "bot_token"):
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in getattr(c, name)):
+            _fail(name, "must not contain control characters (a trailing newline?)")
+    for name in ("auth_tokens", "callback_tokens", "admin_tokens"):
+        if any(not t.isprintable() or " " in t for t in getattr(c, name)):
+            _fail(name, "tokens must be printable, without spaces")
     for secret in c.webhook_secret.split():
         if not secret.startswith("whsec_"):
             _fail("webhook_secret", "each secret must look like whsec_<base64>")
@@ -310,7 +332,7 @@ def validate(c: Config) -> None:
     store = _split(c.store)
     scheme = "" if store is None else store.scheme
     if scheme not in {"memory", "sqlite", "redis"}:
-        _fail("store", f"expected sqlite:///path, memory:// or redis://host:port/db, got {c.store!r}")
+        _fail("store", f"expected sqlite:///path, memory:// or redis://host:port/db, got {redact_url(c.store)!r}")
     if scheme == "sqlite" and not c.store[len("sqlite://") :].lstrip("/"):
         _fail("store", "sqlite needs a path, e.g. sqlite:///./data/sidecar.db")
     if c.store_sync not in {"full", "normal"}:

@@ -58,6 +58,14 @@ def test_comma_separated_tokens_are_split_and_trimmed() -> None:
         ({"SIDECAR_BOT": "http", "SIDECAR_BOT_URL": "http://bot:port/"}, "SIDECAR_BOT_URL"),
         ({"SIDECAR_STORE": "redis://[bad/0"}, "SIDECAR_STORE"),
         ({"SIDECAR_STORE": "redis://localhost:70000/0"}, "SIDECAR_STORE"),
+        ({"SIDECAR_MAX_BODY_BYTES": "3000000000"}, "SIDECAR_MAX_BODY_BYTES"),  # beyond a C int: grpc would crash
+        ({"SIDECAR_MAX_PENDING_MESSAGES": "99999999999999999999"}, "SIDECAR_MAX_PENDING_MESSAGES"),
+        (
+            {"SIDECAR_RESPONSE_URL": "http://r/x", "SIDECAR_RESPONSE_AUTHORIZATION": "Bearer x\n"},
+            "SIDECAR_RESPONSE_AUTHORIZATION",
+        ),  # a Secret made from a file, with its newline
+        ({"SIDECAR_BOT": "http", "SIDECAR_BOT_URL": "http://b/x", "SIDECAR_BOT_TOKEN": "t\r\n"}, "SIDECAR_BOT_TOKEN"),
+        ({"SIDECAR_AUTH_TOKENS": "a,b c"}, "SIDECAR_AUTH_TOKENS"),
         ({"SIDECAR_BOT": "http"}, "SIDECAR_BOT_URL"),
         ({"SIDECAR_ALLOW_UNAUTHENTICATED": "maybe"}, "SIDECAR_ALLOW_UNAUTHENTICATED"),
         ({"SIDECAR_BOT_TIMEOUT": "nan"}, "SIDECAR_BOT_TIMEOUT"),
@@ -131,6 +139,7 @@ def test_create_store_returns_a_redis_store_for_a_redis_url_without_io() -> None
         ("redis://u:p@ss#w@host/0?prefix=a:", "redis://u:***@host/0?prefix=a:"),
         ("https://bot.example/x?token=abc&x=1", "https://bot.example/x?token=***&x=1"),
         ("https://TOKEN@bot.example/x", "https://***@bot.example/x"),
+        ("https://fn.azurewebsites.net/api/hook?code=abc", "https://fn.azurewebsites.net/api/hook?code=***"),
         ("sqlite:///./data/sidecar.db", "sqlite:///./data/sidecar.db"),
     ],
 )
@@ -151,3 +160,24 @@ def test_redacted_settings_mask_a_password_inside_a_url() -> None:
     assert shown["store"] == "redis://app:***@redis:6379/0"
     assert shown["bot_url"] == "https://bot.example/hook"
     assert "s3cret" not in repr(shown)
+
+
+def test_toml_values_are_held_to_what_the_environment_is(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text('auth_tokens = [" tok ", ""]\n')
+    assert load(toml_path=str(toml), env={}).auth_tokens == ("tok",)  # stripped, empties dropped
+    toml.write_text('auth_tokens = [""]\nhttp_addr = "0.0.0.0:8080"\n')
+    with pytest.raises(ConfigError, match="SIDECAR_HTTP_ADDR"):  # no real token: loopback only
+        load(toml_path=str(toml), env={})
+    toml.write_text("webhook_max_attempts = 2.7\n")
+    with pytest.raises(ConfigError, match="whole number"):
+        load(toml_path=str(toml), env={})
+    toml.write_bytes(b"log_level = '\xff'\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load(toml_path=str(toml), env={})
+
+
+def test_a_store_url_in_an_error_keeps_its_password_hidden() -> None:
+    with pytest.raises(ConfigError) as e:
+        load(env={"SIDECAR_STORE": "rediss://:hunter2@redis:6379/0"})
+    assert "hunter2" not in str(e.value) and "SIDECAR_STORE" in str(e.value)
