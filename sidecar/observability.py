@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -113,7 +114,7 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:300]
 
 
-class _JsonFormatter(logging.Formatter):
+class JsonFormatter(logging.Formatter):
     """One JSON object per line; ``extra={...}`` fields become top-level keys."""
 
     _STD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -130,21 +131,35 @@ class _JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        try:
+            return orjson.dumps(out, default=str).decode()
+        except TypeError:
+            # A string orjson refuses (lone surrogates: bytes that were not UTF-8, from a
+            # header or a setting): escaped by the standard encoder, never a lost line.
+            return json.dumps(out, default=str)
 
 
-class _TextFormatter(logging.Formatter):
+class TextFormatter(logging.Formatter):
     """Readable lines with the structured fields appended as key=value."""
 
-    _STD = _JsonFormatter._STD
+    _STD = JsonFormatter._STD
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extra = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in self._STD)
+        extra = " ".join(f"{k}={_field(v)}" for k, v in vars(record).items() if k not in self._STD)
         return f"{line} {extra}" if extra else line
+
+
+def _field(value: Any) -> str:
+    """A field's value for a text line, quoted (JSON) unless it is one plain word: a value
+    from a client (a conversation id with a newline in it) must not start a forged line."""
+    text = str(value)
+    if text and text.isprintable() and " " not in text and '"' not in text:
+        return text
+    return json.dumps(text)
 
 
 class MalformedRequestFilter(logging.Filter):
@@ -169,7 +184,7 @@ class MalformedRequestFilter(logging.Filter):
 def setup_logging(fmt: str, level: str) -> None:
     """Configure the root logger once, at process start (never at import)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

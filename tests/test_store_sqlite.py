@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 
 from sidecar.config import ConfigError
 from sidecar.store.sqlite import SqliteStore
+from tests.conftest import StartApp, message
+from tests.test_grpc_ingress import request
 from tests.test_store_contract import draft, head_delivery, msg
 
 
@@ -162,3 +167,30 @@ async def test_a_second_store_on_the_same_file_is_refused_until_the_first_closes
     await first.close()
     await second.open()
     await second.close()
+
+
+async def test_a_store_that_cannot_write_now_is_unavailable_to_its_callers(
+    start_app: StartApp, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk (or an I/O error) is "try again" for a client, 503 / UNAVAILABLE, not an
+    internal error with a traceback per request; the store logs it once per batch."""
+    s = await start_app()
+    store = s.app.store
+
+    def full(c: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    async def accept(message: Any, *, now: float) -> Any:
+        return await store._run(full)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(store, "accept", accept)
+    resp = await s.post(message())
+    assert resp.status == 503 and (await resp.json())["error"]["code"] == "unavailable"
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await s.stub.SendMessage(request(message_id="m2"))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["sqlite operations failed"] * 2 and not any(r.exc_info for r in errors)
+    # A bug is still a bug: other SQLite errors reach the caller as they are.
+    with pytest.raises(sqlite3.IntegrityError):
+        await store._run(lambda c: (_ for _ in ()).throw(sqlite3.IntegrityError("constraint")))  # type: ignore[attr-defined]

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import orjson
 
 from sidecar.config import ConfigError
-from sidecar.errors import Conflict
+from sidecar.errors import Conflict, Unavailable
 from sidecar.models import (
     AcceptResult,
     DeadLetter,
@@ -365,8 +365,11 @@ class SqliteStore(Store):
             self._failed(conn, batch, error)
             return
         self.commits += 1
+        failed = [e for _, _, e in results if isinstance(e, sqlite3.Error)]
+        if failed:  # one line per batch; the callers hear of it as their own error
+            log.error("sqlite operations failed", extra={"error": str(failed[0]), "operations": len(failed)})
         for future, result, op_error in results:
-            _settle(future, result, op_error)
+            _settle(future, result, _for_caller(op_error))
         self._done()
 
     def _failed(self, conn: sqlite3.Connection, batch: list[Entry], error: BaseException) -> None:
@@ -374,7 +377,7 @@ class SqliteStore(Store):
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         for _, future, _ in batch:
-            _settle(future, None, error)
+            _settle(future, None, _for_caller(error))
         self._done()
 
     def _done(self) -> None:
@@ -873,6 +876,18 @@ def _repeat(row: tuple[Any, ...], fingerprint: str) -> AcceptResult:
     if row[7] != fingerprint:
         raise Conflict()
     return AcceptResult(_message(row), duplicate=True, pending=row[10] == "pending")
+
+
+def _for_caller(error: BaseException | None) -> BaseException | None:
+    """What a write's caller hears of a failed transaction. SQLite's OperationalError (the
+    disk is full, an I/O error, a lock not granted in time) is the store being unable to
+    write for now: Unavailable, so that a client hears "try again" (503 / UNAVAILABLE),
+    not an internal error with a traceback per request; the batch's failure is logged once."""
+    if isinstance(error, sqlite3.OperationalError):
+        unavailable = Unavailable("the store cannot write now; try again")
+        unavailable.__cause__ = error
+        return unavailable
+    return error
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
