@@ -43,7 +43,7 @@ class Metrics:
         )
         self.bot_calls = Counter(
             "sidecar_bot_calls_total",
-            "Bot attempts by bot and outcome (ok, error, timeout, rejected)",
+            "Bot attempts by bot and outcome (ok, error, timeout, rejected; not_tried: held back by the open breaker)",
             ["bot", "outcome"],
             registry=r,
         )
