@@ -267,3 +267,37 @@ async def test_the_list_says_when_there_are_more_and_refuses_a_limit_out_of_rang
         assert status == 400 and answer["error"]["details"][0]["field"] == "limit", bad
     code, out, err = await cli(s, "list", "--limit", "2")
     assert code == 0 and len(out.splitlines()) == 2 and "there are more" in err
+
+
+class GatedReceiver(LocalServer):
+    """Refuses "first" once (400); holds "block" until released; answers the rest at once."""
+
+    def __init__(self) -> None:
+        super().__init__("/replies")
+        self.seen: list[str] = []
+        self.gate = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        text = (await request.json())["payload"]["text"]
+        if text == "first" and "first(400)" not in self.seen:
+            self.seen.append("first(400)")
+            return web.Response(status=400)
+        if text == "block":
+            await self.gate.wait()
+        self.seen.append(text)
+        return web.Response(status=200)
+
+
+async def test_a_replay_while_a_delivery_waits_for_a_slot_still_goes_first(start_app: StartApp) -> None:
+    async with GatedReceiver() as r:
+        s = await start_app(response_url=r.url, admin_tokens=(ADMIN,), webhook_concurrency=1)
+        await send_texts(s, "c1", ["first"])
+        await dead_letters(s, 1)
+        await send_texts(s, "c2", ["block"])  # takes the only slot, and keeps it
+        await asyncio.sleep(0.2)
+        assert (await s.post(message("c1", "c1-n2", "r2"))).status == 200  # its delivery waits for the slot
+        await asyncio.sleep(0.2)
+        assert (await api(s, "POST", "/v1/dead-letters/replay", {"all": True}))[1] == {"replayed": 1}
+        r.gate.set()
+        await eventually(lambda: len(r.seen) == 4, what="every reply delivered")
+    assert r.seen == ["first(400)", "block", "first", "r2"]

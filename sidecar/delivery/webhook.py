@@ -82,9 +82,11 @@ class WebhookDelivery:
         self._session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
         self._in_flight: dict[str, asyncio.Task[None]] = {}
-        # Conversations whose page in hand no longer starts at their lowest queued reply:
-        # a dead reply was replayed into the outbox at its own, earlier, sequence.
-        self._replayed: set[str] = set()
+        # Replays put a dead reply back below replies a delivery may hold already. Each
+        # replay takes the next epoch; a conversation's queue read at an earlier epoch
+        # than its last replay is read again before its next POST.
+        self._epoch = 0
+        self._replayed_at: dict[str, int] = {}
         self._slots = asyncio.Semaphore(config.webhook_concurrency)
         self._scheduler: asyncio.Task[None] | None = None
         self._draining = False
@@ -107,12 +109,15 @@ class WebhookDelivery:
         self._wake.set()
 
     def replayed(self, conversation_id: str) -> None:
-        """A reply went back into the conversation's outbox below replies queued after
-        it: a delivery under way re-reads its queue before its next POST, so the
-        replayed reply goes first."""
-        if conversation_id in self._in_flight:
-            self._replayed.add(conversation_id)
+        """A reply went back into the conversation's outbox (committed already) below
+        replies queued after it: a delivery that read its queue before this re-reads it
+        before its next POST, so the replayed reply goes first."""
+        self._epoch += 1
+        self._replayed_at[conversation_id] = self._epoch
         self._wake.set()
+
+    def _stale(self, conversation_id: str, read_at: int) -> bool:
+        return self._replayed_at.get(conversation_id, 0) > read_at
 
     async def drain(self, timeout: float) -> None:
         """Start nothing new; attempts in flight may finish within timeout, the rest stay queued."""
@@ -143,10 +148,11 @@ class WebhookDelivery:
             self._wake.clear()
             try:
                 now = time.time()
+                read_at = self._epoch  # before the read: a replay after it is seen as newer
                 for delivery in await self._store.due_deliveries(now, _BATCH):
                     conversation_id = delivery.reply.conversation_id
                     if conversation_id not in self._in_flight:
-                        task = asyncio.create_task(self._run_conversation(delivery))
+                        task = asyncio.create_task(self._run_conversation(delivery, read_at))
                         self._in_flight[conversation_id] = task
                         task.add_done_callback(functools.partial(self._finished, conversation_id))
                 # Every head due by now has a task (or, past _BATCH of them, gets one when
@@ -171,7 +177,7 @@ class WebhookDelivery:
         if self._in_flight.get(conversation_id) is task:
             del self._in_flight[conversation_id]
 
-    async def _run_conversation(self, head: Delivery) -> None:
+    async def _run_conversation(self, head: Delivery, read_at: int) -> None:
         """Deliver one conversation's queued replies in order while they are due.
 
         This task is the only one delivering the conversation (``_in_flight``),
@@ -179,23 +185,25 @@ class WebhookDelivery:
         this task itself records their outcome.
         """
         conversation_id = head.reply.conversation_id
-        self._replayed.discard(conversation_id)  # the head was read just now
         queue = collections.deque([head])
         try:
             while queue and not self._draining:
-                if conversation_id in self._replayed:
-                    self._replayed.discard(conversation_id)
-                    queue = collections.deque(await self._store.queued_deliveries(conversation_id, _PAGE))
-                    continue
                 delivery = queue[0]
                 if delivery.next_attempt_at > time.time():
                     break
                 async with self._slots:
+                    # Checked with the slot in hand, right before the POST: a replay
+                    # while this task waited for a slot is seen too.
+                    if self._stale(conversation_id, read_at):
+                        read_at = self._epoch
+                        queue = collections.deque(await self._store.queued_deliveries(conversation_id, _PAGE))
+                        continue
                     delivered = await self._attempt(delivery)
                 if not delivered:
                     break
                 queue.popleft()
                 if not queue:
+                    read_at = self._epoch
                     queue.extend(await self._store.queued_deliveries(conversation_id, _PAGE))
         except Exception as e:  # noqa: BLE001 - the outbox still holds the reply: pause, then start over
             # Paused while still in flight, so the scheduler does not restart this
