@@ -180,7 +180,8 @@ class Core:
             # The caller gave up (a gRPC deadline), but the store finishes what it has
             # started: the message may be stored now with nobody left to queue it.
             # Accepting it again, behind the first in the store's order, tells.
-            self._spawn(self._accept_abandoned(message, now))
+            if not self._stopping.is_set():  # stopping: it stays pending for the next start
+                self._spawn(self._accept_abandoned(message, now))
             raise
         self._queue_accepted(result)
         return result
@@ -480,6 +481,7 @@ class Core:
     async def replay_dead_letters(self, selection: Selection) -> int:
         """Put dead letters back: replies re-enter the outbox at their sequence (so order
         and webhook-id are kept), messages go back to their conversation's lane."""
+        _check(selection)
         if self._webhook is None and selection.kind != "message" and await self._selects_replies(selection):
             # Back in the outbox, nothing would deliver them: the next start would dead-letter
             # them again, over their real last error. Refused whole, before anything moves.
@@ -530,11 +532,7 @@ class Core:
                 if letter is not None and selection.kind in (None, letter.kind):
                     yield letter
             return
-        if not selection.everything and not selection.conversation_id:
-            raise InvalidArgument(
-                "say which dead letters: ids, a conversationId, or all",
-                details=(FieldViolation("selection", "empty"),),
-            )
+        _check(selection)
         # Replay and purge remove what they touch, so the first page is always the next one.
         # Only letters dead before the call began: a replayed reply that the receiver
         # refuses again is a new letter, which would otherwise be replayed again, and so
@@ -617,6 +615,13 @@ class Core:
         self._streams -= 1
         if stream.close_reason is not None and not self._draining:
             self._metrics.stream_cutoffs.inc()
+
+
+def _check(selection: Selection) -> None:
+    if not selection.ids and not selection.everything and not selection.conversation_id:
+        raise InvalidArgument(
+            "say which dead letters: ids, a conversationId, or all", details=(FieldViolation("selection", "empty"),)
+        )
 
 
 def _reply_key(stored: StoredMessage, index: int) -> str:

@@ -249,6 +249,8 @@ async def test_replies_cannot_be_replayed_without_a_response_url(start_app: Star
         assert status == 409 and answer["error"]["code"] == "failed_precondition", body
         assert "SIDECAR_RESPONSE_URL" in answer["error"]["message"]
     assert await api(s, "POST", "/v1/dead-letters/replay", {"all": True, "kind": "message"}) == (200, {"replayed": 0})
+    status, answer = await api(s, "POST", "/v1/dead-letters/replay", {})  # no selection: a 400 first
+    assert status == 400 and answer["error"]["code"] == "invalid_argument"
     (kept,) = await s.app.store.list_dead_letters()
     assert (kept.id, kept.error, kept.attempts) == (letter.id, "HTTP 410", 3)
 

@@ -138,6 +138,15 @@ async def test_a_send_cancelled_mid_accept_still_gets_its_message_handled(
     urls = {"memory": "memory://", "redis": prefixed_url}
     s = await start_app(**({"store": urls[store]} if store in urls else {}))
     core = s.app.core
+    if store == "memory":  # its accept never suspends: make it, after storing, as a networked one would
+        real = s.app.store.accept
+
+        async def stored_then_waits(message: InboundMessage, *, now: float) -> Any:
+            result = await real(message, now=now)
+            await asyncio.sleep(0.05)
+            return result
+
+        s.app.store.accept = stored_then_waits  # type: ignore[method-assign]
     inbound = InboundMessage("u", "m1", "c1", "text", "hello", {"text": "hello"})
     task = asyncio.create_task(core.send(inbound))
     await asyncio.sleep(0)  # inside the store's accept, waiting for its commit

@@ -144,7 +144,7 @@ class ReplyStream:
     log, so concurrent appenders can never open a gap.
     """
 
-    __slots__ = ("_broker", "_closed", "_on_close", "_refill", "_replayed", "_store", "_sub", "last")
+    __slots__ = ("_broker", "_checked", "_closed", "_on_close", "_refill", "_replayed", "_store", "_sub", "last")
 
     def __init__(
         self,
@@ -164,6 +164,7 @@ class ReplyStream:
         self._replayed: Iterator[Reply] | None = None
         """The rest of the last page read from the log."""
         self._refill = True
+        self._checked = False  # True: the first empty page needs no look at what is retained
 
     @classmethod
     async def open(
@@ -175,6 +176,7 @@ class ReplyStream:
         on_close: Callable[[ReplyStream], None] | None = None,
     ) -> ReplyStream:
         sub = broker.register(conversation_id)
+        live_only = after is None
         try:
             last = await store.last_sequence(conversation_id)
             if after is None:
@@ -186,7 +188,11 @@ class ReplyStream:
         except BaseException:
             broker.unregister(sub)
             raise
-        return cls(store, broker, sub, after, on_close)
+        stream = cls(store, broker, sub, after, on_close)
+        # Live only, the cursor is the log's end: a first empty page is "caught up", and
+        # nothing after it can have been trimmed yet. Spares a read per live Subscribe.
+        stream._checked = live_only
+        return stream
 
     def on_cut_off(self, callback: Callable[[], None] | None) -> None:
         """Call ``callback`` (once) when the stream is closed from outside: the consumer fell
@@ -226,7 +232,12 @@ class ReplyStream:
                 page = await self._store.replies_after(sub.conversation_id, self.last, _PAGE)
                 if page and page[0].sequence != self.last + 1:
                     raise CursorExpired("replies after the cursor were trimmed while the stream was behind")
-                if not page and self.last + 1 < await self._store.first_retained_sequence(sub.conversation_id):
+                checked, self._checked = self._checked, False
+                if (
+                    not page
+                    and not checked
+                    and self.last + 1 < await self._store.first_retained_sequence(sub.conversation_id)
+                ):
                     # Every reply after the cursor was trimmed: say so now, not when
                     # (if ever) the next live reply arrives and shows the gap.
                     raise CursorExpired("replies after the cursor were trimmed while the stream was behind")
