@@ -168,12 +168,18 @@ class App:
         return ready, details
 
     async def _watch_health(self) -> None:
+        """Every HEALTH_INTERVAL: gRPC health from readiness, and the store's backlog gauges
+        (read here, not at scrape time: the store is async, a scrape is not)."""
         while True:
             await asyncio.sleep(HEALTH_INTERVAL)
             try:
-                await self.readiness()
+                ready, _ = await self.readiness()
+                if ready:
+                    held, owed = await self.store.backlog()
+                    self.metrics.dead_letters_held.set(held)
+                    self.metrics.webhook_backlog.set(owed)
             except Exception:  # the next round tries again
-                log.exception("updating gRPC health failed")
+                log.exception("updating gRPC health and the backlog gauges failed")
 
     async def drain(self, timeout: float | None = None) -> None:
         """Fail readiness, refuse new work, let work in flight finish within the grace period."""

@@ -75,6 +75,14 @@ class Metrics:
             "sidecar_dead_letters_total", "Items dead-lettered, by kind (reply, message)", ["kind"], registry=r
         )
         self.active_streams = Gauge("sidecar_active_streams", "Open Subscribe streams", registry=r)
+        self.dead_letters_held = Gauge(
+            "sidecar_dead_letters_held", "Dead letters in the store, waiting to be replayed or purged", registry=r
+        )
+        self.webhook_backlog = Gauge(
+            "sidecar_webhook_backlog_conversations",
+            "Conversations with replies waiting for webhook delivery (retrying, or not yet tried)",
+            registry=r,
+        )
         self.stream_cutoffs = Counter(
             "sidecar_stream_cutoffs_total", "Subscribers cut off for falling behind", registry=r
         )

@@ -211,6 +211,18 @@ async def test_a_purge_that_unpins_replies_leaves_trimming_to_the_next_append(ma
     assert await store.first_retained_sequence("c") == 4  # the next append trims to retention
 
 
+async def test_the_backlog_counts_dead_letters_and_conversations_owed(store: Store) -> None:
+    assert await store.backlog() == (0, 0)
+    await store.append_replies("c1", [draft("a"), draft("b")], now=1.0, outbox=True)
+    await store.append_replies("c2", [draft("a")], now=1.0, outbox=True)
+    assert await store.backlog() == (0, 2)  # conversations, not replies
+    await store.delivery_dead("c2", 1, attempts=3, error="HTTP 410", now=2.0)
+    assert await store.backlog() == (1, 1)
+    await store.delivery_succeeded("c1", 1)
+    await store.delivery_succeeded("c1", 2)
+    assert await store.backlog() == (1, 0)
+
+
 async def test_unknown_conversation_has_nothing_trimmed_and_no_user(store: Store) -> None:
     assert await store.first_retained_sequence("nope") == 1
     assert await store.conversation_user("nope") is None

@@ -14,7 +14,7 @@ from standardwebhooks.webhooks import Webhook
 
 from sidecar.delivery.webhook import parse_retry_after
 from sidecar.models import DeadLetter
-from tests.conftest import Running, StartApp, eventually, message
+from tests.conftest import Running, StartApp, admin_metrics, eventually, message
 from tests.procs import free_port
 from tests.receiver import Receiver
 from tests.streaming_server import StreamingServer
@@ -296,3 +296,21 @@ async def test_a_receiver_answer_is_read_within_a_limit_and_odd_headers_change_n
         await asyncio.sleep(0.3)  # time for a wrong retry to show
     assert receiver.posts == 1
     assert parse_retry_after(headers.get("Retry-After"), 0.0) is None
+
+
+async def test_the_backlog_gauges_show_what_is_owed_and_what_died(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sidecar.app.HEALTH_INTERVAL", 0.05)
+    async with Receiver() as r:
+        r.script("c1", then=503)  # down for c1: its reply waits
+        r.script("c2", 410)  # refused for good: dead
+        s = await start_app(response_url=r.url, webhook_max_attempts=1000)
+        await send_texts(s, "c1", ["a"])
+        await send_texts(s, "c2", ["b"])
+
+        async def gauges() -> bool:
+            text = await admin_metrics(s)
+            return "sidecar_dead_letters_held 1.0" in text and "sidecar_webhook_backlog_conversations 1.0" in text
+
+        await eventually(gauges, what="one dead letter held, one conversation owed")

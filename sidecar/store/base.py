@@ -203,3 +203,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def purge_dead_letters(self, ids: Sequence[str]) -> int:
         """Delete dead letters for good; return how many were deleted."""
+
+    # --- for the operator -----------------------------------------------------
+
+    @abc.abstractmethod
+    async def backlog(self) -> tuple[int, int]:
+        """(dead letters held, conversations with replies waiting for webhook delivery):
+        what an operator watches for failures not yet resolved."""

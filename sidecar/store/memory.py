@@ -321,6 +321,9 @@ class MemoryStore(Store):
             self._messages[key] = replace(self._messages[key], attempts=0)
         return True
 
+    async def backlog(self) -> tuple[int, int]:
+        return len(self._dead), sum(1 for conv in self._conversations.values() if conv.outbox)
+
     async def purge_dead_letters(self, ids: Sequence[str]) -> int:
         removed = 0
         for i in ids:

@@ -918,6 +918,11 @@ class RedisStore(Store):
         rows = await self._run(self._list_letters, kind or "", by_conversation, conversation_id or "", limit)
         return [_letter(row[0], row[1:]) for row in rows]
 
+    async def backlog(self) -> tuple[int, int]:
+        letters = await _reached(self._redis().zcard(self._key("letters")))
+        owed = await _reached(self._redis().zcard(self._key("heads")))  # one head per conversation owed
+        return int(letters), int(owed)
+
     async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         fields = cast(
             list[str | None],

@@ -782,6 +782,11 @@ class SqliteStore(Store):
 
         return await self._run(op)
 
+    async def backlog(self) -> tuple[int, int]:
+        sql = "SELECT (SELECT COUNT(*) FROM dead_letters), (SELECT COUNT(DISTINCT conversation_id) FROM outbox)"
+        row = await self._read(lambda c: c.execute(sql).fetchone())
+        return int(row[0]), int(row[1])
+
     async def purge_dead_letters(self, ids: Sequence[str]) -> int:
         def op(c: sqlite3.Connection) -> int:
             # The replies a purge unpins are trimmed by the next append or sweep, as in
