@@ -187,10 +187,12 @@ class Core:
         return result
 
     def _queue_accepted(self, result: AcceptResult) -> None:
+        if self._backlog:
+            return  # pending in the store: the backlog loads it in order, after older ones
         if not result.duplicate:
             self._first_runs.add(result.stored.id)
             self._enqueue(result.stored)
-        elif result.pending and not self._backlog:
+        elif result.pending:
             # Stored but maybe never queued: its first accept's caller was cancelled, or
             # lost the answer (Redis). _enqueue skips one that is queued already.
             self._enqueue(result.stored)
