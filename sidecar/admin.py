@@ -73,13 +73,21 @@ class AdminApp:
                 "limit must be a whole number from 1 to 1000", details=(FieldViolation("limit", "out of range"),)
             )
         limit = int(raw)
-        # One more than asked says whether there are more ("more"), oldest first.
+        after = query.get("after", "0")
+        if not (after.isascii() and after.isdigit() and len(after) <= 18):
+            raise InvalidArgument(
+                "after must be the next value of a previous page", details=(FieldViolation("after", "not a position"),)
+            )
+        # One more than asked says whether there are more ("more"), oldest first; "next"
+        # is the cursor that continues after this page.
         letters = await self._core.list_dead_letters(
-            kind=kind, conversation_id=query.get("conversationId") or None, limit=limit + 1
+            kind=kind, conversation_id=query.get("conversationId") or None, limit=limit + 1, after=int(after)
         )
-        return json_response(
-            {"deadLetters": [dead_letter_json(d) for d in letters[:limit]], "more": len(letters) > limit}
-        )
+        page = letters[:limit]
+        answer: dict[str, JSON] = {"deadLetters": [dead_letter_json(d) for d in page], "more": len(letters) > limit}
+        if len(letters) > limit:
+            answer["next"] = str(page[-1].position)
+        return json_response(answer)
 
     async def get_dead_letter(self, request: web.Request) -> web.Response:
         self._authorize(request)

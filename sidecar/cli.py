@@ -326,6 +326,7 @@ def add_dlq_parser(subparsers: Subparsers) -> None:
     ls.add_argument("--kind", choices=("reply", "message"), help="only replies or only messages")
     ls.add_argument("--conversation", help="only this conversation")
     ls.add_argument("--limit", type=_whole(1, 1000), default=100, help="at most this many, 1 to 1000 (default 100)")
+    ls.add_argument("--after", metavar="NEXT", help="continue a listing: the NEXT a previous page printed")
     ls.set_defaults(handler=_dlq_list)
     show = commands.add_parser("show", help="print one dead letter with its body and last error")
     show.add_argument("id", help="the dead letter's id (from list)")
@@ -355,15 +356,17 @@ def _dlq_call(args: argparse.Namespace, method: str, path: str, body: JSON | Non
     for item in items if isinstance(items, list) else [answer]:
         print(json.dumps(item, ensure_ascii=False), flush=True)
     if isinstance(answer, dict) and answer.get("more"):
-        print(
-            "sidecar dlq: there are more; narrow with --kind or --conversation, or replay/purge a whole conversation",
-            file=sys.stderr,
-        )
+        print(f"sidecar dlq: there are more: list --after {answer.get('next')} for the next page", file=sys.stderr)
     return 0
 
 
 def _dlq_list(args: argparse.Namespace) -> int:
-    query = {"limit": str(args.limit), "kind": args.kind or "", "conversationId": args.conversation or ""}
+    query = {
+        "limit": str(args.limit),
+        "kind": args.kind or "",
+        "conversationId": args.conversation or "",
+        "after": args.after or "",
+    }
     return _dlq_call(args, "GET", "/v1/dead-letters?" + urlencode({k: v for k, v in query.items() if v}))
 
 

@@ -470,9 +470,9 @@ class Core:
     # --- dead letters ----------------------------------------------------------
 
     async def list_dead_letters(
-        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100
+        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100, after: int = 0
     ) -> list[DeadLetter]:
-        return await self._store.list_dead_letters(kind=kind, conversation_id=conversation_id, limit=limit)
+        return await self._store.list_dead_letters(kind=kind, conversation_id=conversation_id, limit=limit, after=after)
 
     async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter:
         letter = await self._store.get_dead_letter(dead_letter_id)

@@ -203,3 +203,5 @@ class DeadLetter:
     attempts: int
     dead_at: float
     extra: dict[str, JSON] = field(default_factory=dict)
+    position: int = 0
+    """Its place in creation order, as listed (a listing's cursor); 0 when not read from a list."""

@@ -269,6 +269,15 @@ async def test_the_list_says_when_there_are_more_and_refuses_a_limit_out_of_rang
         assert status == 400 and answer["error"]["details"][0]["field"] == "limit", bad
     code, out, err = await cli(s, "list", "--limit", "2")
     assert code == 0 and len(out.splitlines()) == 2 and "there are more" in err
+    # Page by page with the cursor each page gives: every letter once, in order.
+    status, first = await api(s, "GET", "/v1/dead-letters?limit=2")
+    status, second = await api(s, "GET", f"/v1/dead-letters?limit=2&after={first['next']}")
+    assert status == 200 and second["more"] is False and "next" not in second
+    ids = [d["id"] for d in first["deadLetters"] + second["deadLetters"]]
+    assert ids == [d.id for d in await s.app.store.list_dead_letters()] and len(ids) == 3
+    code, out, err = await cli(s, "list", "--limit", "2", "--after", first["next"])
+    assert code == 0 and [json.loads(line)["id"] for line in out.splitlines()] == ids[2:] and err == ""
+    assert (await api(s, "GET", "/v1/dead-letters?after=x"))[0] == 400
 
 
 class GatedReceiver(LocalServer):

@@ -211,6 +211,19 @@ async def test_a_purge_that_unpins_replies_leaves_trimming_to_the_next_append(ma
     assert await store.first_retained_sequence("c") == 4  # the next append trims to retention
 
 
+async def test_dead_letters_are_listed_page_by_page_from_a_position(store: Store) -> None:
+    await store.append_replies("c1", [draft(f"k{i}") for i in range(5)], now=1.0, outbox=True)
+    for sequence in range(1, 6):
+        await store.delivery_dead("c1", sequence, attempts=1, error="HTTP 410", now=2.0)
+    first = await store.list_dead_letters(limit=2)
+    assert [d.sequence for d in first] == [1, 2] and first[0].position < first[1].position
+    rest = await store.list_dead_letters(limit=10, after=first[-1].position)
+    assert [d.sequence for d in rest] == [3, 4, 5]
+    await store.purge_dead_letters([rest[0].id])  # gone between pages: the cursor still holds
+    assert [d.sequence for d in await store.list_dead_letters(limit=10, after=first[-1].position)] == [4, 5]
+    assert await store.list_dead_letters(limit=10, after=rest[-1].position) == []
+
+
 async def test_the_backlog_counts_dead_letters_and_conversations_owed(store: Store) -> None:
     assert await store.backlog() == (0, 0)
     await store.append_replies("c1", [draft("a"), draft("b")], now=1.0, outbox=True)

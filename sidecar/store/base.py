@@ -187,9 +187,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_dead_letters(
-        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100
+        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100, after: int = 0
     ) -> list[DeadLetter]:
-        """Dead letters, oldest first, optionally of one kind or conversation."""
+        """Dead letters, oldest first, optionally of one kind or conversation; only those
+        whose ``position`` is past ``after`` (the last position of a previous page)."""
 
     @abc.abstractmethod
     async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:

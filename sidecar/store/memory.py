@@ -45,6 +45,7 @@ class MemoryStore(Store):
         self._order: dict[str, int] = {}
         self._arrivals = 0
         self._conversations: dict[str, _Conversation] = {}
+        self._positions = 0  # dead letters created so far: each one's position
         self._dead: dict[str, DeadLetter] = {}
         self._open = False
 
@@ -147,6 +148,7 @@ class MemoryStore(Store):
             attempts=stored.attempts,
             dead_at=now,
             extra={"message_id": message_id},
+            position=self._next_position(),
         )
         self._dead[letter.id] = letter
         return letter
@@ -285,6 +287,7 @@ class MemoryStore(Store):
             attempts=attempts,
             dead_at=now,
             extra={"webhook_id": reply.webhook_id},
+            position=self._next_position(),
         )
         self._dead[letter.id] = letter
         return letter
@@ -292,13 +295,15 @@ class MemoryStore(Store):
     # --- dead letters ---
 
     async def list_dead_letters(
-        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100
+        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100, after: int = 0
     ) -> list[DeadLetter]:
         # Creation order, as SQLite and Redis keep it: the dict's own order.
         letters = [
             d
             for d in self._dead.values()
-            if (kind is None or d.kind == kind) and (conversation_id is None or d.conversation_id == conversation_id)
+            if d.position > after
+            and (kind is None or d.kind == kind)
+            and (conversation_id is None or d.conversation_id == conversation_id)
         ]
         return letters[:limit]
 
@@ -320,6 +325,10 @@ class MemoryStore(Store):
             self._state[key] = "pending"
             self._messages[key] = replace(self._messages[key], attempts=0)
         return True
+
+    def _next_position(self) -> int:
+        self._positions += 1
+        return self._positions
 
     async def backlog(self) -> tuple[int, int]:
         return len(self._dead), sum(1 for conv in self._conversations.values() if conv.outbox)

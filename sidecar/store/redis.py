@@ -60,6 +60,7 @@ import re
 import socket
 import uuid
 from collections.abc import Awaitable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -384,12 +385,14 @@ local limit = tonumber(ARGV[5])
 local out = {{}}
 local start = 0
 while #out < limit do
-  local ids = redis.call('ZRANGE', source, start, start + 255)
-  if #ids == 0 then break end
-  for _, id in ipairs(ids) do
+  local page = redis.call('ZRANGEBYSCORE', source, '(' .. ARGV[6], '+inf', 'WITHSCORES', 'LIMIT', start, 256)
+  if #page == 0 then break end
+  for i = 1, #page, 2 do
+    local id = page[i]
     local f = redis.call('HMGET', P .. 'letter:' .. id, {", ".join(repr(f) for f in _LETTER_FIELDS)})
     if f[1] and (ARGV[2] == '' or f[1] == ARGV[2]) and #out < limit then
       table.insert(f, 1, id)
+      f[{len(_LETTER_FIELDS) + 2}] = page[i + 1]  -- its position, after the id and the fields
       out[#out + 1] = f
     end
   end
@@ -910,13 +913,15 @@ class RedisStore(Store):
     # --- dead letters ------------------------------------------------------------
 
     async def list_dead_letters(
-        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100
+        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100, after: int = 0
     ) -> list[DeadLetter]:
         if limit <= 0:
             return []
         by_conversation = "0" if conversation_id is None else "1"
-        rows = await self._run(self._list_letters, kind or "", by_conversation, conversation_id or "", limit)
-        return [_letter(row[0], row[1:]) for row in rows]
+        args = (kind or "", by_conversation, conversation_id or "", limit, after)
+        rows = await self._run(self._list_letters, *args)
+        n = len(_LETTER_FIELDS)
+        return [replace(_letter(row[0], row[1 : n + 1]), position=int(row[n + 1])) for row in rows]
 
     async def backlog(self) -> tuple[int, int]:
         letters = await _reached(self._redis().zcard(self._key("letters")))

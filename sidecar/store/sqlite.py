@@ -158,6 +158,7 @@ def _dead_letter(row: Sequence[Any]) -> DeadLetter:
     return DeadLetter(
         id=row[0], kind=row[1], conversation_id=row[2], sequence=row[3], body=orjson.loads(row[4]),
         error=row[5], attempts=row[6], dead_at=row[7], extra=orjson.loads(row[8]),
+        position=row[9] if len(row) > 9 else 0,
     )  # fmt: skip
 
 
@@ -735,19 +736,17 @@ class SqliteStore(Store):
     # --- dead letters ------------------------------------------------------------
 
     async def list_dead_letters(
-        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100
+        self, *, kind: str | None = None, conversation_id: str | None = None, limit: int = 100, after: int = 0
     ) -> list[DeadLetter]:
-        where, args = [], []
+        where: list[str] = ["ord > ?"]
+        args: list[Any] = [after]
         if kind is not None:
             where.append("kind = ?")
             args.append(kind)
         if conversation_id is not None:
             where.append("conversation_id = ?")
             args.append(conversation_id)
-        sql = f"SELECT {_DEAD_COLUMNS} FROM dead_letters"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY ord LIMIT ?"
+        sql = f"SELECT {_DEAD_COLUMNS}, ord FROM dead_letters WHERE " + " AND ".join(where) + " ORDER BY ord LIMIT ?"
         return await self._read(lambda c: [_dead_letter(r) for r in c.execute(sql, (*args, limit))])
 
     async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
