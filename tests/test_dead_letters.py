@@ -98,14 +98,15 @@ async def test_a_message_the_bot_keeps_failing_is_dead_lettered_and_replayed_aft
     start_app: StartApp, tmp_path: Path
 ) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}/bot"  # nothing listens: every call fails
-    broken = await start_app(bot="http", bot_url=nowhere, bot_max_attempts=2, bot_backoff_initial=0.01)
+    store = f"sqlite:///{tmp_path}/kept.db"  # durable whatever SIDECAR_TEST_STORE says: a restart
+    broken = await start_app(store=store, bot="http", bot_url=nowhere, bot_max_attempts=2, bot_backoff_initial=0.01)
     await broken.post(message(text="help"))
     (letter,) = await dead_letters(broken, 1)
     assert letter.kind == "message" and letter.attempts == 2 and letter.error.startswith("cannot reach the bot")
     assert letter.body["text"] == "help"
     await broken.app.drain(0.5)
     await broken.app.stop()
-    fixed = await start_app(admin_tokens=(ADMIN,))  # same SQLite file, echo bot
+    fixed = await start_app(store=store, admin_tokens=(ADMIN,))  # same SQLite file, echo bot
     status, answer = await api(fixed, "POST", "/v1/dead-letters/replay", {"ids": [letter.id]})
     assert (status, answer) == (200, {"replayed": 1})
 

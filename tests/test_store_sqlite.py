@@ -170,11 +170,11 @@ async def test_a_second_store_on_the_same_file_is_refused_until_the_first_closes
 
 
 async def test_a_store_that_cannot_write_now_is_unavailable_to_its_callers(
-    start_app: StartApp, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    start_app: StartApp, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A full disk (or an I/O error) is "try again" for a client, 503 / UNAVAILABLE, not an
     internal error with a traceback per request; the store logs it once per batch."""
-    s = await start_app()
+    s = await start_app(store=f"sqlite:///{tmp_path}/s.db")
     store = s.app.store
 
     def full(c: sqlite3.Connection) -> None:

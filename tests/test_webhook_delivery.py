@@ -223,19 +223,20 @@ async def test_retries_of_other_conversations_fall_due_while_one_delivery_hangs(
 
 
 async def test_replies_queued_while_the_receiver_is_down_arrive_in_order_after_a_restart(
-    start_app: StartApp,
+    start_app: StartApp, tmp_path: Path
 ) -> None:
     port = free_port()  # nothing listens here yet: connection refused
     url = f"http://127.0.0.1:{port}/replies"
-    s = await start_app(response_url=url, webhook_backoff_initial=0.2, webhook_backoff_max=0.5)
+    store = f"sqlite:///{tmp_path}/kept.db"  # durable whatever SIDECAR_TEST_STORE says: a restart
+    s = await start_app(store=store, response_url=url, webhook_backoff_initial=0.2, webhook_backoff_max=0.5)
     await send_texts(s, "c1", [f"t{i}" for i in range(4)])
     await head_attempted(s, "c1")
     await s.app.drain(0.5)
-    await s.app.stop()  # the same SQLite file is opened by the next start_app
+    await s.app.stop()
     r = Receiver()
     r.port = port
     async with r:
-        await start_app(response_url=url)
+        await start_app(store=store, response_url=url)
         await r.wait_for(4)
     assert [b["payload"]["text"] for b in r.delivered("c1")] == [f"t{i}" for i in range(4)]
 
