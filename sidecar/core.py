@@ -282,6 +282,13 @@ class Core:
                     delay = full_jitter(failures, self._config.bot_backoff_initial, self._config.bot_backoff_max)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), delay)
+                    if not await self._still_pending(lane[0]):
+                        # The failed step had landed (Redis ran it and lost the answer):
+                        # the message is handled or dead-lettered. Running the bot again
+                        # would only repeat its side effects.
+                        failures = 0
+                        self._queued.discard(lane.popleft().id)
+                        self._pending -= 1
                     continue
                 failures = 0
                 self._queued.discard(lane.popleft().id)
@@ -293,6 +300,15 @@ class Core:
             # meanwhile would find the lane and never run.
             if self._lanes.get(conversation_id) is lane and not lane:
                 del self._lanes[conversation_id]
+
+    async def _still_pending(self, stored: StoredMessage) -> bool:
+        """Whether the store still holds the message as pending; True when it cannot say
+        (the retry that follows will tell)."""
+        try:
+            known = await self._store.known(stored.message)
+        except Exception:  # noqa: BLE001 - the store is still failing: retry as before
+            return True
+        return known is not None and known.pending
 
     async def _handle(self, stored: StoredMessage) -> None:
         """Run the bot until it succeeds, fails for good, or the sidecar stops."""

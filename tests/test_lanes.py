@@ -16,7 +16,7 @@ from sidecar.errors import Unavailable
 from sidecar.models import InboundMessage, StoredMessage
 from sidecar.store.sqlite import SqliteStore
 from tests.bot_server import BotServer
-from tests.conftest import StartApp, eventually, message
+from tests.conftest import StartApp, admin_metrics, eventually, message
 from tests.receiver import Receiver
 from tests.test_store_redis import prefixed_url  # noqa: F401 - a fixture
 from tests.test_streams import read_n, subscribe
@@ -218,3 +218,28 @@ async def test_replies_a_store_stored_but_answered_as_failed_still_go_live(
         assert [(g.sequence, g.bot_message_id) for g in got] == [(2, "b1")]
         await r.wait_for(2)
     assert [x["payload"] for x in r.delivered("c1")] == [{"text": "hi"}, {"text": "late"}]
+
+
+async def test_a_finish_that_landed_but_was_answered_as_failed_does_not_run_the_bot_again(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis may run the step that marks a message handled and lose the answer. The lane's
+    retry asks the store first: handled, so the bot (and its side effects) is not run again."""
+    s = await start_app(bot_backoff_initial=0.01, bot_backoff_max=0.02)
+    real = s.app.store.finish_message
+    lost = [True]
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+        result = await real(*args, **kwargs)
+        if lost:
+            lost.pop()
+            raise Unavailable("the store is unreachable; try again")
+        return result
+
+    monkeypatch.setattr(s.app.store, "finish_message", answer_lost)
+    assert (await s.post(message("c1", "m1", "once"))).status == 200
+    await eventually(lambda: s.app.core.pending == 0 and not lost, what="the message off the lane")
+    await asyncio.sleep(0.1)
+    metrics = await admin_metrics(s)
+    assert 'sidecar_bot_calls_total{bot="echo",outcome="ok"} 1.0' in metrics  # not 2
+    assert await s.app.store.last_sequence("c1") == 1
