@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -282,14 +283,11 @@ class Core:
                     delay = full_jitter(failures, self._config.bot_backoff_initial, self._config.bot_backoff_max)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._stopping.wait(), delay)
-                    if not await self._still_pending(lane[0]):
-                        # The failed step had landed (Redis ran it and lost the answer):
-                        # the message is handled or dead-lettered. Running the bot again
-                        # would only repeat its side effects.
-                        failures = 0
-                        self._queued.discard(lane.popleft().id)
-                        self._pending -= 1
-                    continue
+                    if await self._still_pending(lane[0]):
+                        continue
+                    # The failed step had landed (Redis ran it and lost the answer): the
+                    # message is handled or dead-lettered, so it is done here as if the step
+                    # had answered. Running the bot again would only repeat its side effects.
                 failures = 0
                 self._queued.discard(lane.popleft().id)
                 self._pending -= 1
@@ -527,14 +525,10 @@ class Core:
         return replayed
 
     async def _selects_replies(self, selection: Selection) -> bool:
-        if selection.ids:
-            for dead_letter_id in selection.ids:
-                letter = await self._store.get_dead_letter(dead_letter_id)
-                if letter is not None and letter.kind == "reply":
-                    return True
-            return False
-        conversation_id = selection.conversation_id or None
-        return bool(await self._store.list_dead_letters(kind="reply", conversation_id=conversation_id, limit=1))
+        async with contextlib.aclosing(self._selected(dataclasses.replace(selection, kind="reply"))) as letters:
+            async for _ in letters:
+                return True
+        return False
 
     async def purge_dead_letters(self, selection: Selection) -> int:
         purged = 0
@@ -543,7 +537,7 @@ class Core:
         log.info("dead letters purged", extra={"count": purged})
         return purged
 
-    async def _selected(self, selection: Selection) -> AsyncIterator[DeadLetter]:
+    async def _selected(self, selection: Selection) -> AsyncGenerator[DeadLetter, None]:
         if selection.ids:
             for dead_letter_id in selection.ids:
                 letter = await self._store.get_dead_letter(dead_letter_id)
