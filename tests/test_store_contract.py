@@ -211,6 +211,23 @@ async def test_a_purge_that_unpins_replies_leaves_trimming_to_the_next_append(ma
     assert await store.first_retained_sequence("c") == 4  # the next append trims to retention
 
 
+async def test_finishing_without_replies_trims_nothing_and_with_replies_trims_to_retention(make_store: Factory) -> None:
+    """The same in every store: only a finish that brings replies trims, like an append."""
+    store = await make_store(retention=1)
+    await store.append_replies("c1", [draft("k1")], now=1.0, outbox=True)
+    await store.delivery_dead("c1", 1, attempts=1, error="HTTP 400", now=2.0)
+    (reply,) = await store.append_replies("c1", [draft("k2")], now=3.0, outbox=True)
+    await store.delivery_succeeded("c1", reply.sequence)
+    (letter,) = await store.list_dead_letters()
+    await store.purge_dead_letters([letter.id])  # sequence 1 is no longer pinned
+    quiet = await store.accept(msg(message_id="m1"), now=4.0)
+    assert await store.finish_message(quiet.stored.id, "c1", [], now=4.0, outbox=True) == []
+    assert await store.first_retained_sequence("c1") == 1
+    talking = await store.accept(msg(message_id="m2"), now=5.0)
+    await store.finish_message(talking.stored.id, "c1", [draft("m2/0")], now=5.0, outbox=False)
+    assert await store.first_retained_sequence("c1") == 3
+
+
 async def test_dead_letters_are_listed_page_by_page_from_a_position(store: Store) -> None:
     await store.append_replies("c1", [draft(f"k{i}") for i in range(5)], now=1.0, outbox=True)
     for sequence in range(1, 6):

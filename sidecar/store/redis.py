@@ -271,7 +271,7 @@ if #appended > 0 then
 end
 -- Like the memory store: every append trims (a purge or a delivery may have unpinned old
 -- replies); finishing a message trims only when it brought replies.
-if ARGV[6] == '' or #ARGV >= 8 then trim(cid, tonumber(ARGV[5])) end
+if ARGV[6] == '' or #ARGV >= 9 then trim(cid, tonumber(ARGV[5])) end
 if ARGV[6] ~= '' then complete(ARGV[6]) end
 return appended
 """
