@@ -316,17 +316,24 @@ class Core:
         self._first_runs.discard(stored.id)
         while not self._stopping.is_set():
             emitted = 0
+            store_failure: Exception | None = None
             # Only the very first run skips the key check: a retry may follow a run that
             # emitted replies under the keys this one returns them with.
             clean, first_run = first_run, False
 
             async def emit(reply: BotReply) -> None:
-                nonlocal emitted
+                nonlocal emitted, store_failure
                 if emitted == 0:
                     self._metrics.end_to_end.observe(max(0.0, time.time() - stored.received_at))
                 draft = self._draft(stored, self._checked(reply), _reply_key(stored, emitted))
                 emitted += 1
-                await self._append(stored.conversation_id, [draft], source="bot")
+                try:
+                    await self._append(stored.conversation_id, [draft], source="bot")
+                except Exception as e:
+                    # Remembered, whatever the bot makes of it: the store failed, not the
+                    # bot, so the attempt must not count towards dead-lettering.
+                    store_failure = e
+                    raise
 
             started = time.perf_counter()
             counts = True
@@ -342,27 +349,17 @@ class Core:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                log.exception("bot raised", extra=_ids(stored))
+                if store_failure is None:
+                    log.exception("bot raised", extra=_ids(stored))
                 error, outcome, retry = f"bot raised {type(e).__name__}", "error", True
             else:
-                self._bot_ok.inc()
-                self._bot_ok_latency.observe(time.perf_counter() - started)
-                if returned and emitted == 0:
-                    self._metrics.end_to_end.observe(max(0.0, time.time() - stored.received_at))
-                drafts = [self._draft(stored, r, _reply_key(stored, emitted + i)) for i, r in enumerate(returned)]
-                # The returned replies and "handled" in one store step: one commit
-                # instead of two, and no window in which a crash re-runs the bot
-                # although its replies are stored.
-                replies = await self._store.finish_message(
-                    stored.id,
-                    stored.conversation_id,
-                    drafts,
-                    now=time.time(),
-                    outbox=self._webhook is not None,
-                    keyed=not clean,
-                )
-                self._published(stored.conversation_id, replies, source="bot")
-                return
+                if store_failure is None:
+                    await self._finish(stored, returned, emitted, started, keyed=not clean)
+                    return
+            if store_failure is not None:
+                # However the bot took it (raised, wrapped, or swallowed it and went on):
+                # the lane retries the message as a store failure, keyed, uncounted.
+                raise store_failure
             if not counts:
                 self._metrics.bot_calls.labels(bot, "not_tried").inc()
                 delay = full_jitter(max(attempts, 1), self._config.bot_backoff_initial, self._config.bot_backoff_max)
@@ -381,6 +378,27 @@ class Core:
             delay = full_jitter(attempts, self._config.bot_backoff_initial, self._config.bot_backoff_max)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
+
+    async def _finish(
+        self, stored: StoredMessage, returned: Sequence[BotReply], emitted: int, started: float, *, keyed: bool
+    ) -> None:
+        """The bot succeeded: its returned replies and "handled" in one store step (one
+        commit instead of two, and no window in which a crash re-runs the bot although
+        its replies are stored)."""
+        self._bot_ok.inc()
+        self._bot_ok_latency.observe(time.perf_counter() - started)
+        if returned and emitted == 0:
+            self._metrics.end_to_end.observe(max(0.0, time.time() - stored.received_at))
+        drafts = [self._draft(stored, r, _reply_key(stored, emitted + i)) for i, r in enumerate(returned)]
+        replies = await self._store.finish_message(
+            stored.id,
+            stored.conversation_id,
+            drafts,
+            now=time.time(),
+            outbox=self._webhook is not None,
+            keyed=keyed,
+        )
+        self._published(stored.conversation_id, replies, source="bot")
 
     def _checked(self, reply: BotReply) -> BotReply:
         """A bot's reply if the log can hold it and both protocols carry it exactly,

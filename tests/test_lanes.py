@@ -243,3 +243,37 @@ async def test_a_finish_that_landed_but_was_answered_as_failed_does_not_run_the_
     metrics = await admin_metrics(s)
     assert 'sidecar_bot_calls_total{bot="echo",outcome="ok"} 1.0' in metrics  # not 2
     assert await s.app.store.last_sequence("c1") == 1
+
+
+async def test_a_store_failing_under_a_bots_emit_is_a_store_failure_not_a_bot_attempt(
+    start_app: StartApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply the bot emits early is stored at once; when that store step fails, the bot
+    did nothing wrong. Three blips with two bot attempts allowed must not dead-letter the
+    message: the lane retries it as a store failure, and each reply is stored once."""
+    rules = tmp_path / "two.yaml"
+    rules.write_text(
+        "rules:\n  - match: {}\n    replies: [{type: text, payload: {text: first}},"
+        " {type: text, payload: {text: second}, delay: 0.05}]\n"
+    )
+    s = await start_app(
+        bot="script", bot_script=str(rules), bot_max_attempts=2, bot_backoff_initial=0.01, bot_backoff_max=0.02
+    )
+    real = s.app.store.append_replies
+    blips = [1, 2, 3]
+
+    async def blipping(*args: Any, **kwargs: Any) -> Any:
+        if blips:
+            blips.pop()
+            raise Unavailable("the store is unreachable; try again")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(s.app.store, "append_replies", blipping)
+    assert (await s.post(message("c1", "m1", "hi"))).status == 200
+    replies = await read_n(subscribe(s, "c1", after=0), 2)
+    assert [(r.sequence, r.payload.struct_value["text"]) for r in replies] == [(1, "first"), (2, "second")]
+    await eventually(lambda: s.app.core.pending == 0, what="the message off the lane")
+    metrics = await admin_metrics(s)
+    assert 'sidecar_store_errors_total{stage="message"} 3.0' in metrics
+    assert 'sidecar_bot_calls_total{bot="script",outcome="error"}' not in metrics
+    assert await s.app.store.list_dead_letters() == []
