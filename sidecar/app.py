@@ -203,6 +203,9 @@ class App:
     async def stop(self) -> None:
         """Close everything; safe after a failed start and when called twice."""
         self._stop_health_watch()
+        # After a failed start nothing drained: lanes resuming recovered messages must
+        # not go on against a store about to close (unhandled, they stay pending).
+        await self.core.drain(0.0)
         if self._grpc is not None:
             await self._grpc.stop(grace=None)
         for server in reversed(self._http_servers):
@@ -236,6 +239,10 @@ async def serve(config: Config) -> int:
         log.error("cannot start", extra={"reason": str(e)})
         await app.stop()
         return 2
+    except Exception:
+        log.exception("cannot start")
+        await app.stop()
+        return 1
     # What start-up built (modules, descriptors, servers) lives as long as the
     # process: take it out of the collector's sight, so that a full collection
     # under load walks only what requests create instead of pausing the loop

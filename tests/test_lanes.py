@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from sidecar.app import App
 from sidecar.bots.base import Bot, BotReply, Emit
+from sidecar.config import ConfigError
 from sidecar.errors import Unavailable
 from sidecar.models import InboundMessage, StoredMessage
 from sidecar.store.sqlite import SqliteStore
 from tests.bot_server import BotServer
-from tests.conftest import StartApp, admin_metrics, eventually, message
+from tests.conftest import StartApp, admin_metrics, eventually, make_config, message
 from tests.receiver import Receiver
 from tests.test_store_redis import prefixed_url  # noqa: F401 - a fixture
 from tests.test_streams import read_n, subscribe
@@ -277,3 +280,29 @@ async def test_a_store_failing_under_a_bots_emit_is_a_store_failure_not_a_bot_at
     assert 'sidecar_store_errors_total{stage="message"} 3.0' in metrics
     assert 'sidecar_bot_calls_total{bot="script",outcome="error"}' not in metrics
     assert await s.app.store.list_dead_letters() == []
+
+
+async def test_a_failed_start_stops_the_lanes_it_began_before_closing_the_store(tmp_path: Path) -> None:
+    """The store opens and recovered messages start running before the ports are bound:
+    when a bind fails, stop() must end those lanes first, not leave them running against
+    a closed store. The message stays pending for the next start."""
+    path = await stored_before_a_restart(tmp_path, 1)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = make_config(
+            tmp_path, store=f"sqlite:///{path}", bot="script", bot_script=slow_rules(tmp_path, 5.0),
+            http_addr=f"127.0.0.1:{taken.getsockname()[1]}",
+        )  # fmt: skip
+        app = App(config)
+        with pytest.raises(ConfigError, match="cannot listen"):
+            await app.start()
+        assert app.core.pending == 1  # m1 is running in its lane, waiting in the bot
+        await app.stop()
+    assert all(task.done() for task in asyncio.all_tasks() if task is not asyncio.current_task())
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        assert [s.message.message_id for s in await store.pending_messages(10)] == ["m1"]
+    finally:
+        await store.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +145,23 @@ def test_a_port_in_use_stops_the_start_with_exit_2(procs: list[SidecarProcess], 
     with pytest.raises(AssertionError, match="exited with 2"):
         second.start()
     assert "cannot listen" in second.log() and listener in second.log()
+
+
+@pytest.mark.parametrize("where", ["not-a-database", "under-a-file", "newer-schema"])
+def test_a_sqlite_store_that_cannot_be_opened_exits_2_in_one_line(
+    procs: list[SidecarProcess], tmp_path: Path, where: str
+) -> None:
+    if where == "newer-schema":
+        path = tmp_path / "newer.db"
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("PRAGMA user_version=999")
+    else:
+        (tmp_path / "file").write_text("not a database, not a directory")
+        path = tmp_path / "file" if where == "not-a-database" else tmp_path / "file" / "sidecar.db"
+    p = SidecarProcess(tmp_path, SIDECAR_STORE=f"sqlite:///{path}")
+    procs.append(p)
+    with pytest.raises(AssertionError, match="exited with 2"):
+        p.start()
+    log = p.log()
+    assert "cannot start" in log and "SIDECAR_STORE" in log and str(path) in log
+    assert "Traceback" not in log

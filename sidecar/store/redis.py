@@ -415,7 +415,7 @@ def parse_url(url: str) -> tuple[str, str]:
 class RedisStoreError(ConfigError):
     """The Redis server cannot be reached or refused us at open; the message never holds the password.
 
-    A ConfigError, like a port already taken: ``sidecar serve`` logs it as "cannot start" and exits 1.
+    A ConfigError, like a port already taken: ``sidecar serve`` logs it as "cannot start" and exits 2.
     """
 
 

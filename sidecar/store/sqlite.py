@@ -209,6 +209,15 @@ class SqliteStore(Store):
     async def open(self) -> None:
         if self._conn is not None:
             return
+        try:
+            await self._open()
+        except (OSError, sqlite3.Error) as e:
+            # A setting found wrong at start (a read-only or missing directory, a file
+            # that is not a database): one line naming it, exit 2, no traceback.
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConfigError(f"store (SIDECAR_STORE): cannot open {self._path}: {reason}") from None
+
+    async def _open(self) -> None:
         self._lock()
         self._loop = asyncio.get_running_loop()
         self._thread = _Worker(self._loop)
@@ -315,7 +324,11 @@ class SqliteStore(Store):
         conn.execute("PRAGMA busy_timeout=5000")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(f"the database was written by a newer sidecar (schema {version})")
+            conn.close()
+            raise ConfigError(
+                f"store (SIDECAR_STORE): {self._path} was written by a newer sidecar (schema {version});"
+                f" this one reads schema {SCHEMA_VERSION} and older"
+            )
         conn.executescript(SCHEMA)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         return conn
