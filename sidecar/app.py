@@ -36,7 +36,9 @@ HEALTH_INTERVAL = 5.0
 
 
 class App:
-    """The whole sidecar. Construction does no I/O; ``start`` opens everything.
+    """The whole sidecar. Construction opens nothing (it reads only the token file, if
+    one is set, so that a bad one fails before any port is bound); ``start`` opens
+    everything.
 
     Tests run it in-process on port 0 and read the bound ports back.
     """

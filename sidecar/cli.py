@@ -1,4 +1,5 @@
-"""The `sidecar` command: serve the sidecar, send a message to one, tail a conversation's replies."""
+"""The `sidecar` command: serve the sidecar, send a message to one, tail a conversation's replies,
+list and replay dead letters (`dlq`)."""
 
 from __future__ import annotations
 
@@ -291,7 +292,7 @@ def _tail(args: argparse.Namespace) -> int:
         return 1
 
 
-# --- dlq (hook) -----------------------------------------------------------------
+# --- dlq ----------------------------------------------------------------------
 
 
 DEFAULT_ADMIN = "http://127.0.0.1:9090"

@@ -7,7 +7,6 @@ import ipaddress
 import math
 import re
 import tomllib
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -146,8 +145,6 @@ def _kind(f: Any) -> type:
     hint = typing.get_type_hints(Config)[f.name]
     if typing.get_origin(hint) is tuple:
         return tuple
-    if isinstance(hint, types.UnionType):
-        return str
     return typing.cast(type, hint)
 
 

@@ -8,13 +8,13 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from sidecar.models import JSON, Reply
 from sidecar.v1 import sidecar_pb2
+from sidecar.validate import MAX_SAFE_INT
 
 # Initial metadata of every Subscribe stream: the sequence it starts after (the
 # request's after_sequence, or the conversation's last reply for a live-only one).
 CURSOR_METADATA = "sidecar-after-sequence"
 
 # Value carries numbers as doubles: integers beyond 2^53 would come back changed.
-MAX_SAFE_INT = 2**53
 
 
 def json_to_value(value: JSON) -> struct_pb2.Value:

@@ -582,10 +582,6 @@ class Core:
 
     # --- replies from asynchronous bots ---------------------------------------
 
-    async def add_bot_replies(self, conversation_id: str, replies: Sequence[BotReply]) -> list[Reply]:
-        """Append replies a bot POSTed to the callback endpoint (one conversation's)."""
-        return await self.add_bot_reply_batches({conversation_id: replies})
-
     async def add_bot_reply_batches(self, batches: Mapping[str, Sequence[BotReply]]) -> list[Reply]:
         """Append replies a bot POSTed to the callback endpoint, per conversation.
 

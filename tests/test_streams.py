@@ -105,7 +105,7 @@ async def test_replies_committed_during_replay_appear_exactly_once(start_app: St
 
     async def produce() -> None:
         for i in range(total):
-            await core.add_bot_replies("c1", [BotReply(type="text", payload={"i": i}, bot_message_id=f"b{i}")])
+            await core.add_bot_reply_batches({"c1": [BotReply(type="text", payload={"i": i}, bot_message_id=f"b{i}")]})
             if i % 7 == 0:
                 await asyncio.sleep(0)
 
@@ -142,7 +142,7 @@ async def test_slow_subscriber_is_cut_off_with_resource_exhausted_and_can_resume
     await wait_until(lambda: len(core.broker) == 2)
     fast_seen = []
     for i in range(20):  # lockstep with the reader that keeps up
-        await core.add_bot_replies("c1", [BotReply(type="text", payload={"i": i}, bot_message_id=f"b{i}")])
+        await core.add_bot_reply_batches({"c1": [BotReply(type="text", payload={"i": i}, bot_message_id=f"b{i}")]})
         fast_seen += [r.sequence for r in await read_n(fast, 1)]
     fast.cancel()
     assert fast_seen == list(range(2, 22))
@@ -163,7 +163,7 @@ async def test_grpc_client_that_stops_reading_is_cut_off(start_app: StartApp) ->
     call = await live_subscriber_after_one_reply(s)
     big = "x" * 60_000  # a few replies exhaust the HTTP/2 window
     for i in range(200):
-        await core.add_bot_replies("c1", [BotReply(type="text", payload={"t": big}, bot_message_id=f"b{i}")])
+        await core.add_bot_reply_batches({"c1": [BotReply(type="text", payload={"t": big}, bot_message_id=f"b{i}")]})
         if core.broker.cutoffs:
             break
     await wait_until(lambda: len(core.broker) == 0)
@@ -229,10 +229,10 @@ async def test_a_burst_larger_than_the_queue_reaches_a_prompt_subscriber_whole(s
     core = s.app.core
     call = await live_subscriber_after_one_reply(s)
     burst = [BotReply(type="text", payload={"i": i}, bot_message_id=f"b{i}") for i in range(40)]
-    await core.add_bot_replies("c1", burst)
+    await core.add_bot_reply_batches({"c1": burst})
     assert [r.sequence for r in await read_n(call, 40)] == list(range(2, 42))
     after = [BotReply(type="text", payload={"i": i}, bot_message_id=f"a{i}") for i in range(3)]
-    await core.add_bot_replies("c1", after)  # and live again after it
+    await core.add_bot_reply_batches({"c1": after})  # and live again after it
     assert [r.sequence for r in await read_n(call, 3)] == [42, 43, 44]
     call.cancel()
     assert core.broker.cutoffs == 0
@@ -253,7 +253,7 @@ async def test_a_stream_whose_next_replies_were_all_trimmed_ends_out_of_range_at
     s = await start_app()
     core = s.app.core
     await s.stub.SendMessage(request(message_id="seed", type="image"))  # known conversation, no echo
-    await core.add_bot_replies("c1", [BotReply(type="text", payload={"i": i}) for i in range(3)])
+    await core.add_bot_reply_batches({"c1": [BotReply(type="text", payload={"i": i}) for i in range(3)]})
     stream = await core.subscribe("c1", 0)  # a cursor valid when it opened
     await s.app.store.expire_replies(float("inf"), "", 1000)  # then the log is emptied
     with pytest.raises(Exception) as e:
@@ -278,7 +278,7 @@ async def test_a_client_leaving_mid_replay_is_not_logged_as_an_error(
     core = s.app.core
     await s.stub.SendMessage(request(message_id="seed", type="image"))  # known conversation, no echo
     big = "x" * 20_000
-    await core.add_bot_replies("c1", [BotReply(type="text", payload={"t": big}) for _ in range(100)])
+    await core.add_bot_reply_batches({"c1": [BotReply(type="text", payload={"t": big}) for _ in range(100)]})
     # No BDP probing: the window stays small, so the server is blocked in a write
     # (not between two) when the client cancels.
     async with grpc.aio.insecure_channel(f"127.0.0.1:{s.app.grpc_port}", options=[("grpc.http2.bdp_probe", 0)]) as ch:

@@ -25,9 +25,6 @@ class BotpressBot(HttpBot):
         # The integration documents the lower-case scheme; the sidecar's own ingress accepts either.
         return {"Content-Type": "application/json", "Authorization": f"bearer {self._config.bot_token}"}
 
-    def replies(self, answer: JSON) -> list[BotReply]:
-        return []  # replies come through /bot/replies
-
     async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
         await self.call(message)
-        return []
+        return []  # the replies come through /bot/replies

@@ -33,9 +33,9 @@ _MAX_ANSWER = 64 * 1024
 _COALESCE = 0.02
 """Seconds the scheduler waits at least before a pass due to the clock (not to a wake-up)."""
 _STORE_PAUSE = 1.0
-# The longest the scheduler sleeps without reading the outbox.
-_POLL = 5.0
 """Seconds a conversation waits after a store step of its delivery failed."""
+_POLL = 5.0
+"""The longest the scheduler sleeps without reading the outbox."""
 
 
 class Outcome:

@@ -138,7 +138,6 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
     def __init__(self, config: Config, core: Core, metrics: Metrics, tokens: TokenChecker) -> None:
         self._config = config
         self._core = core
-        self._metrics = metrics
         self._tokens = tokens
         self._outcomes, self._latency = ingress_metrics(metrics, "grpc")
         self._wire = WireCache()

@@ -205,7 +205,6 @@ class HttpIngress:
     ) -> None:
         self._config = config
         self._core = core
-        self._metrics = metrics
         self._tokens = tokens
         self._callback_tokens = callback_tokens
         self._outcomes, self._latency = ingress_metrics(metrics, "http")

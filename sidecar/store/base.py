@@ -3,6 +3,9 @@
 Every implementation passes the same contract suite (tests/test_store_contract.py).
 Each method is one atomic step: when it returns, its effect is durable as far
 as the implementation is durable (memory: not at all; sqlite: fsynced WAL).
+The exceptions are steps whose loss to a power cut is harmless because they are
+done again (a webhook outcome: one POST more under the same webhook-id; a
+forget or expiry sweep: the next pass): SQLite commits those without an fsync.
 """
 
 from __future__ import annotations

@@ -119,8 +119,9 @@ local function trim(cid, retention, before)
   local first = tonumber(redis.call('HGET', conv, 'first') or '1')
   local upto = last - retention
   if before then
-    -- The log in sequence order, whose created_at only grows: walk it while it is older
-    -- than before, at most 1,000 replies per call (the next pass goes on from there).
+    -- The log in sequence order, whose created_at grows unless the clock stepped back:
+    -- walk it while it is older than before and stop at the first younger reply, like
+    -- SQLite; at most 1,000 replies per call (the next pass goes on from there).
     local seq, budget = math.max(first, upto + 1), 1000
     while seq <= last and budget > 0 do
       local chunk = redis.call('ZRANGEBYSCORE', P .. 'log:' .. cid, seq, last, 'LIMIT', 0, 100)
@@ -377,7 +378,7 @@ end
 return removed
 """
 
-# ARGV: P, kind (or ''), by conversation (1|0), conversation id, limit
+# ARGV: P, kind (or ''), by conversation (1|0), conversation id, limit, after (a position)
 _LIST_LETTERS = f"""
 local source = P .. 'letters'
 if ARGV[3] == '1' then source = P .. 'letters:conv:' .. ARGV[4] end

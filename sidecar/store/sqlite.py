@@ -1,4 +1,4 @@
-"""SQLite store: WAL and group commit; statements on the loop, the fsync on a thread; nothing returns before it."""
+"""SQLite store: WAL and group commit; statements on the loop, the fsync on a thread; durable steps wait for it."""
 
 from __future__ import annotations
 
