@@ -66,6 +66,14 @@ class Core:
     Messages of one conversation go to the bot one at a time, in order of
     acceptance (a "lane" per conversation); different conversations run
     concurrently up to ``bot_concurrency``.
+
+    A store step that raised may have landed all the same (Redis can run a script
+    and lose the answer; a cancelled caller leaves the step to finish). Hence: a
+    cancelled accept is accepted again (``_accept_abandoned``) and a duplicate still
+    pending is queued (``_queue_accepted``); a failed append or finish makes
+    subscribers and the webhook re-read the store (``_resync``); and a lane asks the
+    store before running the bot again (``_still_pending``). Replies carry keys so
+    a re-run appends nothing twice.
     """
 
     def __init__(self, config: Config, store: Store, bot: Bot, metrics: Metrics, webhook: Notifier | None) -> None:
@@ -312,14 +320,14 @@ class Core:
         """Run the bot until it succeeds, fails for good, or the sidecar stops."""
         attempts = stored.attempts
         bot = self._bot.name
-        first_run = stored.id in self._first_runs
+        # Only the very first run skips the key check: a retry may follow a run that
+        # emitted replies under the keys this one returns them with.
+        keyed = stored.id not in self._first_runs
         self._first_runs.discard(stored.id)
         while not self._stopping.is_set():
             emitted = 0
             store_failure: Exception | None = None
-            # Only the very first run skips the key check: a retry may follow a run that
-            # emitted replies under the keys this one returns them with.
-            clean, first_run = first_run, False
+            this_run_keyed, keyed = keyed, True
 
             async def emit(reply: BotReply) -> None:
                 nonlocal emitted, store_failure
@@ -354,7 +362,7 @@ class Core:
                 error, outcome, retry = f"bot raised {type(e).__name__}", "error", True
             else:
                 if store_failure is None:
-                    await self._finish(stored, returned, emitted, started, keyed=not clean)
+                    await self._finish(stored, returned, emitted, started, keyed=this_run_keyed)
                     return
             if store_failure is not None:
                 # However the bot took it (raised, wrapped, or swallowed it and went on):

@@ -149,6 +149,8 @@ class HttpServer:
         assert factory is not None
         loop = asyncio.get_running_loop()
         # What web.Server.__call__ does, with JsonErrors in place of RequestHandler.
+        # _kwargs is private (the handler options AppRunner was given) but has been the
+        # same through aiohttp 3.x; the JSON refusal tests fail if a release changes it.
         options: dict[str, Any] = factory._kwargs
         self._server = await loop.create_server(
             lambda: HeaderDeadline(JsonErrors(factory, loop=loop, **options), self), host, port, ssl=ssl_context
