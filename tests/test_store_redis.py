@@ -246,6 +246,45 @@ async def test_a_second_store_on_the_same_prefix_is_refused_and_a_lapsed_lease_i
     await after_crash.close()
 
 
+async def test_a_sidecar_whose_lease_was_taken_is_fenced_until_it_is_free_again(
+    start_app: StartApp, prefixed_url: str
+) -> None:
+    """A stalled or partitioned sidecar can lose its lease to another that starts meanwhile.
+    Its store steps must then be refused (503, not ready), not run beside the new owner's
+    on the same messages and outbox; once the other lets go, it takes the lease back."""
+    s = await start_app(store=prefixed_url)
+    assert (await s.post(message(message_id="m1"))).status == 200
+    await eventually(lambda: s.app.core.pending == 0, what="m1 handled")
+    admin = RedisStore(prefixed_url, exclusive=False)
+    await admin.open()
+    try:
+        owner = admin.prefix + "owner"
+        # What a second sidecar does once the first one's lease has lapsed: take it.
+        await admin._redis().set(owner, "pid 1 on another-host (taken)")
+        refused = await s.post(message(message_id="m2"))
+        assert refused.status == 503 and (await refused.json())["error"]["code"] == "unavailable"
+        ready = await s.session.get(f"http://127.0.0.1:{s.app.admin_port}/readyz")
+        assert ready.status == 503
+        assert await admin.pending_messages(10) == []  # nothing was written under the other's lease
+        assert await admin.last_sequence("c1") == 1
+        await admin._redis().delete(owner)  # the other sidecar stopped
+
+        async def taken_back() -> bool:
+            return (await s.post(message(message_id="m2"))).status == 200
+
+        await eventually(taken_back, what="the lease taken back and m2 accepted")
+        await eventually(lambda: s.app.core.pending == 0, what="m2 handled")
+        assert await admin.last_sequence("c1") == 2
+        mine = s.app.store._owner  # type: ignore[attr-defined]
+
+        async def lease_renewed() -> bool:
+            return bool(await admin._redis().get(owner) == mine)
+
+        await eventually(lease_renewed, 10, "the lease taken again at the next renewal")
+    finally:
+        await admin.close()
+
+
 async def test_forgetting_thousands_at_once_is_one_whole_step(prefixed_url: str) -> None:
     # Lua cannot unpack ~8,000 values: a forget that deleted first and then failed there
     # left the `handled` index pointing at deleted messages.

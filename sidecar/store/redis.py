@@ -4,7 +4,9 @@
 key starts with the prefix (default ``sidecar:``), so several sidecars, or a
 test run, can share one database, each under a prefix of its own: a sidecar
 holds its prefix's ``owner`` lease while it runs, and a second one on the
-same prefix refuses to start. Values are JSON (orjson) written by Python;
+same prefix refuses to start. A sidecar whose lease lapsed (a stall, a
+partition) and was taken by another is fenced: every script checks the lease
+first, so its steps are refused instead of running beside the new owner's. Values are JSON (orjson) written by Python;
 the scripts copy them verbatim and never re-encode a float, so times and
 payloads come back bit for bit.
 
@@ -104,6 +106,13 @@ _NO_MESSAGE = "sidecar: unknown message"
 
 _HELPERS = """
 local P = ARGV[1]
+-- The fence (KEYS: the owner key and this sidecar's lease token, when it holds one):
+-- a sidecar whose lease lapsed and was taken by another does nothing here, so two
+-- can never run the same messages and outbox. A lapsed lease nobody took is no bar.
+if KEYS[1] then
+  local owner = redis.call('GET', KEYS[1])
+  if owner and owner ~= KEYS[2] then return redis.error_reply('NOTOWNER lease held by another sidecar') end
+end
 local function refresh_head(cid)
   local head = redis.call('ZRANGE', P .. 'outbox:' .. cid, 0, 0)[1]
   if head then
@@ -463,6 +472,7 @@ class RedisStore(Store):
         self._lease_ms = int(lease_seconds * 1000)
         self._owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
         self._lease_task: asyncio.Task[None] | None = None
+        self._fenced = False  # the lease was taken by another sidecar: every step is refused
         self.client_name = "sidecar:" + re.sub(r"[^A-Za-z0-9:_.-]", "_", self.prefix)
         self._safe_url = redact_url(self._url)
         # As user info, or as redis-py's ?password= parameter: scrubbed from error texts.
@@ -554,16 +564,21 @@ class RedisStore(Store):
     async def _keep_lease(self) -> None:
         """Renew the lease at a third of its life. If it was lost (this process stalled
         past it) and someone else holds it, say so at every renewal: two sidecars on
-        one prefix is a misconfiguration that breaks order and exactly-once."""
+        one prefix is a misconfiguration that breaks order and exactly-once. Meanwhile
+        the scripts' fence refuses this one's steps (503 / UNAVAILABLE, not ready), and
+        once the other lets go, the lease is taken again and work resumes."""
         key = self._key("owner")
         while True:
             await asyncio.sleep(self._lease_ms / 3000)
             try:
                 if await self._renew(keys=[key], args=[self._owner, self._lease_ms]):
+                    self._fenced = False
                     continue
                 if await self._claim():
                     log.warning("store prefix lease had lapsed; taken again", extra={"prefix": self.prefix})
+                    self._fenced = False
                     continue
+                self._fenced = True
                 holder = await self._redis().get(key)
                 log.error(
                     "another sidecar holds this store prefix: stop one of them",
@@ -595,6 +610,8 @@ class RedisStore(Store):
             await client.aclose(close_connection_pool=True)
 
     async def ping(self) -> None:
+        if self._fenced:  # not ready: every step would be refused
+            raise Unavailable("the store is held by another sidecar")
         await self._redis().ping()
 
     async def drop(self) -> int:
@@ -680,11 +697,22 @@ class RedisStore(Store):
                 future.set_result(result)
 
     async def _execute(self, calls: list[Call]) -> list[Any]:
+        fence = (self._key("owner"), self._owner) if self._exclusive else ()
         async with self._redis().pipeline(transaction=False) as pipe:
             for script, args, _ in calls:
-                pipe.evalsha(script.sha, 0, *args)
+                pipe.evalsha(script.sha, len(fence), *fence, *args)
             results: list[Any] = await pipe.execute(raise_on_error=False)
-            return results
+        fenced = [i for i, r in enumerate(results) if isinstance(r, ResponseError) and "NOTOWNER" in str(r)]
+        if fenced:
+            if not self._fenced:
+                log.error(
+                    "another sidecar took this store prefix: refusing every store step until it is free again",
+                    extra={"prefix": self.prefix},
+                )
+            self._fenced = True
+            for i in fenced:
+                results[i] = Unavailable("the store is held by another sidecar; try again")
+        return results
 
     # --- inbound messages ---------------------------------------------------------
 
