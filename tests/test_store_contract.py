@@ -207,6 +207,8 @@ async def test_a_purge_that_unpins_replies_leaves_trimming_to_the_next_append(ma
     assert await store.purge_dead_letters([letter.id]) == 1
     assert await store.first_retained_sequence("c") == 1
     assert await store.append_replies("c", [draft("k1")], now=4.0, outbox=False) == []  # a retried callback
+    assert await store.first_retained_sequence("c") == 1  # an append that added nothing trimmed nothing
+    assert await store.append_replies("c", [draft("k2")], now=4.0, outbox=False) == []  # k2 is still known
     await store.append_replies("c", [draft("k4")], now=5.0, outbox=False)
     assert await store.first_retained_sequence("c") == 4  # the next append trims to retention
 
@@ -498,6 +500,14 @@ async def test_limits_of_zero_or_less_ask_for_nothing(store: Store) -> None:
     assert await store.forget_messages(before=100.0, limit=-1) == 0
     assert await store.expire_replies(before=100.0, after="", limit=0) == (0, "")
     assert await store.last_sequence("c1") == 1
+    await store.append_replies("c2", [draft("y1"), draft("y2")], now=1.0, outbox=True)
+    await store.delivery_dead("c2", 1, attempts=1, error="HTTP 400", now=2.0)
+    await store.append_replies("c3", [draft("z")], now=1.0, outbox=True)
+    for limit in (0, -1):
+        assert await store.replies_after("c1", 0, limit) == []
+        assert await store.queued_deliveries("c3", limit) == []
+        assert await store.due_deliveries(100.0, limit) == []
+        assert await store.list_dead_letters(limit=limit) == []
 
 
 async def test_a_reply_no_longer_owed_cannot_be_dead_lettered(store: Store) -> None:

@@ -182,7 +182,8 @@ class MemoryStore(Store):
             if outbox:
                 conv.outbox[reply.sequence] = Delivery(reply, 0, None, now)
             appended.append(reply)
-        self._trim(conv)
+        if appended:  # like the other stores: a step that added nothing changes nothing
+            self._trim(conv)
         return appended
 
     def _trim(self, conv: _Conversation, before: float | None = None) -> int:
@@ -237,13 +238,13 @@ class MemoryStore(Store):
     async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
         heads = [h for c in self._conversations.values() if (h := self._head(c)) and h.next_attempt_at <= now]
         heads.sort(key=lambda d: d.next_attempt_at)
-        return heads[:limit]
+        return heads[: max(limit, 0)]
 
     async def queued_deliveries(self, conversation_id: str, limit: int) -> list[Delivery]:
         conv = self._conversations.get(conversation_id)
         if conv is None:
             return []
-        return [conv.outbox[seq] for seq in sorted(conv.outbox)[:limit]]
+        return [conv.outbox[seq] for seq in sorted(conv.outbox)[: max(limit, 0)]]
 
     async def next_due_at(self, after: float) -> float | None:
         times = [h.next_attempt_at for c in self._conversations.values() if (h := self._head(c))]
@@ -305,7 +306,7 @@ class MemoryStore(Store):
             and (kind is None or d.kind == kind)
             and (conversation_id is None or d.conversation_id == conversation_id)
         ]
-        return letters[:limit]
+        return letters[: max(limit, 0)]
 
     async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         return self._dead.get(dead_letter_id)

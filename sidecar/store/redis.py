@@ -278,10 +278,10 @@ end
 if #appended > 0 then
   redis.call('HSET', conv, 'last', last)
   if outbox then refresh_head(cid) end
+  -- Like the other stores: only a step that appended trims (what a purge or a delivery
+  -- unpinned goes with the next reply); one that added nothing changes nothing.
+  trim(cid, tonumber(ARGV[5]))
 end
--- Like the memory store: every append trims (a purge or a delivery may have unpinned old
--- replies); finishing a message trims only when it brought replies.
-if ARGV[6] == '' or #ARGV >= 9 then trim(cid, tonumber(ARGV[5])) end
 if ARGV[6] ~= '' then complete(ARGV[6]) end
 return appended
 """

@@ -649,7 +649,7 @@ class SqliteStore(Store):
             f"SELECT {_REPLY_COLUMNS} FROM replies r WHERE r.conversation_id = ? AND r.sequence > ?"
             " ORDER BY r.sequence LIMIT ?"
         )
-        return await self._read(lambda c: [_reply(r) for r in c.execute(sql, (conversation_id, after, limit))])
+        return await self._read(lambda c: [_reply(r) for r in c.execute(sql, (conversation_id, after, max(limit, 0)))])
 
     async def _conversation_field(self, conversation_id: str, column: str, default: Any) -> Any:
         sql = f"SELECT {column} FROM conversations WHERE conversation_id = ?"
@@ -678,11 +678,11 @@ class SqliteStore(Store):
             " JOIN heads h ON h.id = o.conversation_id AND h.sequence = o.sequence"
             " WHERE o.next_attempt_at <= ? ORDER BY o.next_attempt_at LIMIT ?"
         )
-        return await self._read(lambda c: [_delivery(r) for r in c.execute(sql, (now, limit))])
+        return await self._read(lambda c: [_delivery(r) for r in c.execute(sql, (now, max(limit, 0)))])
 
     async def queued_deliveries(self, conversation_id: str, limit: int) -> list[Delivery]:
         sql = _DELIVERIES + " WHERE o.conversation_id = ? ORDER BY o.sequence LIMIT ?"
-        return await self._read(lambda c: [_delivery(r) for r in c.execute(sql, (conversation_id, limit))])
+        return await self._read(lambda c: [_delivery(r) for r in c.execute(sql, (conversation_id, max(limit, 0)))])
 
     async def next_due_at(self, after: float) -> float | None:
         sql = (
@@ -760,7 +760,7 @@ class SqliteStore(Store):
             where.append("conversation_id = ?")
             args.append(conversation_id)
         sql = f"SELECT {_DEAD_COLUMNS}, ord FROM dead_letters WHERE " + " AND ".join(where) + " ORDER BY ord LIMIT ?"
-        return await self._read(lambda c: [_dead_letter(r) for r in c.execute(sql, (*args, limit))])
+        return await self._read(lambda c: [_dead_letter(r) for r in c.execute(sql, (*args, max(limit, 0)))])
 
     async def get_dead_letter(self, dead_letter_id: str) -> DeadLetter | None:
         def op(c: sqlite3.Cursor) -> DeadLetter | None:
