@@ -93,6 +93,8 @@ class Core:
         self._pending = 0
         self._backlog = False  # more pending messages in the store than were loaded
         self._reloading = False
+        self._reload_scheduled = False
+        self._reload_asks = 0  # a load that began before the latest ask may have missed it
         self._load_failures = 0
         self._started = False
         self._draining = False
@@ -180,11 +182,20 @@ class Core:
             # retrying after a lost 200 should not be told to back off).
             known = await self._store.known(message)
             if known is not None:
+                if known.pending and known.stored.id not in self._queued:
+                    self._reload()  # stored, but its first accept's answer was lost
                 return known
             raise Overloaded(retry_after=1.0)
         now = time.time()
         try:
             result = await self._store.accept(message, now=now)
+        except Unavailable:
+            # The store may have stored it all the same (Redis ran the script and the
+            # answer was lost): the client may retry or give up, and either way the
+            # message must not wait unqueued until a restart.
+            if self._store.failed_steps_may_land:
+                self._reload()
+            raise
         except asyncio.CancelledError:
             # The caller gave up (a gRPC deadline), but the store finishes what it has
             # started: the message may be stored now with nobody left to queue it.
@@ -205,6 +216,19 @@ class Core:
             # Stored but maybe never queued: its first accept's caller was cancelled, or
             # lost the answer (Redis). _enqueue skips one that is queued already.
             self._enqueue(result.stored)
+
+    def _reload(self) -> None:
+        """The store may hold pending messages this process never queued: load them, in
+        arrival order, before taking new ones (which get 429 meanwhile), as after a restart."""
+        self._backlog = True
+        self._reload_asks += 1
+        if not self._reload_scheduled:
+            self._reload_scheduled = True
+            self._spawn(self._reload_now())
+
+    async def _reload_now(self) -> None:
+        self._reload_scheduled = False
+        await self._refill()  # now if the queue is at most half full, else as lanes drain it
 
     async def _accept_abandoned(self, message: InboundMessage, now: float) -> None:
         try:
@@ -243,6 +267,7 @@ class Core:
         if self._reloading or self._stopping.is_set() or self._pending > self._config.max_pending_messages // 2:
             return
         self._reloading = True
+        asks = self._reload_asks
         try:
             await self._load_pending()
             self._load_failures = 0
@@ -250,6 +275,8 @@ class Core:
             self._load_failed(e)
         finally:
             self._reloading = False
+        if self._reload_asks != asks:  # asked again while this load read: it may predate that
+            self._reload()
 
     def _load_failed(self, error: Exception) -> None:
         """Try the load again after a pause: the lanes ask only as messages finish, and

@@ -306,3 +306,66 @@ async def test_a_failed_start_stops_the_lanes_it_began_before_closing_the_store(
         assert [s.message.message_id for s in await store.pending_messages(10)] == ["m1"]
     finally:
         await store.close()
+
+
+def lose_accept_answers(monkeypatch: pytest.MonkeyPatch, store: Any, times: int) -> list[int]:
+    """The store runs accept, then the answer is lost, as a Redis connection dropping
+    on the way back does: the message is stored but the caller hears 503."""
+    real = store.accept
+    left = [1] * times
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+        result = await real(*args, **kwargs)
+        if left:
+            left.pop()
+            raise Unavailable("the store is unreachable; try again")
+        return result
+
+    monkeypatch.setattr(store, "accept", answer_lost)
+    return left
+
+
+async def test_an_accept_whose_answer_was_lost_is_handled_though_the_client_gives_up(
+    start_app: StartApp,
+    prefixed_url: str,  # noqa: F811 - the fixture imported above
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s = await start_app(store=prefixed_url)
+    lose_accept_answers(monkeypatch, s.app.store, 1)
+    assert (await s.post(message("c1", "m1", "lost"))).status == 503  # and the client never retries
+
+    async def handled() -> bool:
+        return await s.app.store.last_sequence("c1") == 1
+
+    await eventually(handled, what="m1 handled without a restart")
+    assert (await s.post(message("c1", "m2", "next"))).status == 200
+    replies = await read_n(subscribe(s, "c1", after=0), 2)
+    assert [r.in_reply_to for r in replies] == ["m1", "m2"]
+
+
+async def test_a_retry_answered_as_a_duplicate_while_the_queue_is_full_still_gets_handled(
+    start_app: StartApp,
+    prefixed_url: str,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found by a kill -9 / lost-answer soak: the client's retry of a message whose
+    accept answer was lost met a full queue, was told "200 duplicate", and the message
+    was never queued until a restart."""
+    s = await start_app(store=prefixed_url, max_pending_messages=2, bot="script", bot_script=slow_rules(tmp_path, 2))
+    assert (await s.post(message("c1", "m1", "m1"))).status == 200  # holds a lane for 2 s
+    left = lose_accept_answers(monkeypatch, s.app.store, 1)
+    assert (await s.post(message("c2", "m2", "m2"))).status == 503
+    assert not left
+
+    async def accepted(conversation: str, message_id: str) -> bool:
+        return (await s.post(message(conversation, message_id, message_id))).status == 200
+
+    await eventually(lambda: accepted("c3", "m3"), what="m3 accepted")  # the queue is full now
+    retry = await s.post(message("c2", "m2", "m2"))
+    assert retry.status == 200 and (await retry.json())["duplicate"] is True
+
+    async def all_handled() -> bool:
+        return [await s.app.store.last_sequence(c) for c in ("c1", "c2", "c3")] == [1, 1, 1]
+
+    await eventually(all_handled, 15, "m1, m2 and m3 handled without a restart")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import ClassVar
 
 from sidecar.models import (
     AcceptResult,
@@ -26,6 +27,10 @@ from sidecar.models import (
 
 class Store(abc.ABC):
     """Durable state of the sidecar. All methods are safe to call concurrently."""
+
+    failed_steps_may_land: ClassVar[bool] = False
+    """Whether a step that raised Unavailable may have run all the same (Redis: the
+    script ran and its answer was lost). SQLite raises it only after a rollback."""
 
     @abc.abstractmethod
     async def open(self) -> None:

@@ -455,6 +455,8 @@ class RedisStore(Store):
     transaction, so one script's error is that caller's alone.
     """
 
+    failed_steps_may_land = True  # a dropped connection loses answers, not only requests
+
     def __init__(
         self,
         url: str,
