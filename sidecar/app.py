@@ -149,6 +149,8 @@ class App:
         return server.port
 
     async def readiness(self) -> tuple[bool, dict[str, JSON]]:
+        """Whether the sidecar is ready, with the details /readyz shows; also sets gRPC
+        health to the same answer, so that the two can never disagree."""
         details: dict[str, JSON] = {"started": self._started, "draining": self._draining}
         try:
             await self.store.ping()
