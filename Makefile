@@ -7,7 +7,7 @@ PROTO  := proto/sidecar/v1/sidecar.proto
 GEN    := sidecar/v1/sidecar_pb2.py sidecar/v1/sidecar_pb2.pyi sidecar/v1/sidecar_pb2_grpc.py sidecar/v1/sidecar_pb2_grpc.pyi
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck proto proto-check bench bench-quick fuzz clean venv
+.PHONY: run test lint typecheck proto proto-check bench bench-quick soak fuzz clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m bench --quick
+
+# Chaos soak (bench/soak.py): kill -9, SIGTERM, SIGSTOP and lost Redis answers under
+# load, then every promise checked; about a minute. Not part of CI: it is randomized.
+SOAK_ARGS ?= --variant mixed --cycles 6
+soak: $(STAMP)
+	$(PY) -m bench.soak --store sqlite $(SOAK_ARGS)
+	$(PY) -m bench.soak --store redis $(SOAK_ARGS)
 
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_fuzz.py --timeout=0 $(PYTEST_ARGS)
