@@ -47,6 +47,23 @@ async def stored_before_a_restart(tmp_path: Path, count: int) -> Path:
     return path
 
 
+def lose_answers(monkeypatch: pytest.MonkeyPatch, store: Any, method: str, times: int) -> list[int]:
+    """The store runs the step, then the answer is lost ``times`` times, as a Redis
+    connection dropping on the way back does: the step landed but the caller hears 503."""
+    real = getattr(store, method)
+    left = [1] * times
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+        result = await real(*args, **kwargs)
+        if left:
+            left.pop()
+            raise Unavailable("the store is unreachable; try again")
+        return result
+
+    monkeypatch.setattr(store, method, answer_lost)
+    return left
+
+
 async def test_a_backlog_after_a_restart_runs_in_order_and_new_messages_wait_their_turn(
     start_app: StartApp, tmp_path: Path
 ) -> None:
@@ -229,17 +246,7 @@ async def test_a_finish_that_landed_but_was_answered_as_failed_does_not_run_the_
     """Redis may run the step that marks a message handled and lose the answer. The lane's
     retry asks the store first: handled, so the bot (and its side effects) is not run again."""
     s = await start_app(bot_backoff_initial=0.01, bot_backoff_max=0.02)
-    real = s.app.store.finish_message
-    lost = [True]
-
-    async def answer_lost(*args: Any, **kwargs: Any) -> Any:
-        result = await real(*args, **kwargs)
-        if lost:
-            lost.pop()
-            raise Unavailable("the store is unreachable; try again")
-        return result
-
-    monkeypatch.setattr(s.app.store, "finish_message", answer_lost)
+    lost = lose_answers(monkeypatch, s.app.store, "finish_message", 1)
     assert (await s.post(message("c1", "m1", "once"))).status == 200
     await eventually(lambda: s.app.core.pending == 0 and not lost, what="the message off the lane")
     await asyncio.sleep(0.1)
@@ -308,30 +315,13 @@ async def test_a_failed_start_stops_the_lanes_it_began_before_closing_the_store(
         await store.close()
 
 
-def lose_accept_answers(monkeypatch: pytest.MonkeyPatch, store: Any, times: int) -> list[int]:
-    """The store runs accept, then the answer is lost, as a Redis connection dropping
-    on the way back does: the message is stored but the caller hears 503."""
-    real = store.accept
-    left = [1] * times
-
-    async def answer_lost(*args: Any, **kwargs: Any) -> Any:
-        result = await real(*args, **kwargs)
-        if left:
-            left.pop()
-            raise Unavailable("the store is unreachable; try again")
-        return result
-
-    monkeypatch.setattr(store, "accept", answer_lost)
-    return left
-
-
 async def test_an_accept_whose_answer_was_lost_is_handled_though_the_client_gives_up(
     start_app: StartApp,
     prefixed_url: str,  # noqa: F811 - the fixture imported above
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     s = await start_app(store=prefixed_url)
-    lose_accept_answers(monkeypatch, s.app.store, 1)
+    lose_answers(monkeypatch, s.app.store, "accept", 1)
     assert (await s.post(message("c1", "m1", "lost"))).status == 503  # and the client never retries
 
     async def handled() -> bool:
@@ -354,7 +344,7 @@ async def test_a_retry_answered_as_a_duplicate_while_the_queue_is_full_still_get
     was never queued until a restart."""
     s = await start_app(store=prefixed_url, max_pending_messages=2, bot="script", bot_script=slow_rules(tmp_path, 2))
     assert (await s.post(message("c1", "m1", "m1"))).status == 200  # holds a lane for 2 s
-    left = lose_accept_answers(monkeypatch, s.app.store, 1)
+    left = lose_answers(monkeypatch, s.app.store, "accept", 1)
     assert (await s.post(message("c2", "m2", "m2"))).status == 503
     assert not left
 
