@@ -93,7 +93,7 @@ class Core:
         self._pending = 0
         self._backlog = False  # more pending messages in the store than were loaded
         self._reloading = False
-        self._reload_scheduled = False
+        self._refill_scheduled = False  # one load waits to run: asks meanwhile join it
         self._reload_asks = 0  # a load that began before the latest ask may have missed it
         self._load_failures = 0
         self._started = False
@@ -222,12 +222,12 @@ class Core:
         arrival order, before taking new ones (which get 429 meanwhile), as after a restart."""
         self._backlog = True
         self._reload_asks += 1
-        if not self._reload_scheduled:
-            self._reload_scheduled = True
+        if not self._refill_scheduled:
+            self._refill_scheduled = True
             self._spawn(self._reload_now())
 
     async def _reload_now(self) -> None:
-        self._reload_scheduled = False
+        self._refill_scheduled = False
         await self._refill()  # now if the queue is at most half full, else as lanes drain it
 
     async def _accept_abandoned(self, message: InboundMessage, now: float) -> None:
@@ -286,12 +286,15 @@ class Core:
         self._load_failures += 1
         self._metrics.store_errors.labels("message").inc()
         log.error("loading pending messages failed; will retry", extra={"error": describe_error(error)})
-        self._spawn(self._refill_later(self._load_failures))
+        if not self._refill_scheduled:  # one retry at a time, however many asked during an outage
+            self._refill_scheduled = True
+            self._spawn(self._refill_later(self._load_failures))
 
     async def _refill_later(self, failures: int) -> None:
         delay = full_jitter(failures, self._config.bot_backoff_initial, self._config.bot_backoff_max)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), delay)
+        self._refill_scheduled = False
         if self._backlog:
             await self._refill()
 

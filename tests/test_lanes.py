@@ -359,3 +359,45 @@ async def test_a_retry_answered_as_a_duplicate_while_the_queue_is_full_still_get
         return [await s.app.store.last_sequence(c) for c in ("c1", "c2", "c3")] == [1, 1, 1]
 
     await eventually(all_handled, 15, "m1, m2 and m3 handled without a restart")
+
+
+async def test_an_outage_that_fails_every_accept_keeps_one_reload_waiting_not_one_per_request(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a store whose failed steps may land, each failed accept asks for a reload of
+    pending messages. During an outage those asks must join one waiting retry, not
+    start a retry chain (a task and an ERROR per backoff step) per request."""
+    s = await start_app(bot_backoff_initial=0.2, bot_backoff_max=0.2)
+    store = s.app.store
+    monkeypatch.setattr(store, "failed_steps_may_land", True)
+    down = [True]
+    real_accept, real_pending = store.accept, store.pending_messages
+
+    async def accept(*args: Any, **kwargs: Any) -> Any:
+        if down:
+            raise Unavailable("the store is unreachable; try again")
+        return await real_accept(*args, **kwargs)
+
+    async def pending_messages(*args: Any, **kwargs: Any) -> Any:
+        if down:
+            await asyncio.sleep(0.05)  # a real store takes a while to fail: asks arrive meanwhile
+            raise Unavailable("the store is unreachable; try again")
+        return await real_pending(*args, **kwargs)
+
+    monkeypatch.setattr(store, "accept", accept)
+    monkeypatch.setattr(store, "pending_messages", pending_messages)
+    for _ in range(5):  # bursts of concurrent sends, each past the backlog check before any fails
+        answers = await asyncio.gather(*(s.post(message(f"c{i}", f"m{i}", "x")) for i in range(40)))
+        assert {a.status for a in answers} <= {503, 429}
+        await asyncio.sleep(0.02)
+    caplog.clear()
+    await asyncio.sleep(1.0)  # one retry waiting, full jitter up to 0.2 s: about ten attempts
+    failed_loads = [r for r in caplog.records if r.getMessage() == "loading pending messages failed; will retry"]
+    assert len(failed_loads) <= 25  # not ten per request that asked
+    assert len(s.app.core._tasks) <= 3  # the sweep, and at most one reload waiting
+    down.clear()
+
+    async def taken() -> bool:
+        return (await s.post(message("c1", "after", "x"))).status == 200
+
+    await eventually(taken, what="a message accepted once the store is back")
