@@ -14,8 +14,6 @@ from sidecar.validate import MAX_SAFE_INT
 # request's after_sequence, or the conversation's last reply for a live-only one).
 CURSOR_METADATA = "sidecar-after-sequence"
 
-# Value carries numbers as doubles: integers beyond 2^53 would come back changed.
-
 
 def json_to_value(value: JSON) -> struct_pb2.Value:
     """Any JSON value as a Value; ValueError for what would not round-trip exactly."""

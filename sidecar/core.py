@@ -224,11 +224,7 @@ class Core:
         self._reload_asks += 1
         if not self._refill_scheduled:
             self._refill_scheduled = True
-            self._spawn(self._reload_now())
-
-    async def _reload_now(self) -> None:
-        self._refill_scheduled = False
-        await self._refill()  # now if the queue is at most half full, else as lanes drain it
+            self._spawn(self._refill_later(0.0))  # loads now if the queue is at most half full
 
     async def _accept_abandoned(self, message: InboundMessage, now: float) -> None:
         try:
@@ -288,12 +284,14 @@ class Core:
         log.error("loading pending messages failed; will retry", extra={"error": describe_error(error)})
         if not self._refill_scheduled:  # one retry at a time, however many asked during an outage
             self._refill_scheduled = True
-            self._spawn(self._refill_later(self._load_failures))
+            delay = full_jitter(self._load_failures, self._config.bot_backoff_initial, self._config.bot_backoff_max)
+            self._spawn(self._refill_later(delay))
 
-    async def _refill_later(self, failures: int) -> None:
-        delay = full_jitter(failures, self._config.bot_backoff_initial, self._config.bot_backoff_max)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), delay)
+    async def _refill_later(self, delay: float) -> None:
+        """The one scheduled load (_refill_scheduled): after ``delay``, unless stopping."""
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
         self._refill_scheduled = False
         if self._backlog:
             await self._refill()

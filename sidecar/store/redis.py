@@ -6,9 +6,9 @@ test run, can share one database, each under a prefix of its own: a sidecar
 holds its prefix's ``owner`` lease while it runs, and a second one on the
 same prefix refuses to start. A sidecar whose lease lapsed (a stall, a
 partition) and was taken by another is fenced: every script checks the lease
-first, so its steps are refused instead of running beside the new owner's. Values are JSON (orjson) written by Python;
-the scripts copy them verbatim and never re-encode a float, so times and
-payloads come back bit for bit.
+first, so its steps are refused instead of running beside the new owner's.
+Values are JSON (orjson) written by Python; the scripts copy them verbatim and
+never re-encode a float, so times and payloads come back bit for bit.
 
 Key layout (``P`` = prefix, ``C`` = a conversation id, as the client sent it):
 
@@ -475,6 +475,9 @@ class RedisStore(Store):
         self._owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
         self._lease_task: asyncio.Task[None] | None = None
         self._fenced = False  # the lease was taken by another sidecar: every step is refused
+        # KEYS of every script: the owner key and this sidecar's token, for the fence;
+        # none for tools that only read or clean up beside a running sidecar.
+        self._fence: tuple[str, ...] = (self._key("owner"), self._owner) if exclusive else ()
         self.client_name = "sidecar:" + re.sub(r"[^A-Za-z0-9:_.-]", "_", self.prefix)
         self._safe_url = redact_url(self._url)
         # As user info, or as redis-py's ?password= parameter: scrubbed from error texts.
@@ -699,7 +702,7 @@ class RedisStore(Store):
                 future.set_result(result)
 
     async def _execute(self, calls: list[Call]) -> list[Any]:
-        fence = (self._key("owner"), self._owner) if self._exclusive else ()
+        fence = self._fence
         async with self._redis().pipeline(transaction=False) as pipe:
             for script, args, _ in calls:
                 pipe.evalsha(script.sha, len(fence), *fence, *args)
