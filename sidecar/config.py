@@ -49,6 +49,9 @@ class Config:
     http_max_connections: int = _opt(
         4096, "open connections per HTTP listener (HTTP and admin); more are closed at once"
     )
+    grpc_max_connections: int = _opt(
+        4096, "open connections to the gRPC listener; more are closed by grpc core at once"
+    )
     admin_tls: bool = _opt(False, "serve the admin listener over TLS too, with tls_cert_file (probes then use HTTPS)")
     # --- outbound webhook ---
     response_url: str = _opt("", "where replies are POSTed; empty: no webhook delivery")
@@ -343,8 +346,8 @@ def validate(c: Config) -> None:
         "webhook_backoff_max", "webhook_concurrency", "bot_timeout", "bot_max_attempts",
         "bot_backoff_initial", "bot_backoff_max", "bot_concurrency", "bot_breaker_failures", "bot_breaker_cooldown",
         "reply_retention", "reply_max_age", "dedupe_window",
-        "http_header_timeout", "http_max_connections", "max_body_bytes", "max_id_length", "max_payload_depth",
-        "max_pending_messages", "stream_queue_size", "max_streams",
+        "http_header_timeout", "http_max_connections", "grpc_max_connections", "max_body_bytes", "max_id_length",
+        "max_payload_depth", "max_pending_messages", "stream_queue_size", "max_streams",
     )  # fmt: skip
     for f in fields(c):
         value = getattr(c, f.name)

@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from grpc_status import rpc_status
 
 from sidecar.v1 import sidecar_pb2
-from tests.conftest import StartApp
+from tests.conftest import StartApp, eventually
 
 
 def request(conversation: str = "c1", message_id: str = "m1", text: str = "hello", **kw: Any) -> Any:
@@ -203,3 +203,36 @@ async def wait_for_sequence(s: Any, conversation: str, sequence: int) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"sequence {sequence} not reached")
         await asyncio.sleep(0.01)
+
+
+async def test_connections_past_the_cap_are_refused_until_one_closes(start_app: StartApp) -> None:
+    s = await start_app(grpc_max_connections=2)
+    target = f"127.0.0.1:{s.app.grpc_port}"
+
+    def connect() -> grpc.aio.Channel:
+        # A channel of its own, not one sharing the process-wide subchannel (connection).
+        return grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+
+    held = [connect() for _ in range(2)]
+    for channel in held:
+        assert (await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())).status == 1
+    extra = connect()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await health_pb2_grpc.HealthStub(extra).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    await extra.close()
+    await held.pop().close()
+
+    async def admitted() -> bool:
+        channel = connect()
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            held.append(channel)
+            return True
+        except grpc.aio.AioRpcError:
+            await channel.close()
+            return False
+
+    await eventually(admitted, what="a connection admitted once another closed")
+    for channel in held:
+        await channel.close()

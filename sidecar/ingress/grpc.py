@@ -274,6 +274,9 @@ def build_server(
             # grpc sets SO_REUSEPORT by default: a second sidecar on a port in use would
             # bind it too and take half of the calls. Off, the bind fails and says so.
             ("grpc.so_reuseport", 0),
+            # Bounds file descriptors and per-connection memory, as http_max_connections
+            # does for HTTP: grpc core closes a connection past it as soon as it is accepted.
+            ("grpc.max_allowed_incoming_connections", config.grpc_max_connections),
             ("grpc.max_concurrent_streams", 1000),
             # Calls that arrived but the asyncio server has not picked up yet.
             # grpc core cancels them at random past 1000 (all past 3000), so a
