@@ -29,6 +29,7 @@ from bench.report import Figure, render
 from sidecar import config
 
 _children: list[subprocess.Popen[str]] = []
+_PROTOCOL = {"grpc_ingest": "gRPC", "http_ingest": "HTTP"}
 _redis_stores: list[str] = []  # forgotten at the end of the run, however it ends
 
 
@@ -83,6 +84,12 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise SystemExit("bench: no VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process so far, all its threads (grpc's, the store's) included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def load(figure: str, timeout: float = 300, **args: Any) -> dict[str, Any]:
@@ -194,26 +201,41 @@ def main() -> int:
         side = Sidecar(tmp, "ingest", args.store, args.sync)
         bare_target, side_target = f"127.0.0.1:{bare_grpc}", f"127.0.0.1:{side.grpc}"
 
+        def measured(figure: str, pid: int, kw: dict[str, Any], idle: Callable[[], bool]) -> tuple[float, float, int]:
+            """One load run: its rate, and the server's CPU seconds and messages, counted
+            until what the run left behind (the bot's work) is done."""
+            cpu = cpu_seconds(pid)
+            result = load(figure, **kw)
+            deadline = time.monotonic() + 30
+            while not idle() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return float(result["rate"]), cpu_seconds(pid) - cpu, int(result["count"])
+
         def ingest(figure: str, baseline: dict[str, Any], sidecar: dict[str, Any]) -> tuple[float, float]:
             """Medians of ``rounds`` alternating baseline/sidecar runs: a shared machine's
-            drift lands on both sides of the ratio instead of on one."""
+            drift lands on both sides of the ratio instead of on one. Also the servers'
+            CPU per message over all rounds, which drifts less with the host's phase."""
             common = {"duration": duration / rounds, "concurrency": concurrency, "conversations": conversations}
             for kw in (baseline, sidecar):
                 load(figure, **{**kw, **common, "duration": 1.0})  # warm-up, discarded
-            b, s = [], []
+            sides = ((bare.pid, {**baseline, **common}, lambda: True),
+                     (side.proc.pid, {**sidecar, **common}, lambda: not side.readyz()["pending_messages"]))  # fmt: skip
+            runs: list[list[tuple[float, float, int]]] = [[], []]
             for _ in range(rounds):
-                b.append(float(load(figure, **baseline, **common)["rate"]))
-                s.append(float(load(figure, **sidecar, **common)["rate"]))
-            return statistics.median(b), statistics.median(s)
+                for i, (pid, kw, settled) in enumerate(sides):
+                    runs[i].append(measured(figure, pid, kw, settled))
+            b, s = (statistics.median(rate for rate, _, _ in r) for r in runs)
+            cb, cs = (1e6 * sum(cpu for _, cpu, _ in r) / max(1, sum(n for _, _, n in r)) for r in runs)
+            figures.append(Figure(f"{_PROTOCOL[figure]} ingest", "msgs/s", b, s, s / b, ">= 0.6", s / b >= 0.6))
+            figures.append(Figure("  server CPU per message", "µs", cb, cs, cs / cb, "-", None, higher_is_better=False))
+            return b, s
 
         b, s = ingest("grpc_ingest", {"target": bare_target, "bare": True}, {"target": side_target, "bare": False})
-        figures.append(Figure("gRPC ingest", "msgs/s", b, s, s / b, ">= 0.6", s / b >= 0.6))
-        b, s_http = ingest(
+        ingest(
             "http_ingest",
             {"url": f"http://127.0.0.1:{bare_http}/webhook"},
             {"url": f"http://127.0.0.1:{side.http}/webhook"},
         )
-        figures.append(Figure("HTTP ingest", "msgs/s", b, s_http, s_http / b, ">= 0.6", s_http / b >= 0.6))
 
         rate = max(10.0, s / 2)
         lat = {"rate": rate, "duration": duration, "conversations": 50}
