@@ -1,8 +1,11 @@
-"""The benchmark's store settings: each run gets a store of its own and leaves nothing behind in Redis."""
+"""The benchmark's store settings (each run gets a store of its own and leaves nothing behind in
+Redis), and bench.core runs."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -39,3 +42,14 @@ async def test_forgetting_a_run_deletes_its_keys_and_no_others(tmp_path: Path) -
     finally:
         await client.delete(theirs + "a")
         await store.close()
+
+
+def test_core_benchmark_runs_and_reports_cpu_per_message() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.core", "--store", "memory://", "--count", "300"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, *threads = done.stdout.splitlines()
+    assert first.startswith("memory: 300 messages, ") and "µs CPU per message" in first
+    assert any(line.strip().startswith("main thread") for line in threads)
