@@ -25,7 +25,7 @@ from sidecar.http_server import HttpServer
 from sidecar.ingress.grpc import NOT_SERVING, SERVICE_NAME, SERVING, build_server
 from sidecar.ingress.http import HttpIngress
 from sidecar.models import JSON
-from sidecar.observability import Metrics, setup_logging
+from sidecar.observability import Metrics, Throttle, setup_logging
 from sidecar.store import create_store
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class App:
         self._health: health_aio.HealthServicer | None = None
         self._health_watch: asyncio.Task[None] | None = None
         self._response_url_check = "not checked"
+        self._ping_errors = Throttle()
         self._started = False
         self._draining = False
         self.http_port = self.grpc_port = self.admin_port = 0
@@ -153,11 +154,12 @@ class App:
         health to the same answer, so that the two can never disagree."""
         details: dict[str, JSON] = {"started": self._started, "draining": self._draining}
         try:
-            await self.store.ping()
+            await self.store.ping()  # a small write: a store that cannot write is not ready
             details["store"] = "ok"
         except Exception as e:  # noqa: BLE001 - any store failure means not ready
-            log.warning("store ping failed", extra={"error": type(e).__name__})
-            details["store"] = "unreachable"
+            if self._ping_errors.due():
+                log.warning("store check failed", extra={"error": type(e).__name__})
+            details["store"] = "unavailable"
         details["pending_messages"] = self.core.pending
         details["streams"] = self.core.streams
         if self.webhook is not None:

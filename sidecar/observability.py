@@ -117,6 +117,29 @@ def ingress_metrics(metrics: Metrics, protocol: str) -> tuple[dict[str, Counter]
     return counters, metrics.ingress_latency.labels(protocol)
 
 
+class Throttle:
+    """At most one log line per ``interval`` seconds for a condition that recurs with every
+    request or batch (a full disk, a store refusing writes), saying how many occurrences
+    each line stands for: the first is logged at once, a flood becomes a line every
+    ``interval``, and nothing is hidden."""
+
+    __slots__ = ("_interval", "_next", "_seen")
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._seen = 0
+
+    def due(self) -> int:
+        """Count one occurrence; how many this line stands for, or 0 for no line now."""
+        self._seen += 1
+        now = time.monotonic()
+        if now < self._next:
+            return 0
+        seen, self._seen, self._next = self._seen, 0, now + self._interval
+        return seen
+
+
 def describe_error(error: BaseException) -> str:
     """An error for the log: its class and the start of its message."""
     return f"{type(error).__name__}: {error}"[:300]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -52,9 +53,20 @@ class SidecarProcess:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, timeout: float = 20.0) -> Self:
+    def start(self, timeout: float = 20.0, *, file_size_limit: int | None = None) -> Self:
+        """``file_size_limit``: the child cannot grow a file past that many bytes (as if the
+        disk filled up there); ``grow_files`` lifts it."""
+
+        def limit() -> None:
+            # Ignored, SIGXFSZ would not kill the child: its write fails with EFBIG instead.
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            if file_size_limit is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
+
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "sidecar", "serve"], env=self.env, stdout=log, stderr=log)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "serve"], env=self.env, stdout=log, stderr=log, preexec_fn=limit
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -64,6 +76,11 @@ class SidecarProcess:
                 return self
             time.sleep(0.05)
         raise AssertionError(f"sidecar not ready within {timeout}s:\n{self.log()}")
+
+    def grow_files(self) -> None:
+        """Lift the file size limit of a child started with one (space freed on the disk)."""
+        assert self.proc is not None
+        resource.prlimit(self.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
     def ready(self) -> bool:
         try:

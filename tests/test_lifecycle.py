@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
+from tests.conftest import message
 from tests.procs import SidecarProcess
 from tests.test_grpc_ingress import request
 
@@ -165,3 +171,45 @@ def test_a_sqlite_store_that_cannot_be_opened_exits_2_in_one_line(
     log = p.log()
     assert "cannot start" in log and "SIDECAR_STORE" in log and str(path) in log
     assert "Traceback" not in log
+
+
+def _post(p: SidecarProcess, body: dict[str, Any]) -> int:
+    request = urllib.request.Request(
+        p.http + "/webhook", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def _readyz(p: SidecarProcess) -> tuple[int, dict[str, Any]]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{p.admin_port}/readyz", timeout=10) as r:
+            return int(r.status), json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return int(e.code), json.loads(e.read())
+
+
+def test_a_store_that_cannot_write_is_not_ready_until_it_can_again(procs: list[SidecarProcess], tmp_path: Path) -> None:
+    # A file size limit stands in for a disk filling up: the WAL cannot grow past it.
+    p = SidecarProcess(tmp_path)
+    procs.append(p)
+    p.start(file_size_limit=256 * 1024)
+    statuses = []
+    for i in range(2000):
+        statuses.append(_post(p, message(message_id=f"m{i}", text="x" * 2000)))
+        if statuses[-1] != 200:
+            break
+    assert statuses[-1] == 503 and statuses.count(200) == len(statuses) - 1  # "try again", not 500
+    status, body = _readyz(p)
+    assert (status, body["details"]["store"]) == (503, "unavailable")
+    p.grow_files()  # space freed
+    deadline = time.monotonic() + 15
+    while _readyz(p)[0] != 200:
+        assert time.monotonic() < deadline, "the sidecar did not become ready again"
+        time.sleep(0.1)
+    assert _post(p, message(message_id="after")) == 200
+    log = p.log()
+    assert "sqlite transaction failed" in log and "Traceback" not in log

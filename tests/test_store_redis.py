@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,6 +24,32 @@ from tests.procs import free_port
 from tests.test_grpc_ingress import request
 from tests.test_store_contract import open_redis_or_skip, redis_url
 from tests.test_streams import read_n, subscribe
+
+
+@pytest.fixture
+async def own_redis(tmp_path: Path) -> AsyncIterator[str]:
+    """A redis-server of this test's own, on a free port (for what must not touch the shared
+    one: stopping it, refusing writes); its URL once it listens. Without the program: a
+    skip on a laptop, a failure in CI (CI=true)."""
+    if shutil.which("redis-server") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("redis-server is required in CI but not on PATH")
+        pytest.skip("redis-server not on PATH")
+    port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        probe = RedisStore(url, exclusive=False)
+        await eventually(lambda: _opens(probe), what="redis-server listening")
+        await probe.close()
+        yield url
+    finally:
+        if server.returncode is None:
+            server.kill()
+            await server.wait()
 
 
 @pytest.fixture
@@ -118,33 +148,23 @@ async def test_scripts_flushed_from_the_server_are_loaded_again(prefixed_url: st
         await store.close()
 
 
-async def test_a_server_that_goes_away_fails_every_waiting_caller(tmp_path: Path) -> None:
-    port = free_port()
-    server = await asyncio.create_subprocess_exec(
-        *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)),
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        store = RedisStore(f"redis://127.0.0.1:{port}/0")
-        for _ in range(100):  # the server needs a moment to listen
-            try:
-                await store.open()
-                break
-            except RedisStoreError:
-                await asyncio.sleep(0.05)
-        await store.accept(_inbound("m1"), now=1.0)
-        server.terminate()
-        await server.wait()
-        async with asyncio.timeout(10):  # none of them may wait forever
-            results = await asyncio.gather(
-                *(store.accept(_inbound(f"m{i}"), now=2.0) for i in range(2, 5)), return_exceptions=True
-            )
-        assert all(isinstance(r, Exception) for r in results)
-        await store.close()
-    finally:
-        if server.returncode is None:
-            server.kill()
-            await server.wait()
+async def test_a_server_that_goes_away_fails_every_waiting_caller(own_redis: str) -> None:
+    store = RedisStore(own_redis)
+    await store.open()
+    await store.accept(_inbound("m1"), now=1.0)
+    await _shutdown(store)
+    async with asyncio.timeout(10):  # none of them may wait forever
+        results = await asyncio.gather(
+            *(store.accept(_inbound(f"m{i}"), now=2.0) for i in range(2, 5)), return_exceptions=True
+        )
+    assert all(isinstance(r, Exception) for r in results)
+    await store.close()
+
+
+async def _shutdown(store: RedisStore) -> None:
+    """Stop the server the store is on (SHUTDOWN NOSAVE: it answers by going away)."""
+    with contextlib.suppress(Exception):
+        await store._redis().shutdown(nosave=True)
 
 
 async def test_close_answers_every_script_already_called(prefixed_url: str) -> None:
@@ -305,44 +325,62 @@ async def test_forgetting_thousands_at_once_is_one_whole_step(prefixed_url: str)
 
 
 async def test_an_unreachable_redis_is_unavailable_on_every_front_door(
-    start_app: StartApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    start_app: StartApp, own_redis: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """503 / UNAVAILABLE ("try again"), never UNKNOWN with redis-py's words, for writes and
     for the reads a Subscribe makes; and gRPC health turns NOT_SERVING, as /readyz does."""
     monkeypatch.setattr("sidecar.app.HEALTH_INTERVAL", 0.1)
-    port = free_port()
-    server = await asyncio.create_subprocess_exec(
-        *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)),
-        stdout=asyncio.subprocess.DEVNULL,
-    )
-    try:
-        probe = RedisStore(f"redis://127.0.0.1:{port}/0", exclusive=False)
-        await eventually(lambda: _opens(probe), what="redis-server listening")
-        await probe.close()
-        s = await start_app(store=f"redis://127.0.0.1:{port}/0")
-        assert (await s.post(message())).status == 200
-        server.terminate()
-        await server.wait()
-        for after in (None, 0):
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await read_n(subscribe(s, after=after), 1)
-            assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
-            assert "redis" not in (e.value.details() or "").lower()
+    s = await start_app(store=own_redis)
+    assert (await s.post(message())).status == 200
+    await _shutdown(s.app.store)  # type: ignore[arg-type]
+    for after in (None, 0):
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await s.stub.SendMessage(request(message_id="m2"))
+            await read_n(subscribe(s, after=after), 1)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value.details()
+        assert "redis" not in (e.value.details() or "").lower()
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await s.stub.SendMessage(request(message_id="m2"))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert (await s.post(message(message_id="m3"))).status == 503
+    health = health_pb2_grpc.HealthStub(s.channel)
+
+    async def not_serving() -> bool:
+        answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        return bool(answer.status == health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    await eventually(not_serving, what="gRPC health NOT_SERVING")  # with nobody asking /readyz
+
+
+async def test_a_redis_that_refuses_writes_is_unavailable_and_not_ready_until_it_takes_them(
+    start_app: StartApp, own_redis: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Out of memory (noeviction) stands for every "cannot write now" refusal (READONLY
+    after a failover, MISCONF after a failed save): 503 / UNAVAILABLE, not 500 with a
+    traceback; /readyz not ready; one ERROR line, not one per request."""
+    s = await start_app(store=own_redis)
+    assert (await s.post(message())).status == 200
+    admin = RedisStore(own_redis, exclusive=False)
+    await admin.open()
+    try:
+        await admin._redis().config_set("maxmemory", 1)
+        statuses = [(await s.post(message(message_id=f"new{i}"))).status for i in range(5)]
+        # 503 "try again"; a 429 may follow one, while the core reloads pending messages
+        # in case a refused step had landed (as it does after any Redis failure).
+        assert statuses[0] == 503 and set(statuses) <= {503, 429}, statuses
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await s.stub.SendMessage(request(message_id="g1"))
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert (await s.post(message(message_id="m3"))).status == 503
-        health = health_pb2_grpc.HealthStub(s.channel)
-
-        async def not_serving() -> bool:
-            answer = await health.Check(health_pb2.HealthCheckRequest(service=""))
-            return bool(answer.status == health_pb2.HealthCheckResponse.NOT_SERVING)
-
-        await eventually(not_serving, what="gRPC health NOT_SERVING")  # with nobody asking /readyz
+        async with aiohttp.ClientSession() as session, session.get(s.admin + "/readyz") as r:
+            assert (r.status, (await r.json())["details"]["store"]) == (503, "unavailable")
+        refusals = [r for r in caplog.records if r.getMessage() == "redis store refuses writes"]
+        assert len(refusals) == 1 and refusals[0].levelname == "ERROR"
+        assert not [r for r in caplog.records if r.exc_info]
+        await admin._redis().config_set("maxmemory", 0)
+        async with aiohttp.ClientSession() as session, session.get(s.admin + "/readyz") as r:
+            assert r.status == 200
+        assert (await s.post(message(message_id="after"))).status == 200
     finally:
-        if server.returncode is None:
-            server.kill()
-            await server.wait()
+        await admin.close()
 
 
 async def _opens(store: RedisStore) -> bool:

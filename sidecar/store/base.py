@@ -42,7 +42,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def ping(self) -> None:
-        """Raise if the store cannot serve requests (used by /readyz)."""
+        """Raise if the store cannot serve requests now, writes included (used by /readyz,
+        every few seconds): a store that answers reads but refuses writes (a full disk,
+        Redis out of memory or read-only) is not ready."""
 
     # --- inbound messages -------------------------------------------------
 

@@ -34,6 +34,7 @@ key                            type         holds
 ``P letters:conv:C``           sorted set   dead letter id -> creation order (one conversation's)
 ``P letters:ord``              string       counter: creation order of the last dead letter
 ``P owner``                    string       the running sidecar's lease on the prefix (expires unless renewed)
+``P probe``                    string       written by each readiness check: a server refusing writes is not ready
 =============================  ===========  ==============================================================
 
 Atomicity: each method is one Redis command or one script. Redis runs a
@@ -71,8 +72,15 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    BusyLoadingError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.config import ConfigError, redact_url
@@ -87,6 +95,7 @@ from sidecar.models import (
     StoredMessage,
     sidecar_id,
 )
+from sidecar.observability import Throttle
 from sidecar.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -98,6 +107,20 @@ _ERROR_LIMIT = 500  # like the SQLite store: a stored error string stays bounded
 _LETTER_FIELDS = ("kind", "conversation_id", "sequence", "error", "attempts", "dead_at", "source", "message_id")
 _NO_DELIVERY = "sidecar: no queued delivery"
 _NO_MESSAGE = "sidecar: unknown message"
+# What a server refuses while it cannot write for now, not because the step is wrong:
+# out of memory under noeviction, a replica after a failover (READONLY), a failed RDB
+# save with stop-writes-on-bgsave-error (MISCONF), still loading its data, a script
+# running too long (BUSY). Callers hear "try again" (503 / UNAVAILABLE), as for a
+# lost connection, instead of an internal error.
+_REFUSALS = (OutOfMemoryError, ReadOnlyError, BusyLoadingError, TryAgainError)
+_REFUSAL_CODES = ("MISCONF ", "BUSY ", "MASTERDOWN ", "NOREPLICAS ", "LOADING ", "OOM ", "READONLY ")
+
+
+def _refused(result: object) -> bool:
+    if isinstance(result, _REFUSALS):
+        return True
+    return isinstance(result, ResponseError) and str(result).startswith(_REFUSAL_CODES)
+
 
 # --- Lua ------------------------------------------------------------------------
 # ARGV[1] is always the key prefix. Numbers that are floats (times) reach Redis
@@ -489,6 +512,8 @@ class RedisStore(Store):
         self._calls: list[Call] = []
         self._sender: asyncio.Handle | None = None  # a pipeline is scheduled or in flight
         self._pipelines: set[asyncio.Task[None]] = set()
+        self._unreachable_log = Throttle()
+        self._refused_log = Throttle()
 
     def __repr__(self) -> str:
         return f"RedisStore({self._safe_url!r}, prefix={self.prefix!r})"
@@ -615,9 +640,11 @@ class RedisStore(Store):
             await client.aclose(close_connection_pool=True)
 
     async def ping(self) -> None:
+        """A small write: a server that answers but refuses writes (out of memory, a
+        replica after a failover, a failed RDB save) is not ready."""
         if self._fenced:  # not ready: every step would be refused
             raise Unavailable("the store is held by another sidecar")
-        await self._redis().ping()
+        await self._redis().set(self._key("probe"), "1")
 
     async def drop(self) -> int:
         """Delete every key under this store's prefix, and nothing else; returns how many.
@@ -685,7 +712,8 @@ class RedisStore(Store):
             # Unreachable for now: callers hear "try again" (503 / UNAVAILABLE) rather than
             # an internal error. A script may have run before the connection dropped; a
             # retry of it is deduplicated like any other.
-            log.warning("redis store unreachable", extra={"error": type(e).__name__, "scripts": len(calls)})
+            if pipelines := self._unreachable_log.due():  # one line per 10 s, not one per pipeline
+                log.warning("redis store unreachable", extra={"error": type(e).__name__, "pipelines": pipelines})
             results = [Unavailable("the store is unreachable; try again")] * len(calls)
         except Exception as e:  # noqa: BLE001 - anything else: every caller hears of it
             results = [e] * len(calls)
@@ -717,6 +745,13 @@ class RedisStore(Store):
             self._fenced = True
             for i in fenced:
                 results[i] = Unavailable("the store is held by another sidecar; try again")
+        refused = [i for i, r in enumerate(results) if _refused(r)]
+        if refused:
+            if pipelines := self._refused_log.due():
+                error = self._scrub(results[refused[0]])
+                log.error("redis store refuses writes", extra={"error": error[:300], "pipelines": pipelines})
+            for i in refused:
+                results[i] = Unavailable("the store cannot write now; try again")
         return results
 
     # --- inbound messages ---------------------------------------------------------

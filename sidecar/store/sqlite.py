@@ -10,6 +10,7 @@ import queue
 import socket
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from sidecar.models import (
     StoredMessage,
     sidecar_id,
 )
+from sidecar.observability import Throttle
 from sidecar.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ Done = Callable[[Any, "BaseException | None"], None]
 
 SCHEMA_VERSION = 2  # 2: replies keyed only when they need it (a partial dedupe index)
 _BATCH = 256
+# How long a failed transaction keeps the store not ready (see ping).
+WRITE_FAILURE_HOLD = 5.0
 # Replies an expiry step deletes at most (~2.5 ms on the loop, measured); a conversation
 # with more old ones is trimmed further by the next pass.
 _EXPIRE_STEP = 500
@@ -112,6 +116,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     extra           BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_conversation ON dead_letters(conversation_id, kind, sequence);
+-- One row, rewritten by each readiness check: a store that can be read but not
+-- written (a full disk) is not ready. Older sidecars ignore the table.
+CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
 """
 
 _REPLY_COLUMNS = (
@@ -203,6 +210,9 @@ class SqliteStore(Store):
         self._idle: asyncio.Event | None = None
         self.commits = 0
         """Transactions committed: fewer than operations when group commit batches them."""
+        self._batch_errors = Throttle()
+        self._write_failed_at = float("-inf")  # monotonic time of the last failed transaction
+        self._op_errors = Throttle()
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -278,7 +288,14 @@ class SqliteStore(Store):
         self._unlock()
 
     async def ping(self) -> None:
-        await self._run(lambda c: c.execute("SELECT 1").fetchone())
+        """Not ready while writes fail: a transaction failed within the last few seconds
+        (WRITE_FAILURE_HOLD), or a small write fails now. The probe alone would not do: on
+        a full disk a write of a page or two can still fit in the WAL's space while a
+        message's cannot. Not fsync'd: a lost probe is harmless."""
+        if time.monotonic() - self._write_failed_at < WRITE_FAILURE_HOLD:
+            raise Unavailable("the store's writes are failing")
+        sql = "INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)"
+        await self._run(lambda c: c.execute(sql, (time.time(),)), durable=False)
 
     async def _run(self, op: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Queue a write for the next batch; returns once its batch has committed.
@@ -380,14 +397,23 @@ class SqliteStore(Store):
             return
         self.commits += 1
         failed = [e for _, _, e in results if isinstance(e, sqlite3.Error)]
-        if failed:  # one line per batch; the callers hear of it as their own error
-            log.error("sqlite operations failed", extra={"error": str(failed[0]), "operations": len(failed)})
+        if any(isinstance(e, sqlite3.OperationalError) for e in failed):  # e.g. the disk filled mid-batch
+            self._write_failed_at = time.monotonic()
+        if failed and (batches := self._op_errors.due()):  # the callers hear of it as their own error
+            log.error(
+                "sqlite operations failed",
+                extra={"error": str(failed[0]), "operations": len(failed), "batches": batches},
+            )
         for future, result, op_error in results:
             _settle(future, result, _for_caller(op_error))
         self._done()
 
     def _failed(self, conn: sqlite3.Connection, batch: list[Entry], error: BaseException) -> None:
-        log.error("sqlite transaction failed", extra={"error": str(error), "operations": len(batch)})
+        self._write_failed_at = time.monotonic()
+        if batches := self._batch_errors.due():  # a full disk fails every batch: a line per 10 s
+            log.error(
+                "sqlite transaction failed", extra={"error": str(error), "operations": len(batch), "batches": batches}
+            )
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         for _, future, _ in batch:
