@@ -168,6 +168,13 @@ class Core:
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
+        if self._pending:
+            # Nothing is lost (they stay pending in the store), but an operator should
+            # know the grace period ran out: the bot was slow, or drain_timeout is short.
+            log.warning(
+                "drain timeout reached: messages left pending for the next start",
+                extra={"pending": self._pending, "drain_timeout": timeout},
+            )
 
     # --- send ---------------------------------------------------------------
 
@@ -517,7 +524,8 @@ class Core:
                     next_pass = time.time() + c.reply_max_age / 100
                     await self._expire_replies()
             except Exception as e:  # noqa: BLE001 - a store hiccup: the next sweep tries again
-                log.warning("store sweep failed", extra={"error": type(e).__name__})
+                self._metrics.store_errors.labels("sweep").inc()
+                log.warning("store sweep failed; the next sweep tries again", extra={"error": describe_error(e)})
 
     async def _forget_messages(self) -> None:
         before = time.time() - self._config.dedupe_window

@@ -17,6 +17,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 INGRESS_OUTCOMES = ("accepted", "duplicate", "rejected", "overloaded", "unavailable")
+STORE_STAGES = ("message", "delivery", "sweep")
 
 
 class Metrics:
@@ -93,10 +94,13 @@ class Metrics:
         )
         self.store_errors = Counter(
             "sidecar_store_errors_total",
-            "Store steps that failed while handling a message or delivering a reply (the work is retried)",
+            "Store steps that failed (the work is retried): stage message (handling one, or loading"
+            " pending ones), delivery (the webhook worker), sweep (forgetting and expiring)",
             ["stage"],
             registry=r,
         )
+        for stage in STORE_STAGES:  # exported at 0 from the start: a rate() over them needs a first sample
+            self.store_errors.labels(stage)
         self.connections_refused = Counter(
             "sidecar_http_connections_refused_total",
             "Connections closed at once because the listener had http_max_connections open",

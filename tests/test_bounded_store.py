@@ -83,3 +83,21 @@ async def test_replies_older_than_reply_max_age_leave_the_log_and_the_sequence_g
     (second,) = await read_n(live, 1)
     live.cancel()
     assert second.sequence == 2 and value_to_json(second.payload) == {"text": "two"}
+
+
+async def test_a_sweep_the_store_fails_is_counted_and_says_why(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = await start_app(dedupe_window=0.4)  # swept every 0.1 s
+
+    async def broken(*args: Any, **kwargs: Any) -> int:
+        raise OSError("disk I/O error")
+
+    monkeypatch.setattr(s.app.store, "forget_messages", broken)
+
+    async def counted() -> bool:
+        return await metric(s, 'sidecar_store_errors_total{stage="sweep"}') >= 1
+
+    await eventually(counted, what="a failed sweep counted")
+    (line, *_) = [rec for rec in caplog.records if rec.getMessage().startswith("store sweep failed")]
+    assert "disk I/O error" in line.error  # type: ignore[attr-defined]

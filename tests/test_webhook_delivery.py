@@ -14,7 +14,7 @@ from standardwebhooks.webhooks import Webhook
 
 from sidecar.delivery.webhook import parse_retry_after
 from sidecar.models import DeadLetter
-from tests.conftest import Running, StartApp, admin_metrics, eventually, message
+from tests.conftest import Running, StartApp, admin_metrics, eventually, message, metric
 from tests.procs import free_port
 from tests.receiver import Receiver
 from tests.streaming_server import StreamingServer
@@ -315,3 +315,53 @@ async def test_the_backlog_gauges_show_what_is_owed_and_what_died(
             return "sidecar_dead_letters_held 1.0" in text and "sidecar_webhook_backlog_conversations 1.0" in text
 
         await eventually(gauges, what="one dead letter held, one conversation owed")
+
+
+async def test_a_drain_that_runs_out_of_time_says_what_it_left(
+    start_app: StartApp, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing is lost (a message stays pending, a reply stays queued), but the operator
+    hears that drain_timeout ran out, and with how much left."""
+    rules = tmp_path / "slow.yaml"
+    rules.write_text(
+        "rules:\n  - match: {text: slow}\n    replies: [{type: text, payload: {text: late}, delay: 60}]\n"
+        "  - match: {}\n    replies: [{type: text, payload: {text: now}}]\n"
+    )
+    async with Receiver() as r:
+        r.script("hung", hang=True)
+        s = await start_app(
+            response_url=r.url, webhook_timeout=30, bot="script", bot_script=str(rules), bot_timeout=120
+        )
+        await send_texts(s, "hung", ["stuck"])
+        webhook = s.app.webhook
+        assert webhook is not None
+        await eventually(lambda: "hung" in webhook._in_flight, what="the hanging delivery in flight")
+        await send_texts(s, "c1", ["slow"])
+        await s.app.drain(0.2)
+    lines = {rec.getMessage(): rec for rec in caplog.records if "drain timeout reached" in rec.getMessage()}
+    core = lines["drain timeout reached: messages left pending for the next start"]
+    assert core.levelname == "WARNING" and core.pending == 1  # type: ignore[attr-defined]
+    hook = lines["drain timeout reached: webhook deliveries cut short, their replies stay queued"]
+    assert hook.levelname == "WARNING" and hook.conversations == 1  # type: ignore[attr-defined]
+
+
+async def test_an_outbox_the_scheduler_cannot_read_is_counted_and_logged_without_a_flood(
+    start_app: StartApp, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Receiver() as r:
+        s = await start_app(response_url=r.url)
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            raise OSError("disk I/O error")
+
+        monkeypatch.setattr(s.app.store, "due_deliveries", broken)
+        await send_texts(s, "c1", ["hello"])
+
+        async def counted() -> bool:
+            return await metric(s, 'sidecar_store_errors_total{stage="delivery"}') >= 2
+
+        await eventually(counted, what="two failed outbox reads counted")  # the scheduler retries each second
+        monkeypatch.undo()
+        await r.wait_for(1, conversation_id="c1")  # once it can read again, the reply goes out
+    lines = [rec for rec in caplog.records if rec.getMessage().startswith("webhook scheduler cannot read")]
+    assert len(lines) == 1 and lines[0].levelname == "ERROR" and not lines[0].exc_info

@@ -19,7 +19,7 @@ from sidecar.backoff import full_jitter
 from sidecar.config import Config
 from sidecar.http_client import read_at_most
 from sidecar.models import Delivery
-from sidecar.observability import Metrics, describe_error
+from sidecar.observability import Metrics, Throttle, describe_error
 from sidecar.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,7 @@ class WebhookDelivery:
         self._slots = asyncio.Semaphore(config.webhook_concurrency)
         self._scheduler: asyncio.Task[None] | None = None
         self._draining = False
+        self._read_errors = Throttle()  # an outbox that cannot be read fails every second
         # Resolved once: labels() takes a lock and walks a dict on every call.
         self._attempts = {kind: metrics.webhook_attempts.labels(kind) for kind in Outcome.KINDS}
 
@@ -130,6 +131,11 @@ class WebhookDelivery:
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
+            if still:  # their replies stay queued: POSTed again (same webhook-id) at the next start
+                log.warning(
+                    "drain timeout reached: webhook deliveries cut short, their replies stay queued",
+                    extra={"conversations": len(still), "drain_timeout": timeout},
+                )
 
     async def stop(self) -> None:
         self._draining = True
@@ -160,8 +166,10 @@ class WebhookDelivery:
                 # Not "the earliest head": that is one in flight, and a delivery that
                 # hangs would keep every other conversation's retry waiting behind it.
                 next_due = await self._store.next_due_at(after=now)
-            except Exception:
-                log.exception("webhook scheduler failed to read the outbox; retrying")
+            except Exception as e:  # noqa: BLE001 - a store hiccup: read again in a second
+                self._metrics.store_errors.labels("delivery").inc()
+                if self._read_errors.due():
+                    log.error("webhook scheduler cannot read the outbox; retrying", extra={"error": describe_error(e)})
                 next_due = time.time() + 1.0
             # Heads falling due within _COALESCE of each other are picked up by one pass:
             # after an outage, retries come due one by one, and a pass (two outbox
@@ -245,7 +253,7 @@ class WebhookDelivery:
                 reply.conversation_id, reply.sequence, attempts=attempts, error=outcome.error, now=now
             )
             self._metrics.dead_letters.labels("reply").inc()
-            log.warning(
+            log.error(  # like a dead-lettered message: an operator has to replay or purge it
                 "reply dead-lettered",
                 extra={"conversation_id": reply.conversation_id, "sequence": reply.sequence,
                        "attempts": attempts, "error": outcome.error},
