@@ -107,6 +107,7 @@ class Core:
         # Read when scraped, not set on every change: no lock taken twice per message.
         metrics.pending_messages.set_function(lambda: self._pending)
         metrics.active_streams.set_function(lambda: self._streams)
+        metrics.pending_backlog.set_function(lambda: int(self._backlog))
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -673,6 +674,7 @@ class Core:
         if self._draining or not self._started:
             raise Unavailable()
         if self._streams >= self._config.max_streams:
+            self._metrics.streams_refused.inc()
             raise Overloaded("too many open streams", retry_after=1.0)
         self._streams += 1  # counted before the store reads: opens meanwhile see this one
         try:

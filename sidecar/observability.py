@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -13,10 +14,18 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from sidecar.errors import SidecarError
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
-INGRESS_OUTCOMES = ("accepted", "duplicate", "rejected", "overloaded", "unavailable")
+# rejected: the request itself was refused (400, 413, 415; INVALID_ARGUMENT); cancelled:
+# the client went away or its deadline passed before the answer; internal: a bug (500).
+INGRESS_OUTCOMES = (
+    "accepted", "duplicate", "rejected", "unauthenticated", "conflict", "overloaded", "unavailable", "cancelled",
+    "internal",
+)  # fmt: skip
+CALLBACK_OUTCOMES = ("accepted", "rejected", "unauthenticated", "not_found", "unavailable", "cancelled", "internal")
 STORE_STAGES = ("message", "delivery", "sweep")
 
 
@@ -27,8 +36,7 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.messages = Counter(
             "sidecar_messages_total",
-            "Messages received at ingress, by protocol and outcome "
-            "(accepted, duplicate, rejected, overloaded, unavailable)",
+            "Messages received at ingress, by protocol and outcome (" + ", ".join(INGRESS_OUTCOMES) + ")",
             ["protocol", "outcome"],
             registry=r,
         )
@@ -76,6 +84,15 @@ class Metrics:
             "sidecar_dead_letters_total", "Items dead-lettered, by kind (reply, message)", ["kind"], registry=r
         )
         self.active_streams = Gauge("sidecar_active_streams", "Open Subscribe streams", registry=r)
+        self.streams_refused = Counter(
+            "sidecar_streams_refused_total", "Subscribe calls refused because max_streams were open", registry=r
+        )
+        self.pending_backlog = Gauge(
+            "sidecar_pending_backlog",
+            "1 while the store holds pending messages not loaded yet (after a restart, a large replay, or"
+            " a possibly lost answer): they are loaded oldest first and new messages get 429 meanwhile",
+            registry=r,
+        )
         self.dead_letters_held = Gauge(
             "sidecar_dead_letters_held", "Dead letters in the store, waiting to be replayed or purged", registry=r
         )
@@ -107,6 +124,14 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.callbacks = Counter(
+            "sidecar_callbacks_total",
+            "Requests to POST /bot/replies, by outcome (" + ", ".join(CALLBACK_OUTCOMES) + ")",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in CALLBACK_OUTCOMES:
+            self.callbacks.labels(outcome)
         self.messages_forgotten = Counter(
             "sidecar_messages_forgotten_total",
             "Handled messages deleted from the store once older than the dedupe window",
@@ -142,6 +167,25 @@ class Throttle:
             return 0
         seen, self._seen, self._next = self._seen, 0, now + self._interval
         return seen
+
+
+def outcome_of(error: BaseException) -> str:
+    """The outcome label of a request that ended in ``error`` (see INGRESS_OUTCOMES)."""
+    if isinstance(error, asyncio.CancelledError):
+        return "cancelled"
+    if not isinstance(error, SidecarError):
+        return "internal"
+    return _OUTCOME_BY_CODE.get(error.code, "rejected")
+
+
+_OUTCOME_BY_CODE = {
+    "unauthenticated": "unauthenticated",
+    "conflict": "conflict",
+    "not_found": "not_found",
+    "overloaded": "overloaded",
+    "unavailable": "unavailable",
+    "internal": "internal",
+}
 
 
 def describe_error(error: BaseException) -> str:

@@ -9,6 +9,7 @@ import pytest
 
 from sidecar import config
 from sidecar.config import Config, ConfigError, load, redact_url, validate
+from sidecar.observability import CALLBACK_OUTCOMES, INGRESS_OUTCOMES, STORE_STAGES, Metrics
 
 
 def test_defaults_match_the_spec() -> None:
@@ -116,6 +117,15 @@ def test_configuration_doc_lists_every_setting() -> None:
     for flag, variable, _, _ in config.describe():
         assert variable in doc, f"{variable} missing from docs/configuration.md"
         assert flag in doc
+
+
+def test_observability_doc_lists_every_metric_and_label() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "observability.md").read_text()
+    for family in Metrics().registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}`" in doc, f"{name} missing from docs/observability.md"
+    for outcome in (*INGRESS_OUTCOMES, *CALLBACK_OUTCOMES, *STORE_STAGES):
+        assert f"`{outcome}`" in doc, f"label value {outcome} missing from docs/observability.md"
 
 
 def test_create_store_returns_a_redis_store_for_a_redis_url_without_io() -> None:

@@ -74,7 +74,7 @@ async def test_an_asynchronous_bot_replies_later_through_the_callback_once_even_
     assert value_to_json(reply.payload) == {"text": "later"}
 
 
-async def test_callback_errors_have_the_error_shape(start_app: StartApp) -> None:
+async def test_callback_errors_have_the_error_shape(start_app: StartApp, caplog: pytest.LogCaptureFixture) -> None:
     s = await start_app(callback_tokens=(CALLBACK,), callback_secret_path="s3cr3t-path")
     unknown = {"type": "text", "payload": {}, "conversationId": "never-seen"}
     status, body = await callback(s, unknown)
@@ -87,6 +87,13 @@ async def test_callback_errors_have_the_error_shape(start_app: StartApp) -> None
     ok = {"type": "text", "payload": {"text": "x"}, "conversationId": "c1", "botpressMessageId": "z"}
     assert (await callback(s, ok, token=None, path="/bot/replies/s3cr3t-path"))[0] == 200
     assert (await callback(s, ok, token=None, path="/bot/replies/wrong"))[0] == 404
+    # Each outcome counted; the refusals a misconfigured bot would repeat are also
+    # logged, once per 10 s, without the path (it may hold the secret) or the body.
+    metrics = await admin_metrics(s)
+    for outcome, count in (("accepted", 1), ("rejected", 1), ("unauthenticated", 2), ("not_found", 1)):
+        assert f'sidecar_callbacks_total{{outcome="{outcome}"}} {count:.1f}' in metrics, outcome
+    (refused,) = [r for r in caplog.records if r.getMessage() == "bot callback refused"]
+    assert refused.levelname == "WARNING" and "s3cr3t" not in caplog.text and "wrong" not in caplog.text
 
 
 async def test_the_integrations_install_check_is_answered_200_and_appends_nothing(start_app: StartApp) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from sidecar.models import JSON
 from sidecar.observability import MalformedRequestFilter
-from tests.conftest import StartApp, message, metric
+from tests.conftest import StartApp, admin_metrics, message, metric
 
 
 def assert_error_shape(body: dict[str, object], code: str) -> None:
@@ -52,6 +52,18 @@ async def test_repeat_with_other_content_is_409(start_app: StartApp) -> None:
     resp = await s.post(message(text="two"))
     assert resp.status == 409
     assert_error_shape(await resp.json(), "conflict")
+
+
+async def test_each_refusal_is_counted_under_its_own_outcome(start_app: StartApp) -> None:
+    """A botched token rotation (every request 401) must not look like bad payloads."""
+    s = await start_app(auth_tokens=("t0k3n",))
+    assert (await s.post(message())).status == 401
+    assert (await s.post(message(), token="t0k3n")).status == 200
+    assert (await s.post(message(text="other"), token="t0k3n")).status == 409
+    assert (await s.post({"userId": "u1"}, token="t0k3n")).status == 400
+    text = await admin_metrics(s)
+    for outcome in ("unauthenticated", "accepted", "conflict", "rejected"):
+        assert f'sidecar_messages_total{{outcome="{outcome}",protocol="http"}} 1.0' in text, outcome
 
 
 @pytest.mark.parametrize(

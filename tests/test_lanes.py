@@ -19,7 +19,7 @@ from sidecar.errors import Unavailable
 from sidecar.models import InboundMessage, StoredMessage
 from sidecar.store.sqlite import SqliteStore
 from tests.bot_server import BotServer
-from tests.conftest import StartApp, admin_metrics, eventually, make_config, message
+from tests.conftest import StartApp, admin_metrics, eventually, make_config, message, metric
 from tests.receiver import Receiver
 from tests.test_store_redis import prefixed_url  # noqa: F401 - a fixture
 from tests.test_streams import read_n, subscribe
@@ -74,6 +74,7 @@ async def test_a_backlog_after_a_restart_runs_in_order_and_new_messages_wait_the
     # Two of five are loaded; the store holds three more: a newer message must not overtake them.
     early = await s.post(message("c1", "m6", "m6"))
     assert early.status == 429 and early.headers["Retry-After"] == "1"
+    assert await metric(s, "sidecar_pending_backlog") == 1.0  # why the 429s: it says so
 
     async def taken() -> bool:
         return (await s.post(message("c1", "m6", "m6"))).status == 200
@@ -82,6 +83,7 @@ async def test_a_backlog_after_a_restart_runs_in_order_and_new_messages_wait_the
     replies = await read_n(subscribe(s, "c1", after=0), 6)
     assert [r.in_reply_to for r in replies] == [f"m{i}" for i in range(1, 7)]
     assert s.app.core.pending == 0 and not await s.app.store.pending_messages(10)
+    assert await metric(s, "sidecar_pending_backlog") == 0.0
 
 
 async def test_replaying_more_dead_messages_than_the_queue_holds_runs_them_all(start_app: StartApp) -> None:

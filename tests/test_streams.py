@@ -309,6 +309,7 @@ async def test_concurrent_opens_cannot_overshoot_the_stream_limit(
     results = await asyncio.gather(*(core.subscribe(f"c{i}", None) for i in range(6)), return_exceptions=True)
     opened = [r for r in results if not isinstance(r, BaseException)]
     assert len(opened) == 3 and core.streams == 3
+    assert await metric(s, "sidecar_streams_refused_total") == 3.0
     for stream in opened:
         stream.close()
     assert core.streams == 0

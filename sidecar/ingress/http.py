@@ -20,13 +20,14 @@ from sidecar.errors import (
     FieldViolation,
     Internal,
     InvalidArgument,
+    NotFound,
     PayloadTooLarge,
     SidecarError,
     Unauthenticated,
     UnsupportedMediaType,
 )
 from sidecar.models import JSON, AcceptResult
-from sidecar.observability import Metrics, ingress_metrics
+from sidecar.observability import CALLBACK_OUTCOMES, Metrics, Throttle, ingress_metrics, outcome_of
 from sidecar.validate import MAX_SAFE_INT, message_from_fields, reply_problems
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,8 @@ class HttpIngress:
         self._tokens = tokens
         self._callback_tokens = callback_tokens
         self._outcomes, self._latency = ingress_metrics(metrics, "http")
+        self._callbacks = {outcome: metrics.callbacks.labels(outcome) for outcome in CALLBACK_OUTCOMES}
+        self._refusals = Throttle()
 
     def app(self) -> web.Application:
         # Our own limit check gives the 413 its error shape; aiohttp's is the backstop.
@@ -237,25 +240,47 @@ class HttpIngress:
             result = await self._core.send(message)
             outcome = "duplicate" if result.duplicate else "accepted"
             return json_response(accepted_body(result))
-        except SidecarError as e:
-            outcome = {"overloaded": "overloaded", "unavailable": "unavailable"}.get(e.code, "rejected")
+        except BaseException as e:
+            outcome = outcome_of(e)
             raise
         finally:
-            self._outcomes[outcome].inc()
+            self._outcomes.get(outcome, self._outcomes["rejected"]).inc()
             self._latency.observe(time.perf_counter() - started)
 
     async def bot_replies(self, request: web.Request) -> web.Response:
         """Replies from an asynchronous bot, in the integration's outbound format (SPEC §3)."""
         if not self._callback_tokens.enabled or not self._callback_tokens.check(request.headers.get("Authorization")):
+            self._callback_refused(Unauthenticated(), "no valid callback token")
             raise Unauthenticated()
-        return await self._accept_bot_replies(request)
+        return await self._counted(self._accept_bot_replies(request))
 
     async def bot_replies_by_secret(self, request: web.Request) -> web.Response:
         """The same, for senders that cannot add a header: the secret path is the credential."""
         given = request.match_info["secret"].encode()
         if not hmac.compare_digest(given, self._config.callback_secret_path.encode()):
+            self._callback_refused(Unauthenticated(), "a callback path with the wrong secret")
             raise web.HTTPNotFound()  # as if the route did not exist
-        return await self._accept_bot_replies(request)
+        return await self._counted(self._accept_bot_replies(request))
+
+    async def _counted(self, handling: Awaitable[web.Response]) -> web.Response:
+        """A callback's outcome in sidecar_callbacks_total; refusals a misconfigured bot
+        would repeat for ever (unknown conversation) also in the log, throttled."""
+        try:
+            response = await handling
+        except BaseException as e:
+            if isinstance(e, NotFound):
+                self._callback_refused(e, "replies for a conversation this sidecar never saw")
+            else:
+                self._callbacks[outcome_of(e)].inc()
+            raise
+        self._callbacks["accepted"].inc()
+        return response
+
+    def _callback_refused(self, error: SidecarError, why: str) -> None:
+        self._callbacks[outcome_of(error)].inc()
+        if self._refusals.due():
+            # Nothing of the request: its path may hold the secret, its body the user's text.
+            log.warning("bot callback refused", extra={"why": why})
 
     async def _accept_bot_replies(self, request: web.Request) -> web.Response:
         body = await read_json(request, self._config.max_body_bytes)
