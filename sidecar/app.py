@@ -9,6 +9,7 @@ import logging
 import signal
 import ssl
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -262,10 +263,14 @@ async def serve(config: Config) -> int:
     return 0
 
 
-def run(config: Config) -> int:
-    """Blocking entry point of ``sidecar serve``."""
+def run(config: Config, unknown: Sequence[str] = ()) -> int:
+    """Blocking entry point of ``sidecar serve``; ``unknown``: SIDECAR_* variables no
+    setting reads, warned about (a misspelt SIDECAR_DRAIN_TIMEOUTS would otherwise leave
+    the default in force without a word)."""
     setup_logging(config.log_format, config.log_level)
     log.info("configuration", extra={"settings": config.redacted()})
+    if unknown:
+        log.warning("unknown SIDECAR_* variables ignored (misspelt?)", extra={"variables": list(unknown)})
     try:
         import uvloop
 

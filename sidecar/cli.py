@@ -14,7 +14,7 @@ from dataclasses import fields
 from importlib import metadata
 from urllib.parse import quote, urlencode, urlsplit
 
-from sidecar.config import Config, ConfigError, describe, load
+from sidecar.config import Config, ConfigError, describe, load, unknown_variables
 from sidecar.models import JSON
 
 if typing.TYPE_CHECKING:
@@ -90,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
     # Imported here so that --help, send and tail never load the server.
     from sidecar.app import run
 
-    return run(config)
+    return run(config, unknown_variables(os.environ))
 
 
 # --- send -----------------------------------------------------------------------

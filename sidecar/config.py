@@ -229,6 +229,20 @@ def load(
     return config
 
 
+# SIDECAR_* variables that are not settings yet not mistakes: the CLI client's own, and
+# what Kubernetes injects for a Service named "sidecar" (SIDECAR_SERVICE_HOST, SIDECAR_PORT, ...).
+_NOT_SETTINGS = re.compile(r"SIDECAR_(TOKEN|ADMIN_TOKEN|TEST_STORE|SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\w+)?)")
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """The SIDECAR_* names in ``env`` that no setting reads (a misspelt one would otherwise
+    be ignored without a word): names only, never their values."""
+    known = {env_name(f.name) for f in fields(Config)}
+    return sorted(
+        name for name in env if name.startswith(ENV_PREFIX) and name not in known and not _NOT_SETTINGS.fullmatch(name)
+    )
+
+
 def read_token_file(path: str) -> tuple[str, ...]:
     """Tokens from a file, one per line; blank lines and # comments are skipped."""
     try:

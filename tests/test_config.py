@@ -191,3 +191,15 @@ def test_a_store_url_in_an_error_keeps_its_password_hidden() -> None:
     with pytest.raises(ConfigError) as e:
         load(env={"SIDECAR_STORE": "rediss://:hunter2@redis:6379/0"})
     assert "hunter2" not in str(e.value) and "SIDECAR_STORE" in str(e.value)
+
+
+def test_unknown_sidecar_variables_are_named_but_kubernetes_and_client_ones_are_not() -> None:
+    env = {
+        "SIDECAR_DRAIN_TIMEOUTS": "99",  # misspelt
+        "SIDECAR_DRAIN_TIMEOUT": "30",
+        "SIDECAR_TOKEN": "x",  # the CLI client's own
+        "SIDECAR_SERVICE_HOST": "10.0.0.1",  # Kubernetes, for a Service named "sidecar"
+        "SIDECAR_PORT_8080_TCP_ADDR": "10.0.0.1",
+        "SIDECARS": "not ours",
+    }
+    assert config.unknown_variables(env) == ["SIDECAR_DRAIN_TIMEOUTS"]

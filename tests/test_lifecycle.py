@@ -213,3 +213,13 @@ def test_a_store_that_cannot_write_is_not_ready_until_it_can_again(procs: list[S
     assert _post(p, message(message_id="after")) == 200
     log = p.log()
     assert "sqlite transaction failed" in log and "Traceback" not in log
+
+
+def test_a_misspelt_variable_is_named_at_start_and_its_value_is_not(
+    procs: list[SidecarProcess], tmp_path: Path
+) -> None:
+    p = launch(procs, tmp_path, SIDECAR_DRAIN_TIMEOUTS="99.5", SIDECAR_SERVICE_HOST="10.9.8.7")
+    assert p.terminate() == 0
+    (line,) = [json.loads(x) for x in p.log().splitlines() if "unknown SIDECAR_" in x]
+    assert line["level"] == "WARNING" and line["variables"] == ["SIDECAR_DRAIN_TIMEOUTS"]
+    assert "99.5" not in p.log() and "10.9.8.7" not in p.log()
