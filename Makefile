@@ -10,7 +10,9 @@ PYTEST_ARGS ?=
 .PHONY: run test lint typecheck proto proto-check bench bench-quick soak fuzz clean venv
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# A venv that failed half-way (Debian without python3-venv leaves .venv/bin/python
+	@# but no pip) is removed, so that the next make tries again instead of failing on it.
+	test -x $(PY) && $(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }; }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
@@ -57,6 +59,7 @@ bench-quick: $(STAMP)
 
 # Chaos soak (bench/soak.py): kill -9, SIGTERM, SIGSTOP and lost Redis answers under
 # load, then every promise checked; about a minute. Not part of CI: it is randomized.
+# Its second half needs Redis on 127.0.0.1:6379.
 SOAK_ARGS ?= --variant mixed --cycles 6
 soak: $(STAMP)
 	$(PY) -m bench.soak --store sqlite $(SOAK_ARGS)
