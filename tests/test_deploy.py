@@ -109,6 +109,20 @@ def test_probes_use_the_admin_port_health_endpoints() -> None:
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
 
 
+def test_the_memory_limit_holds_the_sidecar_at_rest_and_every_stream_it_admits() -> None:
+    """~70 MiB at rest and ~24 KiB per idle Subscribe (docs/performance.md), with a
+    third to spare for queued messages and bursts."""
+    secret = manifests()["Secret"]["stringData"]
+    env = {
+        e["name"]: e["value"] if "value" in e else secret[e["valueFrom"]["secretKeyRef"]["key"]]
+        for e in container("sidecar")["env"]
+    }
+    config = load(env={**image_env(), **{k: v for k, v in env.items() if k.startswith("SIDECAR_")}})
+    limit = container("sidecar")["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi")
+    assert (70 + config.max_streams * 24 / 1024) * 1.33 <= int(limit[:-2])
+
+
 def test_the_pod_runs_locked_down() -> None:
     assert pod_spec()["securityContext"]["runAsNonRoot"] is True
     for c in pod_spec()["containers"]:
