@@ -23,6 +23,7 @@ class TokenChecker:
         self._file = file
         self._file_seen: tuple[int, int, int] | None = None  # (mtime_ns, size, inode) last read
         self._from_file: tuple[bytes, ...] = ()
+        self._missing = False
         self._reload()
 
     @property
@@ -58,7 +59,12 @@ class TokenChecker:
             st = os.stat(self._file)
         except OSError:
             # Keep the last good tokens: a Secret volume swap briefly removes the file.
+            # Said once per disappearance, so that one removed for good is not silent.
+            if not self._missing:
+                self._missing = True
+                log.warning("token file missing, keeping previous tokens", extra={"file": self._file})
             return
+        self._missing = False
         # Not the mtime alone: a copy that keeps it (cp -p, rsync -t, tar) is a change too.
         seen = (st.st_mtime_ns, st.st_size, st.st_ino)
         if seen == self._file_seen:

@@ -82,3 +82,19 @@ async def test_callback_endpoint_has_its_own_tokens(start_app: StartApp) -> None
     assert (await s.post(reply, token="ingress", path="/bot/replies")).status == 401
     assert (await s.post(reply, token="callback", path="/bot/replies")).status == 200
     assert (await s.post(message(message_id="m9"), token="callback")).status == 401
+
+
+def test_a_token_file_that_disappears_keeps_the_tokens_and_says_so_once_per_disappearance(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "tokens"
+    rotate(path, "kept")
+    checker = TokenChecker(file=str(path))
+    for _ in range(2):
+        path.unlink()
+        for _ in range(3):
+            assert checker.check("Bearer kept")
+        rotate(path, "kept")
+        assert checker.check("Bearer kept")
+    missing = [r for r in caplog.records if r.getMessage() == "token file missing, keeping previous tokens"]
+    assert len(missing) == 2 and all(r.levelname == "WARNING" for r in missing)

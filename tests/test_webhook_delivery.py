@@ -44,7 +44,9 @@ async def test_each_reply_is_one_post_with_exactly_the_six_integration_fields(st
     assert "webhook-signature" not in got.headers and "Authorization" not in got.headers
 
 
-async def test_receiver_failing_with_503_then_recovering_gets_every_reply_in_order_once(start_app: StartApp) -> None:
+async def test_receiver_failing_with_503_then_recovering_gets_every_reply_in_order_once(
+    start_app: StartApp, caplog: pytest.LogCaptureFixture
+) -> None:
     async with Receiver() as r:
         r.script("c1", 503, 503, 503)
         s = await start_app(response_url=r.url)
@@ -55,6 +57,9 @@ async def test_receiver_failing_with_503_then_recovering_gets_every_reply_in_ord
     assert [x.status for x in r.requests[:3]] == [503, 503, 503]
     ids = [b["botpressMessageId"] for b in r.delivered("c1")]
     assert len(set(ids)) == 6
+    # Three failed attempts within 10 s: one WARNING, not one per attempt (those are INFO).
+    (warning,) = [x for x in caplog.records if x.getMessage() == "webhook attempts failing; retrying"]
+    assert warning.levelname == "WARNING" and warning.error  # type: ignore[attr-defined]
 
 
 async def test_a_non_retryable_4xx_dead_letters_the_reply_and_the_next_one_proceeds(start_app: StartApp) -> None:

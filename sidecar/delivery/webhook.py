@@ -91,6 +91,7 @@ class WebhookDelivery:
         self._scheduler: asyncio.Task[None] | None = None
         self._draining = False
         self._read_errors = Throttle()  # an outbox that cannot be read fails every second
+        self._failing_log = Throttle()
         # Resolved once: labels() takes a lock and walks a dict on every call.
         self._attempts = {kind: metrics.webhook_attempts.labels(kind) for kind in Outcome.KINDS}
 
@@ -271,6 +272,10 @@ class WebhookDelivery:
             reply.conversation_id, reply.sequence,
             attempts=attempts, first_attempt_at=first, next_attempt_at=now + delay, error=outcome.error,
         )  # fmt: skip
+        if failures := self._failing_log.due():
+            # Each retry is an INFO line; a receiver that is down deserves a WARNING before
+            # its replies start to be dead-lettered: one per 10 s while attempts fail.
+            log.warning("webhook attempts failing; retrying", extra={"error": outcome.error, "attempts": failures})
         log.info(
             "webhook attempt failed; will retry",
             extra={"conversation_id": reply.conversation_id, "sequence": reply.sequence,
