@@ -10,15 +10,16 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
+# The versions CI tested (constraints.txt), not whatever is newest at build time.
 # Every dependency ships binary wheels for amd64 and arm64, so no compiler is
 # needed even here; on a platform without them, add build-essential to this
 # stage only.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY sidecar ./sidecar
 # pip and setuptools are removed afterwards: nothing installs at run time.
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
     && python -m venv /opt/venv \
-    && /opt/venv/bin/pip install "$(ls /wheels/sidecar-*.whl)" \
+    && /opt/venv/bin/pip install -c constraints.txt "$(ls /wheels/sidecar-*.whl)" \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
     && /opt/venv/bin/sidecar --help > /dev/null
 

@@ -7,14 +7,14 @@ PROTO  := proto/sidecar/v1/sidecar.proto
 GEN    := sidecar/v1/sidecar_pb2.py sidecar/v1/sidecar_pb2.pyi sidecar/v1/sidecar_pb2_grpc.py sidecar/v1/sidecar_pb2_grpc.pyi
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck proto proto-check bench bench-quick soak fuzz clean venv
+.PHONY: run test lint typecheck proto proto-check bench bench-quick soak fuzz clean venv constraints
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@# A venv that failed half-way (Debian without python3-venv leaves .venv/bin/python
 	@# but no pip) is removed, so that the next make tries again instead of failing on it.
 	test -x $(PY) && $(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV); $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); exit 1; }; }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -67,6 +67,17 @@ soak: $(STAMP)
 
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_fuzz.py --timeout=0 $(PYTEST_ARGS)
+
+# After a change to pyproject.toml's dependencies: resolve them afresh, test, commit both.
+constraints:
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	sed -n '1,4p' constraints.txt > constraints.new
+	$(PY) -m pip freeze --exclude-editable >> constraints.new
+	mv constraints.new constraints.txt
+	touch $(STAMP)
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .mypy_cache .ruff_cache .hypothesis sidecar.egg-info

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +147,22 @@ def test_the_image_refuses_to_start_without_tokens_and_starts_with_them() -> Non
         load(env=env)
     config = load(env={**env, "SIDECAR_AUTH_TOKENS": "t"})
     assert config.store == "sqlite:////var/lib/sidecar/sidecar.db"
+
+
+def test_every_declared_dependency_is_pinned_in_the_constraints_make_and_the_image_use() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = [*project["dependencies"], *(r for extra in project["optional-dependencies"].values() for r in extra)]
+
+    def name(requirement: str) -> str:
+        return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+    pinned = {}
+    for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            package, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not an exact pin"
+            pinned[name(package)] = version
+    assert {name(r) for r in declared} <= pinned.keys(), "run make constraints"
+    assert "-c constraints.txt" in (ROOT / "Makefile").read_text(encoding="utf-8")
+    copied = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "COPY")
+    assert "constraints.txt" in copied
