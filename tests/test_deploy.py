@@ -32,8 +32,13 @@ def pod_spec() -> dict[str, Any]:
     return spec
 
 
+def all_containers() -> list[dict[str, Any]]:
+    spec = pod_spec()
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
 def container(name: str) -> dict[str, Any]:
-    return next(c for c in pod_spec()["containers"] if c["name"] == name)
+    return next(c for c in all_containers() if c["name"] == name)
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -79,7 +84,7 @@ def test_the_sidecar_container_env_is_a_valid_configuration() -> None:
 
 def test_every_secret_key_the_pod_reads_is_in_the_example_secret() -> None:
     secret = manifests()["Secret"]
-    for c in pod_spec()["containers"]:
+    for c in all_containers():
         for item in c.get("env", []):
             ref = item.get("valueFrom", {}).get("secretKeyRef")
             if ref:
@@ -94,6 +99,14 @@ def test_sqlite_gets_one_replica_replaced_not_rolled() -> None:
     mounts = {m["mountPath"]: m["name"] for m in container("sidecar")["volumeMounts"]}
     volumes = {v["name"]: v for v in pod_spec()["volumes"]}
     assert "persistentVolumeClaim" in volumes[mounts["/var/lib/sidecar"]]
+
+
+def test_the_sidecar_is_a_native_sidecar_started_before_and_stopped_after_the_backend() -> None:
+    (sidecar,) = pod_spec()["initContainers"]
+    assert (sidecar["name"], sidecar["restartPolicy"]) == ("sidecar", "Always")
+    # The backend starts once the sidecar is ready: every listener up, the store writable.
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
+    assert [c["name"] for c in pod_spec()["containers"]] == ["backend"]
 
 
 def test_the_grace_period_covers_the_drain_timeout_with_margin() -> None:
@@ -126,7 +139,7 @@ def test_the_memory_limit_holds_the_sidecar_at_rest_and_every_stream_it_admits()
 
 def test_the_pod_runs_locked_down() -> None:
     assert pod_spec()["securityContext"]["runAsNonRoot"] is True
-    for c in pod_spec()["containers"]:
+    for c in all_containers():
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert c["securityContext"]["allowPrivilegeEscalation"] is False
         assert {"requests", "limits"} <= c["resources"].keys()
