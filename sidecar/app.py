@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # How often gRPC health is brought in line with readiness when nobody asks /readyz
 # (a gRPC probe or load balancer reads the health service only).
 HEALTH_INTERVAL = 5.0
+# The store's readiness write is made at most this often, however often /readyz is asked.
+STORE_CHECK_INTERVAL = 1.0
 
 
 class App:
@@ -61,6 +63,9 @@ class App:
         self._health_watch: asyncio.Task[None] | None = None
         self._response_url_check = "not checked"
         self._ping_errors = Throttle()
+        self._store_check = asyncio.Lock()
+        self._store_checked_at = float("-inf")
+        self._store_ok = False
         self._started = False
         self._draining = False
         self.http_port = self.grpc_port = self.admin_port = 0
@@ -154,13 +159,7 @@ class App:
         """Whether the sidecar is ready, with the details /readyz shows; also sets gRPC
         health to the same answer, so that the two can never disagree."""
         details: dict[str, JSON] = {"started": self._started, "draining": self._draining}
-        try:
-            await self.store.ping()  # a small write: a store that cannot write is not ready
-            details["store"] = "ok"
-        except Exception as e:  # noqa: BLE001 - any store failure means not ready
-            if self._ping_errors.due():
-                log.warning("store check failed", extra={"error": type(e).__name__})
-            details["store"] = "unavailable"
+        details["store"] = await self._store_state()
         details["pending_messages"] = self.core.pending
         details["streams"] = self.core.streams
         if self.webhook is not None:
@@ -173,6 +172,23 @@ class App:
             for service in ("", SERVICE_NAME):
                 await self._health.set(service, status)
         return ready, details
+
+    async def _store_state(self) -> str:
+        """ "ok" if the store takes a small write, else "unavailable". The write is made at
+        most once per STORE_CHECK_INTERVAL, whoever asks: /readyz needs no token, and a
+        client polling it must not turn into a stream of writes."""
+        async with self._store_check:  # callers meanwhile wait for this check's answer
+            now = time.monotonic()
+            if now - self._store_checked_at >= STORE_CHECK_INTERVAL:
+                try:
+                    await self.store.ping()  # a small write: a store that cannot write is not ready
+                    self._store_ok = True
+                except Exception as e:  # noqa: BLE001 - any store failure means not ready
+                    self._store_ok = False
+                    if self._ping_errors.due():
+                        log.warning("store check failed", extra={"error": type(e).__name__})
+                self._store_checked_at = time.monotonic()
+            return "ok" if self._store_ok else "unavailable"
 
     async def _watch_health(self) -> None:
         """Every HEALTH_INTERVAL: gRPC health from readiness, and the store's backlog gauges

@@ -54,6 +54,18 @@ async def test_repeat_with_other_content_is_409(start_app: StartApp) -> None:
     assert_error_shape(await resp.json(), "conflict")
 
 
+async def test_readyz_polled_in_a_loop_writes_to_the_store_at_most_once_a_second(start_app: StartApp) -> None:
+    """/readyz needs no token: asking it must not become a stream of store writes."""
+    s = await start_app()
+    store = s.app.store
+    before = store.commits  # type: ignore[attr-defined]
+    async with aiohttp.ClientSession() as session:
+        for _ in range(50):
+            async with session.get(s.admin + "/readyz") as r:
+                assert r.status == 200
+    assert store.commits - before <= 2  # type: ignore[attr-defined]
+
+
 async def test_each_refusal_is_counted_under_its_own_outcome(start_app: StartApp) -> None:
     """A botched token rotation (every request 401) must not look like bad payloads."""
     s = await start_app(auth_tokens=("t0k3n",))
