@@ -275,7 +275,7 @@ class WebhookDelivery:
         if failures := self._failing_log.due():
             # Each retry is an INFO line; a receiver that is down deserves a WARNING before
             # its replies start to be dead-lettered: one per 10 s while attempts fail.
-            log.warning("webhook attempts failing; retrying", extra={"error": outcome.error, "attempts": failures})
+            log.warning("webhook attempts failing; retrying", extra={"error": outcome.error, "failures": failures})
         log.info(
             "webhook attempt failed; will retry",
             extra={"conversation_id": reply.conversation_id, "sequence": reply.sequence,

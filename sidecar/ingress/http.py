@@ -250,7 +250,7 @@ class HttpIngress:
     async def bot_replies(self, request: web.Request) -> web.Response:
         """Replies from an asynchronous bot, in the integration's outbound format (SPEC §3)."""
         if not self._callback_tokens.enabled or not self._callback_tokens.check(request.headers.get("Authorization")):
-            self._callback_refused(Unauthenticated(), "no valid callback token")
+            self._callback_refused("unauthenticated", "no valid callback token")
             raise Unauthenticated()
         return await self._counted(self._accept_bot_replies(request))
 
@@ -258,7 +258,7 @@ class HttpIngress:
         """The same, for senders that cannot add a header: the secret path is the credential."""
         given = request.match_info["secret"].encode()
         if not hmac.compare_digest(given, self._config.callback_secret_path.encode()):
-            self._callback_refused(Unauthenticated(), "a callback path with the wrong secret")
+            self._callback_refused("unauthenticated", "a callback path with the wrong secret")
             raise web.HTTPNotFound()  # as if the route did not exist
         return await self._counted(self._accept_bot_replies(request))
 
@@ -269,15 +269,15 @@ class HttpIngress:
             response = await handling
         except BaseException as e:
             if isinstance(e, NotFound):
-                self._callback_refused(e, "replies for a conversation this sidecar never saw")
+                self._callback_refused("not_found", "replies for a conversation this sidecar never saw")
             else:
                 self._callbacks[outcome_of(e)].inc()
             raise
         self._callbacks["accepted"].inc()
         return response
 
-    def _callback_refused(self, error: SidecarError, why: str) -> None:
-        self._callbacks[outcome_of(error)].inc()
+    def _callback_refused(self, outcome: str, why: str) -> None:
+        self._callbacks[outcome].inc()
         if self._refusals.due():
             # Nothing of the request: its path may hold the secret, its body the user's text.
             log.warning("bot callback refused", extra={"why": why})
