@@ -40,6 +40,7 @@ _EVER = 1e18
 # Messages forgotten, or conversations visited, per store step (~2 ms of SQLite on the
 # loop): other work interleaves with a sweep.
 _SWEEP_PAGE = 200
+_LATER = 1 << 62  # a position after any in a pending-messages read
 
 
 class Notifier(Protocol):
@@ -47,7 +48,9 @@ class Notifier(Protocol):
 
     def notify(self, conversation_id: str) -> None: ...
 
-    def replayed(self, conversation_id: str) -> None: ...
+    def hold(self, conversation_id: str) -> None: ...
+
+    def release(self, conversation_id: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +248,12 @@ class Core:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _enqueue(self, stored: StoredMessage) -> None:
+    def _enqueue(self, stored: StoredMessage, order: Mapping[str, int] | None = None) -> None:
+        """Queue a message on its conversation's lane: at the end, or, given the store's
+        ``order`` (positions in a pending-messages read), before the queued messages that
+        came after it. That way a message loaded late (a replayed dead letter, an accept
+        whose answer was lost) runs where a restart would run it, not behind newer ones.
+        Never before the lane's head: it may be running."""
         if stored.id in self._queued:
             return
         self._queued.add(stored.id)
@@ -254,6 +262,12 @@ class Core:
         if lane is None:
             lane = self._lanes[stored.conversation_id] = collections.deque()
             self._spawn(self._run_lane(stored.conversation_id, lane))
+        if order is not None and len(lane) > 1:
+            mine = order[stored.id]
+            # A message not in the read came after it (or after its limit): later than any in it.
+            if order.get(lane[-1].id, _LATER) > mine:  # else the common case: loaded in order, appended
+                lane.insert(next(i for i in range(1, len(lane)) if order.get(lane[i].id, _LATER) > mine), stored)
+                return
         lane.append(stored)
 
     async def _load_pending(self) -> int:
@@ -261,8 +275,9 @@ class Core:
         the store holds more (a backlog: loaded, in order, as the queue drains)."""
         limit = self._config.max_pending_messages
         pending = await self._store.pending_messages(limit + 1)
+        order = {stored.id: i for i, stored in enumerate(pending)}
         for stored in pending[:limit]:
-            self._enqueue(stored)
+            self._enqueue(stored, order)
         self._backlog = len(pending) > limit
         return min(len(pending), limit)
 
@@ -569,21 +584,35 @@ class Core:
                 " set one, or replay kind=message only"
             )
         replayed = 0
-        messages = False
+        messages = False  # a message letter was tried: it may be pending again, unqueued
+        held: set[str] = set()
         now = time.time()
-        async for letter in self._selected(selection):
-            if await self._store.replay_dead_letter(letter.id, now=now):
-                replayed += 1
+        try:
+            async for letter in self._selected(selection):
+                if letter.kind == "reply" and self._webhook is not None and letter.conversation_id not in held:
+                    # Held until every letter of the selection is back: replayed one commit
+                    # at a time, in the order they died, a later reply back first would be
+                    # POSTed before an earlier one still on its way.
+                    self._webhook.hold(letter.conversation_id)
+                    held.add(letter.conversation_id)
                 messages |= letter.kind == "message"
-                if letter.kind == "reply" and self._webhook is not None:
-                    self._webhook.replayed(letter.conversation_id)
-        if messages:
-            # Like a start: the oldest pending first, and the rest as a backlog if they
-            # are more than the queue holds (they would otherwise stay pending unseen).
-            try:
-                await self._load_pending()
-            except Exception as e:  # noqa: BLE001 - the letters are replayed: loading them is ours to retry
-                self._load_failed(e)
+                if await self._store.replay_dead_letter(letter.id, now=now):
+                    replayed += 1
+        except BaseException:
+            if messages:  # the failed step may have landed (Redis): load as after a lost answer
+                self._reload()
+            raise
+        else:
+            if messages:
+                # Like a start: the oldest pending first, and the rest as a backlog if they
+                # are more than the queue holds (they would otherwise stay pending unseen).
+                try:
+                    await self._load_pending()
+                except Exception as e:  # noqa: BLE001 - the letters are replayed: loading them is ours to retry
+                    self._load_failed(e)
+        finally:
+            for conversation_id in held:
+                self._webhook.release(conversation_id)  # type: ignore[union-attr]  # held only with one
         log.info("dead letters replayed", extra={"count": replayed})
         return replayed
 

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from sidecar.errors import Unavailable
 from sidecar.models import ReplyDraft
+from tests.bot_server import BotServer
 from tests.conftest import Running, StartApp, eventually, message
 from tests.local_server import LocalServer
 from tests.procs import free_port
@@ -313,3 +315,74 @@ async def test_a_replay_while_a_delivery_waits_for_a_slot_still_goes_first(start
         r.gate.set()
         await eventually(lambda: len(r.seen) == 4, what="every reply delivered")
     assert r.seen == ["first(400)", "block", "first", "r2"]
+
+
+async def test_replies_that_died_out_of_order_are_replayed_in_sequence_order(start_app: StartApp) -> None:
+    """Reply 1 died again after a first replay, so its letter is newer than reply 2's:
+    replayed one commit at a time in the order they died, 2 used to be POSTed before 1."""
+    async with Receiver() as r:
+        r.script("c1", 400, 400, 400)
+        s = await start_app(response_url=r.url, admin_tokens=(ADMIN,))
+        await send_texts(s, "c1", ["one", "two"])
+        first, _ = await dead_letters(s, 2)
+        assert (await api(s, "POST", "/v1/dead-letters/replay", {"ids": [first.id]}))[0] == 200
+        await r.wait_for(3, ok=False)  # reply 1 refused again: a new letter, after reply 2's
+        await dead_letters(s, 2)
+        assert (await api(s, "POST", "/v1/dead-letters/replay", {"conversationId": "c1"})) == (200, {"replayed": 2})
+        await r.wait_for(2)
+    assert [x["payload"]["text"] for x in r.delivered("c1")] == ["one", "two"]
+
+
+async def test_a_replayed_message_runs_before_newer_ones_still_waiting_in_its_conversation(
+    start_app: StartApp,
+) -> None:
+    """Where a restart would run it: by arrival, not behind messages that came after it."""
+    gate, calls = asyncio.Event(), []
+
+    async def handler(body: Any) -> tuple[int, Any]:
+        calls.append(body["text"])
+        if body["text"] == "bad" and calls.count("bad") == 1:
+            return 400, None  # refused: dead-lettered at once
+        if body["text"] == "slow":
+            await gate.wait()
+        return 200, []
+
+    async with BotServer(handler) as bot:
+        s = await start_app(bot="http", bot_url=bot.url, admin_tokens=(ADMIN,), bot_max_attempts=1)
+        await s.post(message("c1", "m1", "bad"))
+        (letter,) = await dead_letters(s, 1)
+        await s.post(message("c1", "m2", "slow"))
+        await s.post(message("c1", "m3", "after"))
+        await eventually(lambda: calls == ["bad", "slow"], what="m2 running, m3 waiting")
+        assert (await api(s, "POST", "/v1/dead-letters/replay", {"ids": [letter.id]}))[0] == 200
+        gate.set()
+        await eventually(lambda: len(calls) == 4, what="every message run")
+    assert calls == ["bad", "slow", "bad", "after"]
+
+
+async def test_a_replay_whose_answer_was_lost_still_runs_the_message(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store put the letter back but the answer was lost (Redis can): the operator's
+    retry finds no letter, so the core itself must load what may now be pending."""
+    runs = []
+
+    async def handler(body: Any) -> tuple[int, Any]:
+        runs.append(body["text"])
+        return (400, None) if len(runs) == 1 else (200, [])
+
+    async with BotServer(handler) as bot:
+        s = await start_app(bot="http", bot_url=bot.url, admin_tokens=(ADMIN,), bot_max_attempts=1)
+        await s.post(message("c1", "m1", "hi"))
+        (letter,) = await dead_letters(s, 1)
+        store = s.app.store
+        real = store.replay_dead_letter
+
+        async def lost(dead_letter_id: str, *, now: float) -> bool:
+            await real(dead_letter_id, now=now)
+            raise Unavailable("the store is unreachable; try again")
+
+        monkeypatch.setattr(store, "replay_dead_letter", lost)
+        assert (await api(s, "POST", "/v1/dead-letters/replay", {"ids": [letter.id]}))[0] == 503
+        monkeypatch.undo()
+        await eventually(lambda: runs == ["hi", "hi"], what="the replayed message run")

@@ -87,6 +87,7 @@ class WebhookDelivery:
         # than its last replay is read again before its next POST.
         self._epoch = 0
         self._replayed_at: dict[str, int] = {}
+        self._held: collections.Counter[str] = collections.Counter()  # conversations being replayed
         self._slots = asyncio.Semaphore(config.webhook_concurrency)
         self._scheduler: asyncio.Task[None] | None = None
         self._draining = False
@@ -110,10 +111,18 @@ class WebhookDelivery:
         """New replies were queued; cheap enough to call on every append."""
         self._wake.set()
 
-    def replayed(self, conversation_id: str) -> None:
-        """A reply went back into the conversation's outbox (committed already) below
-        replies queued after it: a delivery that read its queue before this re-reads it
-        before its next POST, so the replayed reply goes first."""
+    def hold(self, conversation_id: str) -> None:
+        """Start no POST for the conversation until ``release``: its dead replies are being
+        put back into the outbox, one commit at a time and not in sequence order."""
+        self._held[conversation_id] += 1
+
+    def release(self, conversation_id: str) -> None:
+        """The replay is over: replies went back into the outbox below replies queued
+        after them, so a delivery that read its queue before re-reads it before its
+        next POST, and the lowest sequence goes first."""
+        self._held[conversation_id] -= 1
+        if self._held[conversation_id] <= 0:
+            del self._held[conversation_id]
         self._epoch += 1
         self._replayed_at[conversation_id] = self._epoch
         self._wake.set()
@@ -158,7 +167,7 @@ class WebhookDelivery:
                 read_at = self._epoch  # before the read: a replay after it is seen as newer
                 for delivery in await self._store.due_deliveries(now, _BATCH):
                     conversation_id = delivery.reply.conversation_id
-                    if conversation_id not in self._in_flight:
+                    if conversation_id not in self._in_flight and conversation_id not in self._held:
                         task = asyncio.create_task(self._run_conversation(delivery, read_at))
                         self._in_flight[conversation_id] = task
                         task.add_done_callback(functools.partial(self._finished, conversation_id))
@@ -203,6 +212,8 @@ class WebhookDelivery:
                 async with self._slots:
                     # Checked with the slot in hand, right before the POST: a replay
                     # while this task waited for a slot is seen too.
+                    if conversation_id in self._held:
+                        break  # the replay's release wakes the scheduler, which starts over
                     if self._stale(conversation_id, read_at):
                         read_at = self._epoch
                         queue = collections.deque(await self._store.queued_deliveries(conversation_id, _PAGE))
