@@ -1,6 +1,7 @@
 """Chaos soak: kill, stop or starve the sidecar of Redis answers under load, then check what it promises.
 
-    python -m bench.soak [--store sqlite|redis] [--variant kill|term|stop|lostanswer|mixed] [--cycles N] [--seed S]
+    python -m bench.soak [--store sqlite|redis] [--variant kill|term|stop|lostanswer|diskfull|mixed] [--cycles N]
+                         [--seed S]
 
 Runs ``sidecar serve`` as a child (echo bot, queue bound 60, two bot lanes) and loads it from 20 conversations,
 each sending messages in turn over HTTP or gRPC until acknowledged, sometimes resending one or giving up; a
@@ -8,7 +9,9 @@ follower per conversation Subscribes, resuming from its last sequence; the webho
 5xx or too slowly. Each cycle does one thing to the child, then restarts it on the same store and ports. kill:
 kill -9 under load, 0-1.2 s after a start, just after ready, while a receiver outage's backlog drains, or after
 a restart with a queue bound below the backlog. term: SIGTERM, whose drain must exit 0. stop: SIGSTOP for 1-4 s.
-lostanswer (Redis): a proxy drops Redis's answers for 0.5-2.5 s, so steps run unanswered. mixed: all of these.
+lostanswer (Redis): a proxy drops Redis's answers for 0.5-2.5 s, so steps run unanswered. diskfull (SQLite):
+for 0.5-3 s the child cannot grow a file past the WAL's size then (RLIMIT_FSIZE: a disk that filled up), so
+commits fail (503) while the WAL has no room. mixed: all of these.
 
 Then the load stops and, once the sidecar is idle, it checks: each acknowledged message has exactly one reply
 (a given-up one at most one), echoing it; sequences are 1..n; replies follow send order; resends are answered
@@ -36,6 +39,7 @@ import itertools
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -77,9 +81,12 @@ SETTINGS = (  # fast webhook retries, never a dead letter; a small queue and two
 GRPC_OUTCOMES = {"RESOURCE_EXHAUSTED": "busy", "UNAVAILABLE": "unavailable", "ALREADY_EXISTS": "conflict"}
 GRPC_OUTCOMES |= {"DEADLINE_EXCEEDED": "timeout", "CANCELLED": "connection"}
 GRPC_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 300)]
-ACTIONS = {"term": ["sigterm"], "stop": ["sigstop"], "lostanswer": ["lost_answers"]}
+ACTIONS = {"term": ["sigterm"], "stop": ["sigstop"], "lostanswer": ["lost_answers"], "diskfull": ["disk_full"]}
 ACTIONS["kill"] = ["early", "after_ready", "mid_load", "mid_load", "webhook_outage", "backlog"]
-ACTIONS["mixed"] = ACTIONS["kill"] + ACTIONS["term"] + ACTIONS["stop"] + ACTIONS["lostanswer"] * 3
+ACTIONS["mixed"] = (
+    ACTIONS["kill"] + ACTIONS["term"] + ACTIONS["stop"] + (ACTIONS["lostanswer"] + ACTIONS["diskfull"]) * 3
+)
+STORE_ACTIONS = {"lost_answers": "redis", "disk_full": "sqlite"}  # what only one store can meet
 T0 = time.monotonic()
 
 
@@ -342,7 +349,8 @@ class Soak:
         """Each cycle one action, then a restart if it left the child dead; False if a restart failed."""
         await asyncio.sleep(self.rng.uniform(1, 2))
         for cycle in range(self.args.cycles):
-            action = self.rng.choice([a for a in ACTIONS[self.args.variant] if self.proxy or a != "lost_answers"])
+            actions = ACTIONS[self.args.variant]
+            action = self.rng.choice([a for a in actions if STORE_ACTIONS.get(a, self.args.store) == self.args.store])
             self.receiver.mode = self.rng.choice(["ok", "ok", "flaky"])
             print(f"[{at()}] cycle {cycle + 1}/{self.args.cycles}: {action}", file=sys.stderr, flush=True)
             self.actions[action] += 1
@@ -405,6 +413,13 @@ class Soak:
             proc.send_signal(signal.SIGSTOP)
             await asyncio.sleep(rng.uniform(1.0, 4.0))
             proc.send_signal(signal.SIGCONT)
+        elif action == "disk_full":
+            wal = self.workdir / "sidecar.db-wal"
+            room = max(wal.stat().st_size if wal.exists() else 0, 64 * 1024)
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (room, resource.RLIM_INFINITY))
+            await asyncio.sleep(rng.uniform(0.5, 3.0))
+            if proc.poll() is None:
+                resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
         elif action == "lost_answers" and self.proxy is not None:
             self.proxy.lossy = True
             await asyncio.sleep(rng.uniform(0.5, 2.5))
@@ -568,6 +583,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--cycles must be 1-1000, --max-messages positive, --final-timeout 0-3600")
     if args.variant == "lostanswer" and args.store != "redis":
         parser.error("--variant lostanswer needs --store redis: only Redis can run a step and lose its answer")
+    if args.variant == "diskfull" and args.store != "sqlite":
+        parser.error("--variant diskfull needs --store sqlite: it limits the sidecar's own files")
     return args
 
 
