@@ -113,12 +113,17 @@ class AdminApp:
         conversation_id = body.get("conversationId", "")
         everything = body.get("all", False)
         kind = body.get("kind")
-        if (
-            not isinstance(conversation_id, str)
-            or not isinstance(everything, bool)
-            or kind not in (None, "reply", "message")
-        ):
-            raise InvalidArgument("conversationId must be a string, all a boolean, kind reply or message")
+        bad = [
+            FieldViolation(name, reason)
+            for name, ok, reason in (
+                ("conversationId", isinstance(conversation_id, str), "must be a string"),
+                ("all", isinstance(everything, bool), "must be true or false"),
+                ("kind", kind in (None, "reply", "message"), "must be reply or message"),
+            )
+            if not ok
+        ]
+        if bad:
+            raise InvalidArgument("the selection has invalid fields", details=tuple(bad))
         return Selection(ids=tuple(ids), conversation_id=conversation_id, everything=everything, kind=kind)
 
     async def healthz(self, request: web.Request) -> web.Response:

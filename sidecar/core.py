@@ -274,11 +274,14 @@ class Core:
         """Queue the oldest pending messages, up to ``max_pending_messages``; note whether
         the store holds more (a backlog: loaded, in order, as the queue drains)."""
         limit = self._config.max_pending_messages
+        asks = self._reload_asks
         pending = await self._store.pending_messages(limit + 1)
         order = {stored.id: i for i, stored in enumerate(pending)}
         for stored in pending[:limit]:
             self._enqueue(stored, order)
-        self._backlog = len(pending) > limit
+        # A reload asked for during the read (an accept whose answer may be lost) may
+        # concern a message this read predates: the backlog stays, for that reload's load.
+        self._backlog = len(pending) > limit or self._reload_asks != asks
         return min(len(pending), limit)
 
     async def _refill(self) -> None:
@@ -630,13 +633,13 @@ class Core:
         return purged
 
     async def _selected(self, selection: Selection) -> AsyncGenerator[DeadLetter, None]:
+        _check(selection)
         if selection.ids:
             for dead_letter_id in selection.ids:
                 letter = await self._store.get_dead_letter(dead_letter_id)
                 if letter is not None and selection.kind in (None, letter.kind):
                     yield letter
             return
-        _check(selection)
         # Replay and purge remove what they touch, so the first page is always the next one.
         # Only letters dead before the call began: a replayed reply that the receiver
         # refuses again is a new letter, which would otherwise be replayed again, and so
@@ -719,9 +722,15 @@ class Core:
 
 
 def _check(selection: Selection) -> None:
-    if not selection.ids and not selection.everything and not selection.conversation_id:
+    chosen = sum((bool(selection.ids), bool(selection.conversation_id), selection.everything))
+    if chosen != 1:
+        # More than one would be ambiguous: {"ids": [...], "all": true} must not quietly
+        # act on the ids only, nor {"all": true, "conversationId": ...} on one conversation.
         raise InvalidArgument(
-            "say which dead letters: ids, a conversationId, or all", details=(FieldViolation("selection", "empty"),)
+            "say which dead letters: ids, a conversationId, or all (exactly one of them)",
+            details=(
+                FieldViolation("selection", "empty" if not chosen else "more than one of ids, conversationId, all"),
+            ),
         )
 
 

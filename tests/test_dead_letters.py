@@ -254,6 +254,18 @@ async def test_replies_cannot_be_replayed_without_a_response_url(start_app: Star
     assert await api(s, "POST", "/v1/dead-letters/replay", {"all": True, "kind": "message"}) == (200, {"replayed": 0})
     status, answer = await api(s, "POST", "/v1/dead-letters/replay", {})  # no selection: a 400 first
     assert status == 400 and answer["error"]["code"] == "invalid_argument"
+    # Ambiguous or mistyped selections are refused, naming what is wrong, before anything moves.
+    ambiguous: list[tuple[dict[str, Any], str]] = [
+        ({"ids": [letter.id], "all": True}, "selection"),
+        ({"all": True, "conversationId": "c1"}, "selection"),
+        ({"all": "yes"}, "all"),
+        ({"conversationId": 7}, "conversationId"),
+        ({"all": True, "kind": "replies"}, "kind"),
+    ]
+    for body, field in ambiguous:
+        for action in ("replay", "purge"):
+            status, answer = await api(s, "POST", f"/v1/dead-letters/{action}", body)
+            assert status == 400 and [d["field"] for d in answer["error"]["details"]] == [field], (action, body)
     (kept,) = await s.app.store.list_dead_letters()
     assert (kept.id, kept.error, kept.attempts) == (letter.id, "HTTP 410", 3)
 

@@ -403,3 +403,28 @@ async def test_an_outage_that_fails_every_accept_keeps_one_reload_waiting_not_on
         return (await s.post(message("c1", "after", "x"))).status == 200
 
     await eventually(taken, what="a message accepted once the store is back")
+
+
+async def test_a_reload_asked_for_during_a_load_is_not_cleared_by_that_load(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An accept whose answer may be lost asks for a reload while another load (a dead
+    letter's replay) is reading: that read may predate the message, so it must not clear
+    the backlog the ask set, or the reload it scheduled finds nothing to do."""
+    s = await start_app()
+    core, store = s.app.core, s.app.store
+    real = store.pending_messages
+    asked = False
+
+    async def racing(limit: int) -> Any:
+        nonlocal asked
+        result = await real(limit)
+        if not asked:
+            asked = True
+            core._reload()  # as Core.send does after an accept failed on Redis
+        return result
+
+    monkeypatch.setattr(store, "pending_messages", racing)
+    await core._load_pending()
+    assert core._backlog  # kept for the reload's own load
+    await eventually(lambda: not core._backlog, what="the reload's load done")
