@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.errors import Conflict
 from sidecar.models import Delivery, InboundMessage, ReplyDraft
-from sidecar.store.base import Store
+from sidecar.store.base import ERROR_LIMIT, Store
 from sidecar.store.memory import MemoryStore
 from sidecar.store.redis import RedisStore, RedisStoreError
 from sidecar.store.sqlite import SqliteStore
@@ -547,3 +547,14 @@ async def test_known_answers_like_accept_for_a_stored_message_and_stores_nothing
     assert known is not None and known.duplicate and known.stored.id == first.id
     with pytest.raises(Conflict):
         await store.known(msg(message_id="m1", text="other"))
+
+
+async def test_every_store_keeps_the_same_bounded_error_text(make_store: Factory) -> None:
+    store = await make_store()
+    long = "x" * (ERROR_LIMIT + 100)
+    accepted = await store.accept(InboundMessage("u", "m1", "c1", "text", "", {}), now=1.0)
+    await store.record_attempt(accepted.stored.id, long)
+    letter = await store.dead_letter_message(accepted.stored.id, long, now=2.0)
+    assert letter is not None and len(letter.error) == ERROR_LIMIT
+    (listed,) = await store.list_dead_letters()
+    assert len(listed.error) == ERROR_LIMIT

@@ -24,6 +24,10 @@ from sidecar.models import (
     StoredMessage,
 )
 
+ERROR_LIMIT = 500
+"""Characters of an error string a store keeps (a dead letter's, a message's or a
+delivery's last error): every store the same, and bounded whatever a bot or receiver said."""
+
 
 class Store(abc.ABC):
     """Durable state of the sidecar. All methods are safe to call concurrently."""

@@ -18,7 +18,7 @@ from sidecar.models import (
     StoredMessage,
     sidecar_id,
 )
-from sidecar.store.base import Store
+from sidecar.store.base import ERROR_LIMIT, Store
 
 
 @dataclass(slots=True)
@@ -95,6 +95,7 @@ class MemoryStore(Store):
         return [self._messages[k] for k in pending[:limit]]
 
     async def record_attempt(self, message_id: str, error: str) -> int:
+        error = error[:ERROR_LIMIT]
         stored = self._messages.get(message_id)
         if stored is None:
             return 0  # as SQLite and Redis answer for an unknown message
@@ -133,6 +134,7 @@ class MemoryStore(Store):
         return len(doomed)
 
     async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter | None:
+        error = error[:ERROR_LIMIT]
         stored = self._messages[message_id]
         if self._state[message_id] != "pending":
             return None
@@ -266,6 +268,7 @@ class MemoryStore(Store):
         next_attempt_at: float,
         error: str,
     ) -> None:
+        error = error[:ERROR_LIMIT]
         conv = self._conv(conversation_id)
         current = conv.outbox.get(sequence)
         if current is not None:
@@ -274,6 +277,7 @@ class MemoryStore(Store):
     async def delivery_dead(
         self, conversation_id: str, sequence: int, *, attempts: int, error: str, now: float
     ) -> DeadLetter:
+        error = error[:ERROR_LIMIT]
         conv = self._conv(conversation_id)
         delivery = conv.outbox.pop(sequence)
         conv.pinned.add(sequence)

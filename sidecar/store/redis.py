@@ -96,14 +96,13 @@ from sidecar.models import (
     sidecar_id,
 )
 from sidecar.observability import Throttle
-from sidecar.store.base import Store
+from sidecar.store.base import ERROR_LIMIT, Store
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 DEFAULT_PREFIX = "sidecar:"
-_ERROR_LIMIT = 500  # like the SQLite store: a stored error string stays bounded
 _LETTER_FIELDS = ("kind", "conversation_id", "sequence", "error", "attempts", "dead_at", "source", "message_id")
 _NO_DELIVERY = "sidecar: no queued delivery"
 _NO_MESSAGE = "sidecar: unknown message"
@@ -798,7 +797,7 @@ class RedisStore(Store):
         return [_message(row[0], row[1], row[2]) for row in rows]
 
     async def record_attempt(self, message_id: str, error: str) -> int:
-        return int(await self._run(self._record_attempt, message_id, error[:_ERROR_LIMIT]))
+        return int(await self._run(self._record_attempt, message_id, error[:ERROR_LIMIT]))
 
     async def finish_message(
         self,
@@ -831,7 +830,7 @@ class RedisStore(Store):
 
     async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter | None:
         letter_id = str(uuid.uuid4())
-        error = error[:_ERROR_LIMIT]
+        error = error[:ERROR_LIMIT]
         try:
             found = await self._run(self._dead_message, message_id, error, now, letter_id)
         except ResponseError as e:
@@ -950,7 +949,7 @@ class RedisStore(Store):
                 "attempts": attempts,
                 "first_attempt_at": first_attempt_at,
                 "next_attempt_at": next_attempt_at,
-                "last_error": error[:_ERROR_LIMIT],
+                "last_error": error[:ERROR_LIMIT],
             }
         )
         await self._run(self._failed, conversation_id, sequence, state)
@@ -959,7 +958,7 @@ class RedisStore(Store):
         self, conversation_id: str, sequence: int, *, attempts: int, error: str, now: float
     ) -> DeadLetter:
         letter_id = str(uuid.uuid4())
-        error = error[:_ERROR_LIMIT]
+        error = error[:ERROR_LIMIT]
         try:
             row = await self._run(self._dead_reply, conversation_id, sequence, attempts, error, now, letter_id)
         except ResponseError as e:

@@ -31,7 +31,7 @@ from sidecar.models import (
     sidecar_id,
 )
 from sidecar.observability import Throttle
-from sidecar.store.base import Store
+from sidecar.store.base import ERROR_LIMIT, Store
 
 log = logging.getLogger(__name__)
 
@@ -501,9 +501,12 @@ class SqliteStore(Store):
         return await self._read(lambda c: [_message(r) for r in c.execute(sql, (limit,))])
 
     async def record_attempt(self, message_id: str, error: str) -> int:
+        error = error[:ERROR_LIMIT]
+
         def op(c: sqlite3.Connection) -> int:
             c.execute(
-                "UPDATE messages SET attempts = attempts + 1, last_error = ? WHERE id = ?", (error[:500], message_id)
+                "UPDATE messages SET attempts = attempts + 1, last_error = ? WHERE id = ?",
+                (error, message_id),
             )
             row = c.execute("SELECT attempts FROM messages WHERE id = ?", (message_id,)).fetchone()
             return int(row[0]) if row else 0
@@ -521,6 +524,8 @@ class SqliteStore(Store):
         return int(await self._run(lambda c: c.execute(sql, (before, limit)).rowcount, durable=False))
 
     async def dead_letter_message(self, message_id: str, error: str, *, now: float) -> DeadLetter | None:
+        error = error[:ERROR_LIMIT]
+
         def op(c: sqlite3.Connection) -> DeadLetter | None:
             row = c.execute(f"SELECT {_MESSAGE_COLUMNS}, state FROM messages WHERE id = ?", (message_id,)).fetchone()
             if row is None:
@@ -529,7 +534,7 @@ class SqliteStore(Store):
                 return None
             stored = _message(row)
             m = stored.message
-            c.execute("UPDATE messages SET state = 'dead', last_error = ? WHERE id = ?", (error[:500], message_id))
+            c.execute("UPDATE messages SET state = 'dead', last_error = ? WHERE id = ?", (error, message_id))
             return _insert_dead(c, "message", m.conversation_id, 0, m.api_json(), error, stored.attempts, now,
                                 {"message_id": message_id})  # fmt: skip
 
@@ -745,7 +750,7 @@ class SqliteStore(Store):
             lambda c: c.execute(
                 "UPDATE outbox SET attempts = ?, first_attempt_at = ?, next_attempt_at = ?, last_error = ?"
                 " WHERE conversation_id = ? AND sequence = ?",
-                (attempts, first_attempt_at, next_attempt_at, error[:500], conversation_id, sequence),
+                (attempts, first_attempt_at, next_attempt_at, error[:ERROR_LIMIT], conversation_id, sequence),
             ),
             durable=False,  # lost only to a power cut: one attempt more, or sooner
         )
@@ -854,7 +859,9 @@ def _insert_dead(
     now: float,
     extra: dict[str, Any],
 ) -> DeadLetter:
-    letter = DeadLetter(str(uuid.uuid4()), kind, conversation_id, sequence, body, error[:500], attempts, now, extra)
+    letter = DeadLetter(
+        str(uuid.uuid4()), kind, conversation_id, sequence, body, error[:ERROR_LIMIT], attempts, now, extra
+    )
     c.execute(
         f"INSERT INTO dead_letters ({_DEAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (letter.id, kind, conversation_id, sequence, orjson.dumps(body), letter.error, attempts, now,
