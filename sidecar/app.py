@@ -26,7 +26,7 @@ from sidecar.http_server import HttpServer
 from sidecar.ingress.grpc import NOT_SERVING, SERVICE_NAME, SERVING, build_server
 from sidecar.ingress.http import HttpIngress
 from sidecar.models import JSON
-from sidecar.observability import Metrics, Throttle, setup_logging
+from sidecar.observability import Metrics, Throttle, describe_error, setup_logging
 from sidecar.store import create_store
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 HEALTH_INTERVAL = 5.0
 # The store's readiness write is made at most this often, however often /readyz is asked.
 STORE_CHECK_INTERVAL = 1.0
+# A readiness write that takes longer than this counts as failed (a hung store is not ready).
+STORE_CHECK_TIMEOUT = 5.0
 
 
 class App:
@@ -181,12 +183,15 @@ class App:
             now = time.monotonic()
             if now - self._store_checked_at >= STORE_CHECK_INTERVAL:
                 try:
-                    await self.store.ping()  # a small write: a store that cannot write is not ready
+                    # A small write: a store that cannot write is not ready. Bounded: every
+                    # caller waits on this lock, the gRPC health watch included.
+                    async with asyncio.timeout(STORE_CHECK_TIMEOUT):
+                        await self.store.ping()
                     self._store_ok = True
                 except Exception as e:  # noqa: BLE001 - any store failure means not ready
                     self._store_ok = False
-                    if self._ping_errors.due():
-                        log.warning("store check failed", extra={"error": type(e).__name__})
+                    if checks := self._ping_errors.due():
+                        log.warning("store check failed", extra={"error": describe_error(e), "checks": checks})
                 self._store_checked_at = time.monotonic()
             return "ok" if self._store_ok else "unavailable"
 

@@ -17,7 +17,15 @@ from sidecar.backoff import full_jitter
 from sidecar.bots.base import Bot, BotError, BotReply
 from sidecar.config import Config
 from sidecar.delivery.stream import Broker, ReplyStream, draining_error
-from sidecar.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound, Overloaded, Unavailable
+from sidecar.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Overloaded,
+    StoreRefused,
+    Unavailable,
+)
 from sidecar.models import (
     AcceptResult,
     DeadLetter,
@@ -166,19 +174,21 @@ class Core:
         self._draining = True
         self.broker.close_all(draining_error())
         self._stopping.set()
-        tasks = list(self._tasks)
-        if tasks:
-            _, still = await asyncio.wait(tasks, timeout=timeout)
+        still: set[asyncio.Task[None]] = set()
+        if self._tasks:
+            _, still = await asyncio.wait(list(self._tasks), timeout=timeout)
             for task in still:
                 task.cancel()
             await asyncio.gather(*still, return_exceptions=True)
-        if self._pending:
-            # Nothing is lost (they stay pending in the store), but an operator should
-            # know the grace period ran out: the bot was slow, or drain_timeout is short.
+        if still and timeout > 0:
+            # Nothing is lost (the messages stay pending in the store), but an operator
+            # should know the grace period ran out: a slow bot, or a short drain_timeout.
             log.warning(
-                "drain timeout reached: messages left pending for the next start",
+                "drain timeout reached: bot calls cut short, messages left pending for the next start",
                 extra={"pending": self._pending, "drain_timeout": timeout},
             )
+        elif self._pending and timeout > 0:
+            log.info("drained; messages left pending for the next start", extra={"pending": self._pending})
 
     # --- send ---------------------------------------------------------------
 
@@ -200,11 +210,11 @@ class Core:
         now = time.time()
         try:
             result = await self._store.accept(message, now=now)
-        except Unavailable:
+        except Unavailable as e:
             # The store may have stored it all the same (Redis ran the script and the
             # answer was lost): the client may retry or give up, and either way the
-            # message must not wait unqueued until a restart.
-            if self._store.failed_steps_may_land:
+            # message must not wait unqueued until a restart. A refusal never ran.
+            if self._store.failed_steps_may_land and not isinstance(e, StoreRefused):
                 self._reload()
             raise
         except asyncio.CancelledError:
@@ -578,8 +588,8 @@ class Core:
     async def replay_dead_letters(self, selection: Selection) -> int:
         """Put dead letters back: replies re-enter the outbox at their sequence (so order
         and webhook-id are kept), messages go back to their conversation's lane."""
-        _check(selection)
-        if self._webhook is None and selection.kind != "message" and await self._selects_replies(selection):
+        webhook = self._webhook
+        if webhook is None and selection.kind != "message" and await self._selects_replies(selection):
             # Back in the outbox, nothing would deliver them: the next start would dead-letter
             # them again, over their real last error. Refused whole, before anything moves.
             raise FailedPrecondition(
@@ -592,11 +602,11 @@ class Core:
         now = time.time()
         try:
             async for letter in self._selected(selection):
-                if letter.kind == "reply" and self._webhook is not None and letter.conversation_id not in held:
+                if letter.kind == "reply" and webhook is not None and letter.conversation_id not in held:
                     # Held until every letter of the selection is back: replayed one commit
                     # at a time, in the order they died, a later reply back first would be
                     # POSTed before an earlier one still on its way.
-                    self._webhook.hold(letter.conversation_id)
+                    webhook.hold(letter.conversation_id)
                     held.add(letter.conversation_id)
                 messages |= letter.kind == "message"
                 if await self._store.replay_dead_letter(letter.id, now=now):
@@ -615,7 +625,7 @@ class Core:
                     self._load_failed(e)
         finally:
             for conversation_id in held:
-                self._webhook.release(conversation_id)  # type: ignore[union-attr]  # held only with one
+                webhook.release(conversation_id)  # type: ignore[union-attr]  # held only with one
         log.info("dead letters replayed", extra={"count": replayed})
         return replayed
 

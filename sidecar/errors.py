@@ -128,5 +128,11 @@ class Unavailable(SidecarError):
     default_message = "the sidecar is shutting down or not ready"
 
 
+class StoreRefused(Unavailable):
+    """The store refused a step before running it (a full disk, Redis out of memory or
+    read-only, another sidecar holding the prefix): unlike a lost answer, nothing of
+    it landed, so nothing needs to be looked for afterwards. The same answer to clients."""
+
+
 class Internal(SidecarError):
     """Anything unexpected; the handler logs the cause and shows only this."""

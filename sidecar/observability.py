@@ -148,9 +148,10 @@ def ingress_metrics(metrics: Metrics, protocol: str) -> tuple[dict[str, Counter]
 
 class Throttle:
     """At most one log line per ``interval`` seconds for a condition that recurs with every
-    request or batch (a full disk, a store refusing writes), saying how many occurrences
-    each line stands for: the first is logged at once, a flood becomes a line every
-    ``interval``, and nothing is hidden."""
+    request or batch (a full disk, a store refusing writes): the first is logged at once,
+    a flood becomes a line every ``interval``, each saying how many occurrences it stands
+    for (those since the previous line). What follows the last line of a flood is not
+    logged: the condition's metric counts every occurrence."""
 
     __slots__ = ("_interval", "_next", "_seen")
 
@@ -169,13 +170,16 @@ class Throttle:
         return seen
 
 
-def outcome_of(error: BaseException) -> str:
-    """The outcome label of a request that ended in ``error`` (see INGRESS_OUTCOMES)."""
+def outcome_of(error: BaseException, allowed: tuple[str, ...]) -> str:
+    """The outcome label of a request that ended in ``error``, one of ``allowed``
+    (INGRESS_OUTCOMES, CALLBACK_OUTCOMES): "rejected" for what has no label of its own."""
     if isinstance(error, asyncio.CancelledError):
-        return "cancelled"
-    if not isinstance(error, SidecarError):
-        return "internal"
-    return _OUTCOME_BY_CODE.get(error.code, "rejected")
+        outcome = "cancelled"
+    elif not isinstance(error, SidecarError):
+        outcome = "internal"
+    else:
+        outcome = _OUTCOME_BY_CODE.get(error.code, "rejected")
+    return outcome if outcome in allowed else "rejected"
 
 
 _OUTCOME_BY_CODE = {

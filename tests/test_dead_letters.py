@@ -329,7 +329,9 @@ async def test_a_replay_while_a_delivery_waits_for_a_slot_still_goes_first(start
     assert r.seen == ["first(400)", "block", "first", "r2"]
 
 
-async def test_replies_that_died_out_of_order_are_replayed_in_sequence_order(start_app: StartApp) -> None:
+async def test_replies_that_died_out_of_order_are_replayed_in_sequence_order(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Reply 1 died again after a first replay, so its letter is newer than reply 2's:
     replayed one commit at a time in the order they died, 2 used to be POSTed before 1."""
     async with Receiver() as r:
@@ -340,6 +342,19 @@ async def test_replies_that_died_out_of_order_are_replayed_in_sequence_order(sta
         assert (await api(s, "POST", "/v1/dead-letters/replay", {"ids": [first.id]}))[0] == 200
         await r.wait_for(3, ok=False)  # reply 1 refused again: a new letter, after reply 2's
         await dead_letters(s, 2)
+        # The worker wakes between the two letters' commits (as anything else queued
+        # meanwhile would make it), with time to start a POST if it may.
+        store, webhook = s.app.store, s.app.webhook
+        assert webhook is not None
+        real = store.replay_dead_letter
+
+        async def then_wake(dead_letter_id: str, *, now: float) -> bool:
+            done = await real(dead_letter_id, now=now)
+            webhook.notify("c1")
+            await asyncio.sleep(0.2)
+            return done
+
+        monkeypatch.setattr(store, "replay_dead_letter", then_wake)
         assert (await api(s, "POST", "/v1/dead-letters/replay", {"conversationId": "c1"})) == (200, {"replayed": 2})
         await r.wait_for(2)
     assert [x["payload"]["text"] for x in r.delivered("c1")] == ["one", "two"]

@@ -54,16 +54,43 @@ async def test_repeat_with_other_content_is_409(start_app: StartApp) -> None:
     assert_error_shape(await resp.json(), "conflict")
 
 
-async def test_readyz_polled_in_a_loop_writes_to_the_store_at_most_once_a_second(start_app: StartApp) -> None:
+async def test_readyz_polled_in_a_loop_checks_the_store_once_per_interval(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """/readyz needs no token: asking it must not become a stream of store writes."""
+    monkeypatch.setattr("sidecar.app.STORE_CHECK_INTERVAL", 3600.0)
     s = await start_app()
-    store = s.app.store
-    before = store.commits  # type: ignore[attr-defined]
+    real, checks = s.app.store.ping, []
+
+    async def counted() -> None:
+        checks.append(1)
+        await real()
+
+    monkeypatch.setattr(s.app.store, "ping", counted)
     async with aiohttp.ClientSession() as session:
         for _ in range(50):
             async with session.get(s.admin + "/readyz") as r:
                 assert r.status == 200
-    assert store.commits - before <= 2  # type: ignore[attr-defined]
+    assert len(checks) == 1
+
+
+async def test_a_store_check_that_hangs_is_not_ready_and_holds_up_no_one(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sidecar.app.STORE_CHECK_TIMEOUT", 0.2)
+    monkeypatch.setattr("sidecar.app.STORE_CHECK_INTERVAL", 0.0)
+    s = await start_app()
+
+    async def hung() -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(s.app.store, "ping", hung)
+    async with aiohttp.ClientSession() as session:
+        async with asyncio.timeout(5):  # bounded: two checks of 0.2 s each, not forever
+            answers = await asyncio.gather(*(session.get(s.admin + "/readyz") for _ in range(2)))
+        for r in answers:
+            assert (r.status, (await r.json())["details"]["store"]) == (503, "unavailable")
+            r.release()
 
 
 async def test_each_refusal_is_counted_under_its_own_outcome(start_app: StartApp) -> None:

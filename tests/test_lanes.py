@@ -428,3 +428,16 @@ async def test_a_reload_asked_for_during_a_load_is_not_cleared_by_that_load(
     await core._load_pending()
     assert core._backlog  # kept for the reload's own load
     await eventually(lambda: not core._backlog, what="the reload's load done")
+
+
+async def test_a_drain_that_ends_in_time_warns_of_nothing(
+    start_app: StartApp, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Lanes stop after the message they run; the queued rest stays for the next start.
+    That is a drain doing its job, not a timeout."""
+    s = await start_app(bot="script", bot_script=slow_rules(tmp_path, 0.2))
+    for i in range(6):
+        assert (await s.post(message("c1", f"m{i}", f"t{i}"))).status == 200
+    await s.app.drain(20)
+    assert s.app.core.pending > 0  # left for the next start
+    assert not [r for r in caplog.records if "drain timeout reached" in r.getMessage()]

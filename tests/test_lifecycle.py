@@ -208,6 +208,11 @@ def test_a_store_that_cannot_write_is_not_ready_until_it_can_again(procs: list[S
         assert time.monotonic() < deadline, "the sidecar stayed ready"
         time.sleep(0.1)
     assert state[1]["details"]["store"] == "unavailable"
+    # And it stays so while the disk stays full: a probe of a page would still fit in
+    # the WAL's space, so readiness must not come back on its strength alone.
+    for _ in range(4):
+        time.sleep(1.0)
+        assert _readyz(p)[0] == 503
     p.grow_files()  # space freed
     deadline = time.monotonic() + 15
     while _readyz(p)[0] != 200:

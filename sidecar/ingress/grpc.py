@@ -22,7 +22,7 @@ from sidecar.convert import CURSOR_METADATA, reply_to_proto, send_request_to_fie
 from sidecar.core import Core
 from sidecar.errors import FieldViolation, Internal, InvalidArgument, SidecarError, Unauthenticated
 from sidecar.models import InboundMessage, Reply
-from sidecar.observability import Metrics, ingress_metrics, outcome_of
+from sidecar.observability import INGRESS_OUTCOMES, Metrics, ingress_metrics, outcome_of
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from sidecar.validate import PROTO_NAMES, message_from_fields
 
@@ -165,17 +165,17 @@ class MessagingService(sidecar_pb2_grpc.MessagingServiceServicer):
                 message_id=message.message_id, conversation_id=message.conversation_id, duplicate=result.duplicate
             )
         except SidecarError as e:
-            outcome = outcome_of(e)
+            outcome = outcome_of(e, INGRESS_OUTCOMES)
             await abort(context, e)
-        except Exception:
-            outcome = "internal"
+        except Exception as e:
+            outcome = outcome_of(e, INGRESS_OUTCOMES)
             log.exception("unhandled error in SendMessage")
             await abort(context, Internal())
-        except asyncio.CancelledError:  # the client's deadline passed, or it went away
-            outcome = "cancelled"
+        except asyncio.CancelledError as e:  # the client's deadline passed, or it went away
+            outcome = outcome_of(e, INGRESS_OUTCOMES)
             raise
         finally:
-            self._outcomes.get(outcome, self._outcomes["rejected"]).inc()
+            self._outcomes[outcome].inc()
             self._latency.observe(time.perf_counter() - started)
 
     # A coroutine writing with context.write() rather than an async generator:

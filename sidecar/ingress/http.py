@@ -27,7 +27,14 @@ from sidecar.errors import (
     UnsupportedMediaType,
 )
 from sidecar.models import JSON, AcceptResult
-from sidecar.observability import CALLBACK_OUTCOMES, Metrics, Throttle, ingress_metrics, outcome_of
+from sidecar.observability import (
+    CALLBACK_OUTCOMES,
+    INGRESS_OUTCOMES,
+    Metrics,
+    Throttle,
+    ingress_metrics,
+    outcome_of,
+)
 from sidecar.validate import MAX_SAFE_INT, message_from_fields, reply_problems
 
 log = logging.getLogger(__name__)
@@ -241,10 +248,10 @@ class HttpIngress:
             outcome = "duplicate" if result.duplicate else "accepted"
             return json_response(accepted_body(result))
         except BaseException as e:
-            outcome = outcome_of(e)
+            outcome = outcome_of(e, INGRESS_OUTCOMES)
             raise
         finally:
-            self._outcomes.get(outcome, self._outcomes["rejected"]).inc()
+            self._outcomes[outcome].inc()
             self._latency.observe(time.perf_counter() - started)
 
     async def bot_replies(self, request: web.Request) -> web.Response:
@@ -271,16 +278,16 @@ class HttpIngress:
             if isinstance(e, NotFound):
                 self._callback_refused("not_found", "replies for a conversation this sidecar never saw")
             else:
-                self._callbacks[outcome_of(e)].inc()
+                self._callbacks[outcome_of(e, CALLBACK_OUTCOMES)].inc()
             raise
         self._callbacks["accepted"].inc()
         return response
 
     def _callback_refused(self, outcome: str, why: str) -> None:
         self._callbacks[outcome].inc()
-        if self._refusals.due():
+        if refusals := self._refusals.due():
             # Nothing of the request: its path may hold the secret, its body the user's text.
-            log.warning("bot callback refused", extra={"why": why})
+            log.warning("bot callback refused", extra={"why": why, "refusals": refusals})
 
     async def _accept_bot_replies(self, request: web.Request) -> web.Response:
         body = await read_json(request, self._config.max_body_bytes)

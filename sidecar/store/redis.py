@@ -74,6 +74,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     BusyLoadingError,
+    MasterDownError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
@@ -84,7 +85,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar.config import ConfigError, redact_url
-from sidecar.errors import Conflict, Unavailable
+from sidecar.errors import Conflict, StoreRefused, Unavailable
 from sidecar.models import (
     AcceptResult,
     DeadLetter,
@@ -111,8 +112,10 @@ _NO_MESSAGE = "sidecar: unknown message"
 # save with stop-writes-on-bgsave-error (MISCONF), still loading its data, a script
 # running too long (BUSY). Callers hear "try again" (503 / UNAVAILABLE), as for a
 # lost connection, instead of an internal error.
-_REFUSALS = (OutOfMemoryError, ReadOnlyError, BusyLoadingError, TryAgainError)
-_REFUSAL_CODES = ("MISCONF ", "BUSY ", "MASTERDOWN ", "NOREPLICAS ", "LOADING ", "OOM ", "READONLY ")
+# redis-py gives most of them classes of their own (and strips their code from the
+# text); the rest are plain ResponseErrors that start with their code.
+_REFUSALS = (OutOfMemoryError, ReadOnlyError, BusyLoadingError, TryAgainError, MasterDownError)
+_REFUSAL_CODES = ("MISCONF ", "BUSY ", "NOREPLICAS ")
 
 
 def _refused(result: object) -> bool:
@@ -743,14 +746,14 @@ class RedisStore(Store):
                 )
             self._fenced = True
             for i in fenced:
-                results[i] = Unavailable("the store is held by another sidecar; try again")
+                results[i] = StoreRefused("the store is held by another sidecar; try again")
         refused = [i for i, r in enumerate(results) if _refused(r)]
         if refused:
             if pipelines := self._refused_log.due():
                 error = self._scrub(results[refused[0]])
                 log.error("redis store refuses writes", extra={"error": error[:300], "pipelines": pipelines})
             for i in refused:
-                results[i] = Unavailable("the store cannot write now; try again")
+                results[i] = StoreRefused("the store cannot write now; try again")
         return results
 
     # --- inbound messages ---------------------------------------------------------

@@ -44,8 +44,9 @@ Done = Callable[[Any, "BaseException | None"], None]
 
 SCHEMA_VERSION = 2  # 2: replies keyed only when they need it (a partial dedupe index)
 _BATCH = 256
-# How long a failed transaction keeps the store not ready (see ping).
-WRITE_FAILURE_HOLD = 5.0
+# Bytes the readiness probe writes after a failed transaction (see ping): several
+# messages' worth of WAL, so that "ready again" means messages fit again too.
+RECOVERY_PROBE_BYTES = 64 * 1024
 # Replies an expiry step deletes at most (~2.5 ms on the loop, measured); a conversation
 # with more old ones is trimmed further by the next pass.
 _EXPIRE_STEP = 500
@@ -117,8 +118,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_conversation ON dead_letters(conversation_id, kind, sequence);
 -- One row, rewritten by each readiness check: a store that can be read but not
--- written (a full disk) is not ready. Older sidecars ignore the table.
-CREATE TABLE IF NOT EXISTS probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL);
+-- written (a full disk) is not ready. Older sidecars ignore the table. (`probe`
+-- was its first form, without the padding, for a few commits.)
+DROP TABLE IF EXISTS probe;
+CREATE TABLE IF NOT EXISTS ready_probe (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL, pad BLOB NOT NULL);
 """
 
 _REPLY_COLUMNS = (
@@ -211,7 +214,7 @@ class SqliteStore(Store):
         self.commits = 0
         """Transactions committed: fewer than operations when group commit batches them."""
         self._batch_errors = Throttle()
-        self._write_failed_at = float("-inf")  # monotonic time of the last failed transaction
+        self._write_failed = False  # a transaction failed, and no recovery probe got through since
         self._op_errors = Throttle()
 
     # --- plumbing ---------------------------------------------------------------
@@ -288,14 +291,15 @@ class SqliteStore(Store):
         self._unlock()
 
     async def ping(self) -> None:
-        """Not ready while writes fail: a transaction failed within the last few seconds
-        (WRITE_FAILURE_HOLD), or a small write fails now. The probe alone would not do: on
-        a full disk a write of a page or two can still fit in the WAL's space while a
-        message's cannot. Not fsync'd: a lost probe is harmless."""
-        if time.monotonic() - self._write_failed_at < WRITE_FAILURE_HOLD:
-            raise Unavailable("the store's writes are failing")
-        sql = "INSERT OR REPLACE INTO probe (id, at) VALUES (1, ?)"
-        await self._run(lambda c: c.execute(sql, (time.time(),)), durable=False)
+        """A small write through the batches, like any other: a disk that is full (or a file
+        gone read-only) fails it. After a failed transaction the write is padded to
+        RECOVERY_PROBE_BYTES until it gets through: on a full disk a page or two can still
+        fit in the WAL's space where a message cannot, and readiness would come back while
+        every message still failed. Not fsync'd: a lost probe is harmless."""
+        pad = RECOVERY_PROBE_BYTES if self._write_failed else 0
+        sql = "INSERT OR REPLACE INTO ready_probe (id, at, pad) VALUES (1, ?, zeroblob(?))"
+        await self._run(lambda c: c.execute(sql, (time.time(), pad)), durable=False)
+        self._write_failed = False
 
     async def _run(self, op: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Queue a write for the next batch; returns once its batch has committed.
@@ -398,7 +402,7 @@ class SqliteStore(Store):
         self.commits += 1
         failed = [e for _, _, e in results if isinstance(e, sqlite3.Error)]
         if any(isinstance(e, sqlite3.OperationalError) for e in failed):  # e.g. the disk filled mid-batch
-            self._write_failed_at = time.monotonic()
+            self._write_failed = True
         if failed and (batches := self._op_errors.due()):  # the callers hear of it as their own error
             log.error(
                 "sqlite operations failed",
@@ -409,7 +413,7 @@ class SqliteStore(Store):
         self._done()
 
     def _failed(self, conn: sqlite3.Connection, batch: list[Entry], error: BaseException) -> None:
-        self._write_failed_at = time.monotonic()
+        self._write_failed = True
         if batches := self._batch_errors.due():  # a full disk fails every batch: a line per 10 s
             log.error(
                 "sqlite transaction failed", extra={"error": str(error), "operations": len(batch), "batches": batches}
