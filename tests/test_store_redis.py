@@ -20,7 +20,7 @@ from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, R
 from sidecar.config import redact_url
 from sidecar.models import AcceptResult, InboundMessage
 from sidecar.store.redis import RedisStore, RedisStoreError, _refused
-from tests.conftest import StartApp, admin_metrics, eventually, message, metric
+from tests.conftest import StartApp, eventually, message, metric
 from tests.procs import free_port
 from tests.test_grpc_ingress import request
 from tests.test_store_contract import open_redis_or_skip, redis_url
@@ -221,7 +221,8 @@ async def test_a_store_step_that_fails_mid_message_is_retried_and_the_conversati
                 await admin._redis().client_kill_filter(_id=client["id"])
 
         async def failure_seen() -> bool:
-            return 'sidecar_store_errors_total{stage="message"} 1.0' in await admin_metrics(s)
+            # At least one: a retry may meet another pooled connection killed above.
+            return await metric(s, 'sidecar_store_errors_total{stage="message"}') >= 1
 
         await eventually(failure_seen, what="the failed store step")
 
