@@ -421,3 +421,29 @@ async def _opens(store: RedisStore) -> bool:
 def test_what_counts_as_a_server_refusing_writes(error: Exception, refused: bool) -> None:
     """redis-py strips the code of the refusals it has classes for; the rest keep it."""
     assert _refused(error) is refused
+
+
+async def test_dead_letters_of_an_older_sidecar_are_indexed_by_kind_at_open(prefixed_url: str) -> None:
+    """Listing by kind reads a per-kind index (a scan past the other kind's letters took
+    280 ms at 40,000 of them, Redis blocked meanwhile); letters an older sidecar made,
+    before that index, are put into it once, at open."""
+    store = RedisStore(prefixed_url)
+    await store.open()
+    accepted = await store.accept(_inbound("m1"), now=1.0)
+    await store.dead_letter_message(accepted.stored.id, "the bot said no", now=2.0)
+    await store.close()
+    client = RedisStore(prefixed_url, exclusive=False)
+    await client.open()
+    try:  # as an older sidecar left it: no kind index, no marker
+        await client._redis().delete(client._key("letters:kind:message"), client._key("letters:kinds"))
+        again = RedisStore(prefixed_url)
+        await again.open()
+        try:
+            (letter,) = await again.list_dead_letters(kind="message")
+            assert letter.extra["message_id"] == accepted.stored.id
+            assert await again.list_dead_letters(kind="reply") == []
+            assert await client._redis().get(client._key("letters:kinds")) == "1"
+        finally:
+            await again.close()
+    finally:
+        await client.close()

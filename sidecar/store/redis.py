@@ -32,6 +32,8 @@ key                            type         holds
                                             attempts, dead_at, source (reply or message JSON), message_id
 ``P letters``                  sorted set   dead letter id -> creation order (all of them)
 ``P letters:conv:C``           sorted set   dead letter id -> creation order (one conversation's)
+``P letters:kind:K``           sorted set   dead letter id -> creation order (one kind's: reply, message)
+``P letters:kinds``            string       set once the letters of an older sidecar were indexed by kind
 ``P letters:ord``              string       counter: creation order of the last dead letter
 ``P owner``                    string       the running sidecar's lease on the prefix (expires unless renewed)
 ``P probe``                    string       written by each readiness check: a server refusing writes is not ready
@@ -194,11 +196,14 @@ local function new_letter(id, kind, cid, seq, err, attempts, dead_at, source, mi
              'attempts', attempts, 'dead_at', dead_at, 'source', source, 'message_id', mid)
   redis.call('ZADD', P .. 'letters', ord, id)
   redis.call('ZADD', P .. 'letters:conv:' .. cid, ord, id)
+  redis.call('ZADD', P .. 'letters:kind:' .. kind, ord, id)
 end
 local function drop_letter(id, cid)
   redis.call('DEL', P .. 'letter:' .. id)
   redis.call('ZREM', P .. 'letters', id)
   redis.call('ZREM', P .. 'letters:conv:' .. cid, id)
+  redis.call('ZREM', P .. 'letters:kind:reply', id)
+  redis.call('ZREM', P .. 'letters:kind:message', id)
 end
 local function reply_at(cid, seq)
   return redis.call('ZRANGEBYSCORE', P .. 'log:' .. cid, seq, seq, 'LIMIT', 0, 1)[1]
@@ -415,12 +420,19 @@ return removed
 # ARGV: P, kind (or ''), by conversation (1|0), conversation id, limit, after (a position)
 _LIST_LETTERS = f"""
 local source = P .. 'letters'
-if ARGV[3] == '1' then source = P .. 'letters:conv:' .. ARGV[4] end
+if ARGV[3] == '1' then
+  source = P .. 'letters:conv:' .. ARGV[4]
+elseif ARGV[2] ~= '' then
+  source = P .. 'letters:kind:' .. ARGV[2]  -- no scan past the other kind's letters
+end
 local limit = tonumber(ARGV[5])
 local out = {{}}
-local start = 0
+-- Paged by position (each letter's own, unique), not by offset: an offset makes every
+-- page skip all the ones before it, and a kind that few letters have scanned them all
+-- again per page (quadratic: 40,000 letters took 280 ms, Redis blocked meanwhile).
+local after = ARGV[6]
 while #out < limit do
-  local page = redis.call('ZRANGEBYSCORE', source, '(' .. ARGV[6], '+inf', 'WITHSCORES', 'LIMIT', start, 256)
+  local page = redis.call('ZRANGEBYSCORE', source, '(' .. after, '+inf', 'WITHSCORES', 'LIMIT', 0, 256)
   if #page == 0 then break end
   for i = 1, #page, 2 do
     local id = page[i]
@@ -431,9 +443,25 @@ while #out < limit do
       out[#out + 1] = f
     end
   end
-  start = start + 256
+  after = page[#page]
 end
 return out
+"""
+
+
+# ARGV: P, position after which to go on ('0' at first). Puts a page of letters made
+# before the per-kind indexes existed into them; the next position, or '' when done.
+_INDEX_KINDS = """
+local page = redis.call('ZRANGEBYSCORE', P .. 'letters', '(' .. ARGV[2], '+inf', 'WITHSCORES', 'LIMIT', 0, 1000)
+for i = 1, #page, 2 do
+  local kind = redis.call('HGET', P .. 'letter:' .. page[i], 'kind')
+  if kind then redis.call('ZADD', P .. 'letters:kind:' .. kind, page[i + 1], page[i]) end
+end
+if #page == 0 then
+  redis.call('SET', P .. 'letters:kinds', '1')
+  return ''
+end
+return page[#page]
 """
 
 
@@ -572,6 +600,18 @@ class RedisStore(Store):
         self._replay = s(_HELPERS + _REPLAY)
         self._purge = s(_HELPERS + _PURGE)
         self._list_letters = s(_HELPERS + _LIST_LETTERS)
+        if self._exclusive:
+            await self._index_letter_kinds()
+
+    async def _index_letter_kinds(self) -> None:
+        """Once per prefix: index by kind the dead letters an older sidecar made, a page
+        per script (so Redis is never blocked for long), before anything is served."""
+        if await self._redis().exists(self._key("letters:kinds")):
+            return
+        script = self._redis().register_script(_HELPERS + _INDEX_KINDS)
+        after = "0"
+        while after := await self._run(script, after):
+            pass
 
     async def _take_lease(self) -> None:
         """Take the prefix's owner lease, waiting out one left by a sidecar that ended
