@@ -168,10 +168,8 @@ class Sidecar:
         self.proc.wait(30)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small counts and short phases (under a minute)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """--store and --sync, as every benchmark takes them (see store_url)."""
     parser.add_argument(
         "--store",
         default="sqlite",
@@ -179,6 +177,13 @@ def main() -> int:
         "(a fresh key prefix per run, deleted afterwards)",
     )
     parser.add_argument("--sync", choices=("full", "normal"), default="full", help="SQLite synchronous level")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small counts and short phases (under a minute)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    add_store_arguments(parser)
     args = parser.parse_args()
     setup = "SQLite " + args.sync if args.store == "sqlite" else config.redact_url(args.store)
     q = args.quick

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import uvloop
 
-from bench.__main__ import forget_redis_keys, store_url
+from bench.__main__ import add_store_arguments, forget_redis_keys, store_url
 from sidecar.bots import create_bot
 from sidecar.config import Config
 from sidecar.core import Core
@@ -97,13 +97,7 @@ async def measure(config: Config, count: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.core", description=__doc__)
-    parser.add_argument(
-        "--store",
-        default="sqlite",
-        help="sqlite (default, a fresh file), memory://, or redis://host:port/db (a fresh "
-        "key prefix, deleted afterwards)",
-    )
-    parser.add_argument("--sync", choices=("full", "normal"), default="full", help="SQLite synchronous level")
+    add_store_arguments(parser)
     parser.add_argument("--count", type=int, default=20_000, help="messages timed (after 2,000 of warm-up)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-core-") as tmp:
