@@ -337,10 +337,7 @@ class Core:
         try:
             while lane and not self._stopping.is_set():
                 try:
-                    async with self._bot_slots:
-                        if self._stopping.is_set():
-                            break
-                        await self._handle(lane[0])
+                    await self._handle(lane[0])
                 except Exception as e:  # noqa: BLE001 - a store step failed; bot failures are handled inside
                     # The message is still pending in the store (its step did not commit):
                     # try it again after a pause, in order, rather than let the lane die
@@ -407,15 +404,21 @@ class Core:
                     store_failure = e
                     raise
 
-            started = time.perf_counter()
-            counts = True
+            counts, retry_after = True, None
             try:
-                # asyncio.timeout, not wait_for: no extra task per message.
-                async with asyncio.timeout(self._config.bot_timeout):
-                    returned = await self._bot.handle(stored, emit)
+                # A slot only for the call itself: a message waiting out its backoff must
+                # not keep other conversations from the bot (bot_concurrency such messages
+                # would stall every conversation for as long as their retries last).
+                async with self._bot_slots:
+                    if self._stopping.is_set():
+                        return  # still pending in the store: the next start runs it
+                    started = time.perf_counter()
+                    # asyncio.timeout, not wait_for: no extra task per message.
+                    async with asyncio.timeout(self._config.bot_timeout):
+                        returned = await self._bot.handle(stored, emit)
                 returned = [self._checked(r) for r in returned]
             except BotError as e:
-                error, outcome, retry, counts = str(e), "error", e.retryable, e.counts
+                error, outcome, retry, counts, retry_after = str(e), "error", e.retryable, e.counts, e.retry_after
             except TimeoutError:
                 error, outcome, retry = f"timeout after {self._config.bot_timeout:g}s", "timeout", True
             except asyncio.CancelledError:
@@ -434,9 +437,8 @@ class Core:
                 raise store_failure
             if not counts:
                 self._metrics.bot_calls.labels(bot, "not_tried").inc()
-                delay = full_jitter(max(attempts, 1), self._config.bot_backoff_initial, self._config.bot_backoff_max)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), delay)
+                    await asyncio.wait_for(self._stopping.wait(), self._retry_delay(max(attempts, 1), retry_after))
                 continue
             self._metrics.bot_calls.labels(bot, outcome if retry else "rejected").inc()
             self._metrics.bot_latency.labels(bot).observe(time.perf_counter() - started)
@@ -447,9 +449,15 @@ class Core:
                     self._metrics.dead_letters.labels("message").inc()
                     log.error("message dead-lettered", extra={**_ids(stored), "attempts": attempts, "error": error})
                 return
-            delay = full_jitter(attempts, self._config.bot_backoff_initial, self._config.bot_backoff_max)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                await asyncio.wait_for(self._stopping.wait(), self._retry_delay(attempts, retry_after))
+
+    def _retry_delay(self, attempts: int, retry_after: float | None) -> float:
+        """Full-jitter backoff, but not sooner than the bot asked (Retry-After), within
+        bot_backoff_max."""
+        c = self._config
+        delay = full_jitter(attempts, c.bot_backoff_initial, c.bot_backoff_max)
+        return delay if retry_after is None else max(delay, min(retry_after, c.bot_backoff_max))
 
     async def _finish(
         self, stored: StoredMessage, returned: Sequence[BotReply], emitted: int, started: float, *, keyed: bool

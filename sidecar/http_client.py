@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email.utils
+
 import aiohttp
 
 
@@ -25,3 +27,17 @@ async def read_at_most(resp: aiohttp.ClientResponse, limit: int) -> bytes | None
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():  # str.isdigit() is also true of "²" and "٣"
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except Exception:  # noqa: BLE001 - any header the peer sends: unparseable is "none"
+        return None
+    return max(0.0, when.timestamp() - now)

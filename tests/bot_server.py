@@ -11,7 +11,8 @@ from aiohttp import web
 
 from tests.local_server import LocalServer
 
-Handler = Callable[[Any], Awaitable[tuple[int, Any]]]
+Handler = Callable[[Any], Awaitable[tuple[int, Any] | web.Response]]
+"""Given the request's JSON body: (status, JSON answer), or a whole response (raw body, headers)."""
 
 
 class BotServer(LocalServer):
@@ -28,7 +29,10 @@ class BotServer(LocalServer):
         async with self._changed:
             self.requests.append((dict(request.headers), body))
             self._changed.notify_all()
-        status, answer = await self.handler(body)
+        result = await self.handler(body)
+        if isinstance(result, web.Response):
+            return result
+        status, answer = result
         data = b"" if answer is None else orjson.dumps(answer)
         return web.Response(status=status, body=data, content_type="application/json")
 

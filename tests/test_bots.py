@@ -110,6 +110,11 @@ async def test_toml_rules_work_too(tmp_path: Path) -> None:
         ("rules: [{match: {}, replies: [{type: t, delay: 999}]}]", "delay"),
         ("rules: [{match: {}}]", "'replies' must be a list"),
         (": not yaml :", "not valid YAML"),
+        # Replies the core would refuse at run time, dead-lettering every message they match:
+        ("rules: [{match: {}, replies: [{type: t, payload: {n: .nan}}]}]", "rule 0 reply 0: payload"),
+        ("rules: [{match: {}, replies: [{type: t, payload: {when: 2024-01-01}}]}]", "rule 0 reply 0: payload"),
+        ("default: {replies: [{type: t, payload: {n: 9007199254740993}}]}", "default reply 0: payload"),
+        ("rules: [{match: {}, replies: [{type: " + "t" * 300 + "}]}]", "rule 0 reply 0: type"),
     ],
 )
 async def test_invalid_rules_fail_at_start_naming_file_and_rule(tmp_path: Path, content: str, named: str) -> None:
@@ -118,6 +123,13 @@ async def test_invalid_rules_fail_at_start_naming_file_and_rule(tmp_path: Path, 
     with pytest.raises(ConfigError, match=named) as e:
         await ScriptBot(str(path)).start()
     assert str(path) in str(e.value)
+
+
+async def test_a_rules_file_that_is_not_utf8_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("rules: [{match: {text: caf\u00e9}, replies: []}]".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        await ScriptBot(str(path)).start()
 
 
 def test_create_bot_builds_the_configured_bot(tmp_path: Path) -> None:

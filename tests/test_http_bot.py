@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 
 from sidecar.bots.http import HttpBot
 from sidecar.convert import value_to_json
@@ -320,3 +322,90 @@ async def test_callbacks_are_taken_while_draining(start_app: StartApp) -> None:
     status, answer = await callback(s, {"type": "text", "payload": {"text": "late"}, "conversationId": "c1"})
     assert (status, answer) == (200, {"appended": [{"conversationId": "c1", "sequence": 1}]})
     await drain
+
+
+async def test_a_bot_outage_longer_than_a_few_cooldowns_dead_letters_nothing(start_app: StartApp) -> None:
+    """The breaker's trial calls fail while the bot is down; they used to count as the
+    message's attempts, so an outage of a few cooldowns dead-lettered what it delayed."""
+    calls: list[float] = []
+    up = False
+
+    async def bot(body: Any) -> tuple[int, Any]:
+        calls.append(asyncio.get_running_loop().time())
+        return (200, [{"type": "text", "payload": {"text": "back"}}]) if up else (503, {"error": "down"})
+
+    async with BotServer(bot) as server:
+        s = await start_app(
+            bot="http", bot_url=server.url, bot_breaker_failures=2, bot_breaker_cooldown=0.1, bot_max_attempts=4
+        )
+        await s.post(message())
+        # Two counted failures open the breaker; then a trial per cooldown, each failing.
+        await eventually(lambda: len(calls) >= 8, what="several failed trial calls")
+        assert await s.app.store.list_dead_letters() == []
+        up = True
+        (reply,) = await replies_of(s, "c1", 1)
+    assert value_to_json(reply.payload) == {"text": "back"}
+
+
+async def test_a_bot_that_says_429_is_waited_for_as_it_asks_and_uses_up_no_attempt(start_app: StartApp) -> None:
+    calls: list[float] = []
+
+    async def bot(body: Any) -> web.Response | tuple[int, Any]:
+        calls.append(asyncio.get_running_loop().time())
+        if len(calls) <= 3:
+            return web.Response(status=429, text="slow down", headers={"Retry-After": "1"})
+        return 200, [{"type": "text", "payload": {"text": "ok"}}]
+
+    async with BotServer(bot) as server:
+        s = await start_app(
+            bot="http", bot_url=server.url, bot_max_attempts=2, bot_breaker_failures=100, bot_backoff_max=0.5
+        )
+        await s.post(message())
+        (reply,) = await replies_of(s, "c1", 1)  # not dead-lettered after 2 attempts
+    assert value_to_json(reply.payload) == {"text": "ok"}
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert all(gap >= 0.45 for gap in gaps[:3]), gaps  # Retry-After 1, within bot_backoff_max 0.5
+
+
+async def test_a_message_waiting_out_its_backoff_leaves_the_bot_to_other_conversations(
+    start_app: StartApp,
+) -> None:
+    """One lane at a time calls the bot (bot_concurrency=1); c1 keeps failing and waits
+    a second between attempts: c2 and c3 must not wait for c1 to be dead-lettered."""
+    seen: list[str] = []
+
+    async def bot(body: Any) -> tuple[int, Any]:
+        seen.append(body["conversationId"])
+        if body["conversationId"] == "c1":
+            return 500, {"error": "poison"}
+        return 200, [{"type": "text", "payload": {"text": "ok"}}]
+
+    async with BotServer(bot) as server:
+        s = await start_app(
+            bot="http", bot_url=server.url, bot_concurrency=1, bot_max_attempts=4,
+            bot_backoff_initial=1.0, bot_backoff_max=1.0, bot_breaker_failures=100,
+        )  # fmt: skip
+        for conversation in ("c1", "c2", "c3"):
+            await s.post(message(conversation))
+        await eventually(lambda: {"c2", "c3"} <= set(seen), what="c2 and c3 handled")
+    assert seen.count("c1") < 4  # c1 is still retrying: it was not dead-lettered first
+
+
+async def test_the_botpress_integration_answering_a_large_or_odd_body_has_taken_the_message(
+    start_app: StartApp,
+) -> None:
+    """It answers with the objects it created (the message echoed back): any 2xx is a yes."""
+    answers = [
+        web.Response(status=200, body=b'{"message":{"payload":"' + b"a" * (1024 * 1024) + b'"}}'),
+        web.Response(status=200, text="OK", content_type="text/plain"),
+    ]
+
+    async def integration(body: Any) -> web.Response:
+        return answers.pop(0)
+
+    async with BotServer(integration) as server:
+        s = await start_app(bot="botpress", bot_url=server.url, bot_token="pat")
+        await s.post(message(message_id="m1"))
+        await s.post(message(message_id="m2"))
+        await eventually(lambda: s.app.core.pending == 0, what="both messages handled")
+        assert await s.app.store.list_dead_letters() == []

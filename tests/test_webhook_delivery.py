@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from sidecar.delivery.webhook import parse_retry_after
+from sidecar.http_client import parse_retry_after
 from sidecar.models import DeadLetter
 from tests.conftest import Running, StartApp, admin_metrics, eventually, message, metric
 from tests.procs import free_port

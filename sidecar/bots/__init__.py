@@ -16,7 +16,12 @@ def create_bot(config: Config, metrics: Metrics) -> Bot:
     if config.bot == "script":
         from sidecar.bots.script import ScriptBot
 
-        return ScriptBot(config.bot_script, config.bot_timeout)
+        return ScriptBot(
+            config.bot_script,
+            config.bot_timeout,
+            max_id_length=config.max_id_length,
+            max_payload_depth=config.max_payload_depth,
+        )
     if config.bot == "http":
         from sidecar.bots.http import HttpBot
 

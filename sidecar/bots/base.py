@@ -27,15 +27,20 @@ Emit = Callable[[BotReply], Awaitable[None]]
 class BotError(Exception):
     """A bot failed. ``retryable=False`` means retrying cannot help (e.g. a 4xx): dead-letter now.
 
-    ``counts=False`` means the bot was not even tried (its circuit breaker is
-    open): the message waits without using up its attempts, so an outage of
-    the bot delays messages instead of dead-lettering them.
+    ``counts=False`` means the failure says nothing about the message: the bot
+    was not even tried (its circuit breaker is open), or it was the breaker's
+    trial call, or the bot said it is overloaded (429). The message waits without
+    using up its attempts, so an outage of the bot delays messages instead of
+    dead-lettering them.
     """
 
-    def __init__(self, message: str, *, retryable: bool = True, counts: bool = True) -> None:
+    def __init__(
+        self, message: str, *, retryable: bool = True, counts: bool = True, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.counts = counts
+        self.retry_after = retry_after  # seconds the bot asked to be left alone (Retry-After)
 
 
 class Bot(abc.ABC):

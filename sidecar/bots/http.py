@@ -19,7 +19,7 @@ import orjson
 
 from sidecar.bots.base import Bot, BotError, BotReply, Emit
 from sidecar.config import Config
-from sidecar.http_client import read_at_most
+from sidecar.http_client import parse_retry_after, read_at_most
 from sidecar.models import JSON, StoredMessage
 from sidecar.observability import Metrics
 
@@ -185,10 +185,15 @@ class HttpBot(Bot):
         # replies() checks every reply before returning any, so a bad answer is refused whole.
         return self.replies(await self.call(message))
 
-    async def call(self, message: StoredMessage) -> JSON:
-        """One POST through the breaker; BotError says whether to retry."""
+    async def call(self, message: StoredMessage, *, answer: bool = True) -> JSON:
+        """One POST through the breaker; BotError says whether to retry. ``answer=False``:
+        a 2xx is all that matters, whatever its body says (it is not read as replies)."""
         if not self.breaker.allow():
             raise BotError("circuit breaker open: the bot failed repeatedly", counts=False)
+        # The breaker's trial call: its failure says the bot is still down, not that this
+        # message is at fault, so it uses up none of the message's attempts (else an
+        # outage longer than a few cooldowns would dead-letter the messages it delays).
+        counts = not self.breaker.open
         assert self._session is not None, "start() first"
         try:
             async with self._session.post(
@@ -197,12 +202,13 @@ class HttpBot(Bot):
             ) as resp:  # fmt: skip
                 raw = await read_at_most(resp, _MAX_ANSWER)
                 status = resp.status
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
         except TimeoutError:
             self.breaker.failure()
-            raise BotError("the bot timed out") from None
+            raise BotError("the bot timed out", counts=counts) from None
         except aiohttp.ClientError as e:
             self.breaker.failure()
-            raise BotError(f"cannot reach the bot ({type(e).__name__})") from None
+            raise BotError(f"cannot reach the bot ({type(e).__name__})", counts=counts) from None
         except BaseException:
             # Cancelled: mostly the core's own bot timeout, which (by aiohttp's rounding of
             # its deadline) fires before the session's. A call that hung that long failed,
@@ -212,10 +218,17 @@ class HttpBot(Bot):
             raise
         if status >= 500 or status in (408, 429):
             self.breaker.failure()
-            raise BotError(f"the bot answered HTTP {status}{_excerpt(raw)}")
+            # 429: the bot is overloaded, which says nothing about this message either.
+            raise BotError(
+                f"the bot answered HTTP {status}{_excerpt(raw)}",
+                counts=counts and status != 429,
+                retry_after=retry_after if status in (429, 503) else None,
+            )
         self.breaker.success()  # it answered: whatever it said, it is up
         if not 200 <= status < 300:
             raise BotError(f"the bot refused the message: HTTP {status}{_excerpt(raw)}", retryable=False)
+        if not answer:
+            return None
         if raw is None:
             raise BotError("the bot's answer is larger than 1 MiB", retryable=False)
         if not raw.strip():

@@ -35,6 +35,7 @@ import yaml
 from sidecar.bots.base import Bot, BotReply, Emit
 from sidecar.config import ConfigError
 from sidecar.models import JSON, StoredMessage
+from sidecar.validate import reply_problems
 
 MAX_DELAY = 60.0
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -75,9 +76,12 @@ class ScriptBot(Bot):
 
     name = "script"
 
-    def __init__(self, path: str, timeout: float = math.inf) -> None:
+    def __init__(
+        self, path: str, timeout: float = math.inf, *, max_id_length: int = 256, max_payload_depth: int = 32
+    ) -> None:
         self._path = path
         self._timeout = timeout  # the sidecar's bot_timeout, which a whole run must fit in
+        self._limits = {"max_id_length": max_id_length, "max_payload_depth": max_payload_depth}
         self._rules: tuple[_Rule, ...] = ()
         self._default: tuple[_Reply, ...] = ()
 
@@ -93,6 +97,13 @@ class ScriptBot(Bot):
                     f"bot_script (SIDECAR_BOT_SCRIPT): {self._path} {name}: its delays add up to {total:g}s,"
                     f" which must stay under bot_timeout (SIDECAR_BOT_TIMEOUT, {self._timeout:g}s)"
                 )
+            # The core checks every reply before storing it: one it would refuse (a YAML date,
+            # .nan, an integer past 2^53, ...) would dead-letter every message the rule
+            # matches. Placeholders only put strings in, so a reply fine here stays fine.
+            for i, reply in enumerate(replies):
+                if bad := reply_problems(reply.type, reply.payload, {}, **self._limits):
+                    problems = "; ".join(f"{v.field} {v.reason}" for v in bad)
+                    raise ConfigError(f"bot_script (SIDECAR_BOT_SCRIPT): {self._path} {name} reply {i}: {problems}")
 
     async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
         m = message.message
@@ -139,6 +150,8 @@ def load_rules(path: str) -> tuple[tuple[_Rule, ...], tuple[_Reply, ...]]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{where}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not UTF-8 text") from None
     try:
         data = tomllib.loads(text) if path.endswith(".toml") else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import email.utils
 import functools
 import logging
 import time
@@ -17,7 +16,7 @@ from standardwebhooks.webhooks import Webhook
 
 from sidecar.backoff import full_jitter
 from sidecar.config import Config
-from sidecar.http_client import read_at_most
+from sidecar.http_client import parse_retry_after, read_at_most
 from sidecar.models import Delivery
 from sidecar.observability import Metrics, Throttle, describe_error
 from sidecar.store.base import Store
@@ -48,20 +47,6 @@ class Outcome:
         self.kind = kind  # one of KINDS
         self.error = error
         self.retry_after = retry_after
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():  # str.isdigit() is also true of "²" and "٣"
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except Exception:  # noqa: BLE001 - any header the receiver sends: unparseable is "none"
-        return None
-    return max(0.0, when.timestamp() - now)
 
 
 class WebhookDelivery:
