@@ -337,7 +337,8 @@ class Core:
         try:
             while lane and not self._stopping.is_set():
                 try:
-                    await self._handle(lane[0])
+                    if not await self._handle(lane[0]):
+                        break  # stopping: it stays pending (and counted) for the next start
                 except Exception as e:  # noqa: BLE001 - a store step failed; bot failures are handled inside
                     # The message is still pending in the store (its step did not commit):
                     # try it again after a pause, in order, rather than let the lane die
@@ -377,8 +378,9 @@ class Core:
             return True
         return known is not None and known.pending
 
-    async def _handle(self, stored: StoredMessage) -> None:
-        """Run the bot until it succeeds, fails for good, or the sidecar stops."""
+    async def _handle(self, stored: StoredMessage) -> bool:
+        """Run the bot until it succeeds or fails for good (True), or the sidecar stops
+        first (False: the message stays pending)."""
         attempts = stored.attempts
         bot = self._bot.name
         # Only the very first run skips the key check: a retry may follow a run that
@@ -411,7 +413,7 @@ class Core:
                 # would stall every conversation for as long as their retries last).
                 async with self._bot_slots:
                     if self._stopping.is_set():
-                        return  # still pending in the store: the next start runs it
+                        return False  # still pending in the store: the next start runs it
                     started = time.perf_counter()
                     # asyncio.timeout, not wait_for: no extra task per message.
                     async with asyncio.timeout(self._config.bot_timeout):
@@ -430,7 +432,7 @@ class Core:
             else:
                 if store_failure is None:
                     await self._finish(stored, returned, emitted, started, keyed=this_run_keyed)
-                    return
+                    return True
             if store_failure is not None:
                 # However the bot took it (raised, wrapped, or swallowed it and went on):
                 # the lane retries the message as a store failure, keyed, uncounted.
@@ -448,9 +450,10 @@ class Core:
                 if await self._store.dead_letter_message(stored.id, error, now=time.time()) is not None:
                     self._metrics.dead_letters.labels("message").inc()
                     log.error("message dead-lettered", extra={**_ids(stored), "attempts": attempts, "error": error})
-                return
+                return True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._retry_delay(attempts, retry_after))
+        return False
 
     def _retry_delay(self, attempts: int, retry_after: float | None) -> float:
         """Full-jitter backoff, but not sooner than the bot asked (Retry-After), within
