@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -368,7 +369,9 @@ class Soak:
     async def start(self, **override: str) -> None:
         env, self.child.env = self.child.env, {**self.child.env, **override}
         try:
-            await asyncio.to_thread(self.child.start, 40.0)
+            # SQLite: SIGXFSZ ignored and the limit settable later, for the disk_full action.
+            limit = resource.RLIM_INFINITY if self.args.store == "sqlite" else None
+            await asyncio.to_thread(functools.partial(self.child.start, 40.0, file_size_limit=limit))
         except AssertionError as e:  # how SidecarProcess says it
             raise StartFailed(str(e)) from None
         finally:

@@ -28,6 +28,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# argv: the file size limit, then the command to exec. SIGXFSZ ignored (the disposition
+# survives exec): a write past the limit then fails with EFBIG instead of killing the child.
+_LIMITED = """
+import os, resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 class SidecarProcess:
     """One `sidecar serve` child with its own ports; stderr goes to a log file for post-mortems."""
 
@@ -55,18 +65,16 @@ class SidecarProcess:
 
     def start(self, timeout: float = 20.0, *, file_size_limit: int | None = None) -> Self:
         """``file_size_limit``: the child cannot grow a file past that many bytes (as if the
-        disk filled up there); ``grow_files`` lifts it."""
-
-        def limit() -> None:
-            # Ignored, SIGXFSZ would not kill the child: its write fails with EFBIG instead.
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            if file_size_limit is not None:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.RLIM_INFINITY))
-
+        disk filled up there; ``resource.RLIM_INFINITY`` for no limit yet, one to set later
+        with ``resource.prlimit``); ``grow_files`` lifts it."""
+        command = [sys.executable, "-m", "sidecar", "serve"]
+        if file_size_limit is not None:
+            # Set by a launcher that then execs the sidecar (same pid), not by a preexec_fn:
+            # Python code run between fork and exec in a parent with grpc's threads (pytest,
+            # the soak) can deadlock or corrupt the child before it ever execs.
+            command = [sys.executable, "-c", _LIMITED, str(file_size_limit), *command]
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sidecar", "serve"], env=self.env, stdout=log, stderr=log, preexec_fn=limit
-        )
+        self.proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
