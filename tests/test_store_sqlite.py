@@ -194,3 +194,26 @@ async def test_a_store_that_cannot_write_now_is_unavailable_to_its_callers(
     # A bug is still a bug: other SQLite errors reach the caller as they are.
     with pytest.raises(sqlite3.IntegrityError):
         await store._run(lambda c: (_ for _ in ()).throw(sqlite3.IntegrityError("constraint")))  # type: ignore[attr-defined]
+
+
+async def test_a_readiness_probe_in_the_batch_of_a_failing_write_does_not_clear_the_failure(
+    tmp_path: Path,
+) -> None:
+    """The probe's own success must not hide a write that failed beside it: the next
+    probe is then padded (RECOVERY_PROBE_BYTES), so that readiness comes back only once
+    a message's worth of writing gets through again."""
+    store = SqliteStore(str(tmp_path / "s.db"))
+    await store.open()
+    try:
+
+        def full(c: sqlite3.Connection) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        failing = store._run(full)
+        results = await asyncio.gather(failing, store.ping(), return_exceptions=True)
+        assert isinstance(results[0], Exception) and results[1] is None  # the same batch, isolated
+        assert store._write_failed
+        await store.ping()  # padded, and through: ready again
+        assert not store._write_failed
+    finally:
+        await store.close()

@@ -27,11 +27,10 @@ Emit = Callable[[BotReply], Awaitable[None]]
 class BotError(Exception):
     """A bot failed. ``retryable=False`` means retrying cannot help (e.g. a 4xx): dead-letter now.
 
-    ``counts=False`` means the failure says nothing about the message: the bot
-    was not even tried (its circuit breaker is open), or it was the breaker's
-    trial call, or the bot said it is overloaded (429). The message waits without
-    using up its attempts, so an outage of the bot delays messages instead of
-    dead-lettering them.
+    ``counts=False`` means the bot was not even tried (its circuit breaker is
+    open): the message waits without using up its attempts, so an outage of
+    the bot delays messages (for about (bot_max_attempts - bot_breaker_failures)
+    cooldowns) instead of dead-lettering them at once.
     """
 
     def __init__(

@@ -190,10 +190,9 @@ class HttpBot(Bot):
         a 2xx is all that matters, whatever its body says (it is not read as replies)."""
         if not self.breaker.allow():
             raise BotError("circuit breaker open: the bot failed repeatedly", counts=False)
-        # The breaker's trial call: its failure says the bot is still down, not that this
-        # message is at fault, so it uses up none of the message's attempts (else an
-        # outage longer than a few cooldowns would dead-letter the messages it delays).
-        counts = not self.breaker.open
+        # A failed call counts towards the message's attempts, the breaker's trial call
+        # included: while one message is all there is, a bot down for everyone and a bot
+        # failing on this message alone look the same, and the second must dead-letter.
         assert self._session is not None, "start() first"
         try:
             async with self._session.post(
@@ -205,10 +204,10 @@ class HttpBot(Bot):
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
         except TimeoutError:
             self.breaker.failure()
-            raise BotError("the bot timed out", counts=counts) from None
+            raise BotError("the bot timed out") from None
         except aiohttp.ClientError as e:
             self.breaker.failure()
-            raise BotError(f"cannot reach the bot ({type(e).__name__})", counts=counts) from None
+            raise BotError(f"cannot reach the bot ({type(e).__name__})") from None
         except BaseException:
             # Cancelled: mostly the core's own bot timeout, which (by aiohttp's rounding of
             # its deadline) fires before the session's. A call that hung that long failed,
@@ -218,10 +217,8 @@ class HttpBot(Bot):
             raise
         if status >= 500 or status in (408, 429):
             self.breaker.failure()
-            # 429: the bot is overloaded, which says nothing about this message either.
             raise BotError(
                 f"the bot answered HTTP {status}{_excerpt(raw)}",
-                counts=counts and status != 429,
                 retry_after=retry_after if status in (429, 503) else None,
             )
         self.breaker.success()  # it answered: whatever it said, it is up

@@ -33,7 +33,6 @@ key                            type         holds
 ``P letters``                  sorted set   dead letter id -> creation order (all of them)
 ``P letters:conv:C``           sorted set   dead letter id -> creation order (one conversation's)
 ``P letters:kind:K``           sorted set   dead letter id -> creation order (one kind's: reply, message)
-``P letters:kinds``            string       set once the letters of an older sidecar were indexed by kind
 ``P letters:ord``              string       counter: creation order of the last dead letter
 ``P owner``                    string       the running sidecar's lease on the prefix (expires unless renewed)
 ``P probe``                    string       written by each readiness check: a server refusing writes is not ready
@@ -449,18 +448,15 @@ return out
 """
 
 
-# ARGV: P, position after which to go on ('0' at first). Puts a page of letters made
-# before the per-kind indexes existed into them; the next position, or '' when done.
+# ARGV: P, position after which to go on ('0' at first). Puts a page of letters into
+# the per-kind indexes (made by a sidecar without them); the next position, or '' when done.
 _INDEX_KINDS = """
 local page = redis.call('ZRANGEBYSCORE', P .. 'letters', '(' .. ARGV[2], '+inf', 'WITHSCORES', 'LIMIT', 0, 1000)
 for i = 1, #page, 2 do
   local kind = redis.call('HGET', P .. 'letter:' .. page[i], 'kind')
   if kind then redis.call('ZADD', P .. 'letters:kind:' .. kind, page[i + 1], page[i]) end
 end
-if #page == 0 then
-  redis.call('SET', P .. 'letters:kinds', '1')
-  return ''
-end
+if #page == 0 then return '' end
 return page[#page]
 """
 
@@ -604,11 +600,15 @@ class RedisStore(Store):
             await self._index_letter_kinds()
 
     async def _index_letter_kinds(self) -> None:
-        """Once per prefix: index by kind the dead letters an older sidecar made, a page
-        per script (so Redis is never blocked for long), before anything is served."""
-        if await self._redis().exists(self._key("letters:kinds")):
+        """Index by kind the dead letters an older sidecar made (before the index, or
+        after a rollback to one), a page per script so that Redis is never blocked for
+        long, before anything is served. Needed when the kind sets miss letters."""
+        r = self._redis()
+        letters = await r.zcard(self._key("letters"))
+        indexed = sum([await r.zcard(self._key("letters:kind:", kind)) for kind in ("reply", "message")])
+        if indexed == letters:
             return
-        script = self._redis().register_script(_HELPERS + _INDEX_KINDS)
+        script = r.register_script(_HELPERS + _INDEX_KINDS)
         after = "0"
         while after := await self._run(script, after):
             pass

@@ -215,6 +215,7 @@ class SqliteStore(Store):
         """Transactions committed: fewer than operations when group commit batches them."""
         self._batch_errors = Throttle()
         self._write_failed = False  # a transaction failed, and no recovery probe got through since
+        self._write_failures = 0  # failed transactions and operations, ever: a probe's witness
         self._op_errors = Throttle()
 
     # --- plumbing ---------------------------------------------------------------
@@ -296,10 +297,12 @@ class SqliteStore(Store):
         RECOVERY_PROBE_BYTES until it gets through: on a full disk a page or two can still
         fit in the WAL's space where a message cannot, and readiness would come back while
         every message still failed. Not fsync'd: a lost probe is harmless."""
+        failures = self._write_failures
         pad = RECOVERY_PROBE_BYTES if self._write_failed else 0
         sql = "INSERT OR REPLACE INTO ready_probe (id, at, pad) VALUES (1, ?, zeroblob(?))"
         await self._run(lambda c: c.execute(sql, (time.time(), pad)), durable=False)
-        self._write_failed = False
+        if self._write_failures == failures:  # not if another write failed meanwhile (its batch, say)
+            self._write_failed = False
 
     async def _run(self, op: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Queue a write for the next batch; returns once its batch has committed.
@@ -403,6 +406,7 @@ class SqliteStore(Store):
         failed = [e for _, _, e in results if isinstance(e, sqlite3.Error)]
         if any(isinstance(e, sqlite3.OperationalError) for e in failed):  # e.g. the disk filled mid-batch
             self._write_failed = True
+            self._write_failures += 1
         if failed and (batches := self._op_errors.due()):  # the callers hear of it as their own error
             log.error(
                 "sqlite operations failed",
@@ -414,6 +418,7 @@ class SqliteStore(Store):
 
     def _failed(self, conn: sqlite3.Connection, batch: list[Entry], error: BaseException) -> None:
         self._write_failed = True
+        self._write_failures += 1
         if batches := self._batch_errors.due():  # a full disk fails every batch: a line per 10 s
             log.error(
                 "sqlite transaction failed", extra={"error": str(error), "operations": len(batch), "batches": batches}
