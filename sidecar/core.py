@@ -635,8 +635,9 @@ class Core:
                 except Exception as e:  # noqa: BLE001 - the letters are replayed: loading them is ours to retry
                     self._load_failed(e)
         finally:
-            for conversation_id in held:
-                webhook.release(conversation_id)  # type: ignore[union-attr]  # held only with one
+            if webhook is not None:  # held only with one
+                for conversation_id in held:
+                    webhook.release(conversation_id)
         log.info("dead letters replayed", extra={"count": replayed})
         return replayed
 

@@ -178,18 +178,8 @@ def outcome_of(error: BaseException, allowed: tuple[str, ...]) -> str:
     elif not isinstance(error, SidecarError):
         outcome = "internal"
     else:
-        outcome = _OUTCOME_BY_CODE.get(error.code, "rejected")
+        outcome = error.code  # the labels with a code of their own are named after it
     return outcome if outcome in allowed else "rejected"
-
-
-_OUTCOME_BY_CODE = {
-    "unauthenticated": "unauthenticated",
-    "conflict": "conflict",
-    "not_found": "not_found",
-    "overloaded": "overloaded",
-    "unavailable": "unavailable",
-    "internal": "internal",
-}
 
 
 def describe_error(error: BaseException) -> str:

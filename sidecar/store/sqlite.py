@@ -214,8 +214,8 @@ class SqliteStore(Store):
         self.commits = 0
         """Transactions committed: fewer than operations when group commit batches them."""
         self._batch_errors = Throttle()
-        self._write_failed = False  # a transaction failed, and no recovery probe got through since
-        self._write_failures = 0  # failed transactions and operations, ever: a probe's witness
+        self._write_failures = 0  # failed transactions and operations, ever
+        self._failures_cleared = 0  # of those, the ones a recovery probe got through after
         self._op_errors = Throttle()
 
     # --- plumbing ---------------------------------------------------------------
@@ -301,8 +301,13 @@ class SqliteStore(Store):
         pad = RECOVERY_PROBE_BYTES if self._write_failed else 0
         sql = "INSERT OR REPLACE INTO ready_probe (id, at, pad) VALUES (1, ?, zeroblob(?))"
         await self._run(lambda c: c.execute(sql, (time.time(), pad)), durable=False)
-        if self._write_failures == failures:  # not if another write failed meanwhile (its batch, say)
-            self._write_failed = False
+        # Only those before it began: a write failing meanwhile (in its batch, say) stays.
+        self._failures_cleared = max(self._failures_cleared, failures)
+
+    @property
+    def _write_failed(self) -> bool:
+        """A write failed, and no recovery probe got through since."""
+        return self._write_failures > self._failures_cleared
 
     async def _run(self, op: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Queue a write for the next batch; returns once its batch has committed.
@@ -405,7 +410,6 @@ class SqliteStore(Store):
         self.commits += 1
         failed = [e for _, _, e in results if isinstance(e, sqlite3.Error)]
         if any(isinstance(e, sqlite3.OperationalError) for e in failed):  # e.g. the disk filled mid-batch
-            self._write_failed = True
             self._write_failures += 1
         if failed and (batches := self._op_errors.due()):  # the callers hear of it as their own error
             log.error(
@@ -417,7 +421,6 @@ class SqliteStore(Store):
         self._done()
 
     def _failed(self, conn: sqlite3.Connection, batch: list[Entry], error: BaseException) -> None:
-        self._write_failed = True
         self._write_failures += 1
         if batches := self._batch_errors.due():  # a full disk fails every batch: a line per 10 s
             log.error(
