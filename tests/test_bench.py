@@ -4,10 +4,13 @@ Redis), and bench.core runs."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+
+import pytest
 
 from bench.__main__ import forget_redis_keys, store_url
 from sidecar.store.redis import RedisStore, parse_url
@@ -53,3 +56,15 @@ def test_core_benchmark_runs_and_reports_cpu_per_message() -> None:
     first, *threads = done.stdout.splitlines()
     assert first.startswith("memory: 300 messages, ") and "µs CPU per message" in first
     assert any(line.strip().startswith("main thread") for line in threads)
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="bench.instructions needs valgrind (not a dependency)")
+def test_instruction_count_runs_and_reports_instructions_per_message() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "--store", "memory://", "--count", "50"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    line = done.stdout.strip()
+    assert line.startswith("memory: ") and "instructions per message" in line
+    assert int(line.split()[1].replace(",", "")) > 0
