@@ -21,6 +21,10 @@ _NAMESPACE = uuid.UUID("6f3a1c3e-5b0e-4c39-9a8e-2f1d7c0b5a11")
 
 _NAMESPACE_BYTES = _NAMESPACE.bytes
 
+# The body the hosted Messaging API integration POSTs to a Response Endpoint URL when it
+# is installed, expecting 200: the sidecar sends it at start and answers it on callbacks.
+INSTALL_CHECK = {"type": "test", "payload": "test"}
+
 
 def sidecar_id(kind: str, *parts: str) -> str:
     """A stable id for a user, conversation, message or reply: ``str(uuid5(namespace, name))``.

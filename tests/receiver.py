@@ -33,6 +33,7 @@ class Script:
     then: int = 200
     retry_after: str | None = None
     hang: bool = False
+    delay: float = 0.0  # seconds to wait before each answer
 
 
 class Receiver(LocalServer):
@@ -46,8 +47,8 @@ class Receiver(LocalServer):
         self._release = asyncio.Event()
 
     def script(self, conversation_id: str, *statuses: int, then: int = 200, retry_after: str | None = None,
-               hang: bool = False) -> None:  # fmt: skip
-        self.scripts[conversation_id] = Script(collections.deque(statuses), then, retry_after, hang)
+               hang: bool = False, delay: float = 0.0) -> None:  # fmt: skip
+        self.scripts[conversation_id] = Script(collections.deque(statuses), then, retry_after, hang, delay)
 
     async def __aexit__(self, *exc: object) -> None:
         self._release.set()  # hanging answers end, so that the server can stop
@@ -64,6 +65,7 @@ class Receiver(LocalServer):
             status = script.statuses.popleft() if script.statuses else script.then
             if script.hang or status == 0:
                 await self._release.wait()
+            await asyncio.sleep(script.delay)
             if script.retry_after and status != 200:
                 headers["Retry-After"] = script.retry_after
         async with self._changed:

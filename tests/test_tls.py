@@ -15,8 +15,10 @@ import grpc
 import pytest
 
 from sidecar.v1 import sidecar_pb2_grpc
-from tests.conftest import StartApp, message
+from tests.conftest import Running, StartApp, eventually, message
+from tests.receiver import Receiver
 from tests.test_grpc_ingress import request
+from tests.test_store_contract import head_delivery
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make a certificate")
 
@@ -101,3 +103,24 @@ async def test_the_admin_listener_serves_tls_only_when_asked(start_app: StartApp
     assert listed.returncode == 0 and listed.stdout == "", listed.stderr
     with pytest.raises(ConfigError, match="SIDECAR_ADMIN_TLS"):
         load(env={"SIDECAR_ADMIN_TLS": "true"})
+
+
+async def test_a_tls_failure_towards_the_response_url_says_so(start_app: StartApp, cert: tuple[Path, Path]) -> None:
+    # An operator reading a dead letter's error should see "TLS", not "unreachable".
+    crt, key = cert
+    untrusted = await start_app(tls_cert_file=str(crt), tls_key_file=str(key), store="memory://")  # not trusted
+    async with Receiver() as plain:
+        cases = {
+            "the TLS certificate was not accepted": f"https://127.0.0.1:{untrusted.app.http_port}/replies",
+            "the TLS handshake failed": plain.url.replace("http://", "https://"),  # TLS to a plain HTTP port
+        }
+        for error, url in cases.items():
+            s = await start_app(response_url=url, webhook_backoff_initial=60, store="memory://")
+            resp = await s.post(message("c1", "m1"))
+            assert resp.status == 200
+
+            async def failed(s: Running = s) -> str | None:
+                head = await head_delivery(s.app.store, "c1")
+                return head.last_error if head is not None and head.attempts else None
+
+            assert await eventually(failed, what="a failed attempt") == error

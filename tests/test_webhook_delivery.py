@@ -110,6 +110,19 @@ async def test_retry_after_is_honoured_and_capped(start_app: StartApp) -> None:
     assert 59 <= heads["c3"] - before <= 61 + (time.time() - before)
 
 
+async def test_the_wait_before_a_retry_counts_from_the_answer_not_from_the_attempt(start_app: StartApp) -> None:
+    # A receiver slow to answer 503 "Retry-After: 2" must not be POSTed to again
+    # 2 s after the attempt began (0.5 s after its answer), nor a timed-out
+    # attempt retried as soon as it timed out.
+    async with Receiver() as r:
+        r.script("slow", then=503, retry_after="2", delay=1.5)
+        s = await start_app(response_url=r.url, webhook_timeout=5, webhook_backoff_initial=1)
+        before = time.time()
+        await send_texts(s, "slow", ["a"])
+        retry_at = await head_attempted(s, "slow")
+    assert retry_at >= before + 1.5 + 2
+
+
 def test_retry_after_parses_seconds_and_http_dates() -> None:
     now = 1_700_000_000.0
     assert parse_retry_after("7", now) == 7.0
@@ -253,6 +266,12 @@ async def test_response_url_check_is_reported_in_readyz(start_app: StartApp, tmp
         assert probe.body == {"type": "test", "payload": "test"}
         async with aiohttp.ClientSession() as session, session.get(s.admin + "/readyz") as resp:
             assert (await resp.json())["details"]["response_url"] == "ok"
+    async with Receiver() as r:  # signed like a reply when secrets are set: a receiver may verify everything
+        await start_app(
+            response_url=r.url, check_response_url=True, webhook_secret=SECRET_A, store=f"sqlite:///{tmp_path}/3.db"
+        )
+        (probe,) = await r.wait_for(1)
+        verify(probe, (SECRET_A,))
     down = await start_app(
         response_url=f"http://127.0.0.1:{free_port()}/x", check_response_url=True, store=f"sqlite:///{tmp_path}/2.db"
     )

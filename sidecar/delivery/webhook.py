@@ -8,6 +8,7 @@ import contextlib
 import functools
 import logging
 import time
+import uuid
 from datetime import UTC, datetime
 
 import aiohttp
@@ -17,7 +18,7 @@ from standardwebhooks.webhooks import Webhook
 from sidecar.backoff import full_jitter
 from sidecar.config import Config
 from sidecar.http_client import parse_retry_after, read_at_most
-from sidecar.models import Delivery
+from sidecar.models import INSTALL_CHECK, Delivery
 from sidecar.observability import Metrics, Throttle, describe_error
 from sidecar.store.base import Store
 
@@ -232,10 +233,12 @@ class WebhookDelivery:
     async def _attempt(self, delivery: Delivery) -> bool:
         """POST one reply and record the result; True when it left the outbox (delivered or dead)."""
         reply = delivery.reply
-        now = time.time()
-        first = delivery.first_attempt_at or now
+        first = delivery.first_attempt_at or time.time()
         attempts = delivery.attempts + 1
         outcome = await self._post(delivery)
+        # Waits count from the answer: a receiver that took 9 s to answer "Retry-After: 5"
+        # asked for 5 s from then, and a timed-out attempt still owes its backoff.
+        now = time.time()
         self._attempts[outcome.kind].inc()
         if outcome.kind == "ok":
             await self._store.delivery_succeeded(reply.conversation_id, reply.sequence)
@@ -279,13 +282,13 @@ class WebhookDelivery:
         )  # fmt: skip
         return False
 
-    def headers(self, delivery: Delivery, body: bytes) -> dict[str, str]:
+    def headers(self, msg_id: str, body: bytes) -> dict[str, str]:
+        """Content type, the static Authorization, and the Standard Webhooks signature
+        of ``body`` under ``msg_id`` when secrets are set."""
         headers = {"Content-Type": "application/json"}
         if self._config.response_authorization:
             headers["Authorization"] = self._config.response_authorization
         if self._signers:
-            # The same for every retry and replay, so receivers can deduplicate on it.
-            msg_id = delivery.reply.webhook_id
             now = datetime.now(UTC)
             text = body.decode()
             headers["webhook-id"] = msg_id
@@ -299,7 +302,9 @@ class WebhookDelivery:
         started = time.perf_counter()
         try:
             async with self._session.post(
-                self._config.response_url, data=body, headers=self.headers(delivery, body),
+                self._config.response_url, data=body,
+                # A reply's webhook-id is the same for every retry and replay: receivers deduplicate on it.
+                headers=self.headers(delivery.reply.webhook_id, body),
                 allow_redirects=False,
             ) as resp:  # fmt: skip
                 await read_at_most(resp, _MAX_ANSWER)
@@ -307,6 +312,10 @@ class WebhookDelivery:
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
         except TimeoutError:
             return Outcome("timeout", f"timeout after {self._config.webhook_timeout:g}s")
+        except aiohttp.ClientConnectorCertificateError:
+            return Outcome("error", "the TLS certificate was not accepted")
+        except aiohttp.ClientSSLError:
+            return Outcome("error", "the TLS handshake failed")
         except aiohttp.ClientConnectorError:
             return Outcome("error", "connection refused or unreachable")
         except aiohttp.ClientError as e:
@@ -324,13 +333,13 @@ class WebhookDelivery:
     async def check_response_url(self) -> str:
         """The hosted integration's install check: POST {"type":"test","payload":"test"}, expect 200."""
         assert self._session is not None
+        body = orjson.dumps(INSTALL_CHECK)
         try:
             async with self._session.post(
                 self._config.response_url,
-                json={"type": "test", "payload": "test"},
-                headers={"Authorization": self._config.response_authorization}
-                if self._config.response_authorization
-                else None,
+                data=body,
+                # Signed like a reply (a receiver may verify every request), under an id of its own.
+                headers=self.headers(f"check-{uuid.uuid4()}", body),
                 timeout=aiohttp.ClientTimeout(total=self._config.webhook_timeout),
                 allow_redirects=False,
             ) as resp:

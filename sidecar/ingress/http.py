@@ -26,7 +26,7 @@ from sidecar.errors import (
     Unauthenticated,
     UnsupportedMediaType,
 )
-from sidecar.models import JSON, AcceptResult
+from sidecar.models import INSTALL_CHECK, JSON, AcceptResult
 from sidecar.observability import (
     CALLBACK_OUTCOMES,
     INGRESS_OUTCOMES,
@@ -40,8 +40,6 @@ from sidecar.validate import MAX_SAFE_INT, message_from_fields, reply_problems
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-INSTALL_CHECK = {"type": "test", "payload": "test"}
 
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/")
 
