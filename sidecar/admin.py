@@ -38,7 +38,10 @@ class AdminApp:
     contents and change what gets delivered.
     """
 
-    def __init__(self, metrics: Metrics, readiness: Readiness, core: Core, tokens: TokenChecker) -> None:
+    def __init__(
+        self, metrics: Metrics, readiness: Readiness, core: Core, tokens: TokenChecker, body_timeout: float
+    ) -> None:
+        self._body_timeout = body_timeout
         self._metrics = metrics
         self._readiness = readiness
         self._core = core
@@ -101,10 +104,9 @@ class AdminApp:
         self._authorize(request)
         return json_response({"purged": await self._core.purge_dead_letters(await self._selection(request))})
 
-    @staticmethod
-    async def _selection(request: web.Request) -> Selection:
+    async def _selection(self, request: web.Request) -> Selection:
         """``{"ids": [...]}``, ``{"conversationId": "..."}`` or ``{"all": true}``, optionally with ``kind``."""
-        body = await read_json(request, 64 * 1024)
+        body = await read_json(request, 64 * 1024, self._body_timeout)
         if not isinstance(body, dict):
             raise InvalidArgument("the body must be a JSON object", details=(FieldViolation("body", "not an object"),))
         ids = body.get("ids", [])

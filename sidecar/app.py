@@ -58,7 +58,9 @@ class App:
         self.tokens = TokenChecker(config.auth_tokens, config.auth_tokens_file)
         callback_tokens = TokenChecker(config.callback_tokens)
         self._http = HttpIngress(config, self.core, self.metrics, self.tokens, callback_tokens)
-        self._admin = AdminApp(self.metrics, self.readiness, self.core, TokenChecker(config.admin_tokens))
+        self._admin = AdminApp(
+            self.metrics, self.readiness, self.core, TokenChecker(config.admin_tokens), config.http_body_timeout
+        )
         self._http_servers: list[HttpServer] = []
         self._grpc: grpc.aio.Server | None = None
         self._health: health_aio.HealthServicer | None = None

@@ -46,6 +46,7 @@ class Config:
     tls_cert_file: str = _opt("", "PEM certificate chain: serve HTTP ingress and gRPC over TLS")
     tls_key_file: str = _opt("", "PEM private key of tls_cert_file")
     http_header_timeout: float = _opt(30.0, "seconds a client has to send a request's headers (HTTP and admin)")
+    http_body_timeout: float = _opt(30.0, "seconds a client has to send a request's body once its handler reads it")
     http_max_connections: int = _opt(
         4096, "open connections per HTTP listener (HTTP and admin); more are closed at once"
     )
@@ -359,9 +360,9 @@ def validate(c: Config) -> None:
         "webhook_timeout", "webhook_max_attempts", "webhook_max_age", "webhook_backoff_initial",
         "webhook_backoff_max", "webhook_concurrency", "bot_timeout", "bot_max_attempts",
         "bot_backoff_initial", "bot_backoff_max", "bot_concurrency", "bot_breaker_failures", "bot_breaker_cooldown",
-        "reply_retention", "reply_max_age", "dedupe_window",
-        "http_header_timeout", "http_max_connections", "grpc_max_connections", "max_body_bytes", "max_id_length",
-        "max_payload_depth", "max_pending_messages", "stream_queue_size", "max_streams",
+        "reply_retention", "reply_max_age", "dedupe_window", "http_header_timeout", "http_body_timeout",
+        "http_max_connections", "grpc_max_connections", "max_body_bytes", "max_id_length", "max_payload_depth",
+        "max_pending_messages", "stream_queue_size", "max_streams",
     )  # fmt: skip
     for f in fields(c):
         value = getattr(c, f.name)

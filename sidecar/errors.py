@@ -134,5 +134,15 @@ class StoreRefused(Unavailable):
     it landed, so nothing needs to be looked for afterwards. The same answer to clients."""
 
 
+class RequestTimeout(SidecarError):
+    """A request body that did not arrive in time: a slow sender would otherwise hold
+    its connection (one of http_max_connections) for as long as it likes."""
+
+    code = "request_timeout"
+    http_status = 408
+    grpc_status = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_message = "the request body did not arrive in time"
+
+
 class Internal(SidecarError):
     """Anything unexpected; the handler logs the cause and shows only this."""

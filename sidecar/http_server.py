@@ -66,6 +66,7 @@ class HeaderDeadline(asyncio.Protocol):
         self._server = server  # its header timeout, connection cap and count
         self._timer: asyncio.TimerHandle | None = None
         self._tail = b""  # the end of what arrived so far: "\r\n\r\n" may straddle two reads
+        self._begun = False  # a byte of the request line arrived (not only empty lines)
         self._transport: asyncio.BaseTransport | None = None
         self._admitted = False
 
@@ -87,6 +88,11 @@ class HeaderDeadline(asyncio.Protocol):
             return
         if self._timer is not None:
             seen = self._tail + data
+            if not self._begun:
+                # Empty lines before the request line are skipped by the parser (RFC 9112
+                # 2.2): they are not the end of any headers, and must not stop the clock.
+                seen = seen.lstrip(b"\r\n")
+                self._begun = bool(seen)
             if b"\r\n\r\n" in seen:
                 self._timer.cancel()
                 self._timer = None

@@ -370,6 +370,14 @@ async def test_a_client_too_slow_to_send_its_headers_is_disconnected(start_app: 
         async with asyncio.timeout(10):
             assert await reader.read() == b""  # closed by the sidecar, without an answer
         writer.close()
+    # Empty lines first (the parser skips them) are no way around the deadline.
+    reader, writer = await asyncio.open_connection("127.0.0.1", s.app.http_port)
+    for piece in (b"\r\n\r\n", b"\r\n", b"P"):
+        writer.write(piece)
+        await writer.drain()
+    async with asyncio.timeout(10):
+        assert await reader.read() == b""
+    writer.close()
     # Headers sent in pieces, but in time, are fine, and so is the next request on the connection.
     reader, writer = await asyncio.open_connection("127.0.0.1", s.app.http_port)
     body = orjson.dumps(message())
@@ -383,6 +391,34 @@ async def test_a_client_too_slow_to_send_its_headers_is_disconnected(start_app: 
     assert (await s.post(message(message_id="m2"))).status == 200
     await asyncio.sleep(0.7)  # past the deadline: the kept-alive connection is not cut for it
     assert (await s.post(message(message_id="m3"))).status == 200
+
+
+async def test_a_body_too_slow_to_arrive_is_408_and_the_connection_closed(start_app: StartApp) -> None:
+    # Headers in time, then the body a byte now and then: without a deadline such a
+    # sender holds one of http_max_connections for as long as it likes.
+    s = await start_app(http_body_timeout=0.5, callback_secret_path="x", admin_tokens=("admin",))
+
+    async def slow(port: int, path: str) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer admin\r\nContent-Length: 100\r\n\r\n"
+        writer.write(head.encode() + b"{")
+        await writer.drain()
+        # The answer, then the close: after aiohttp's lingering (up to 10 s), in which
+        # it reads and discards the rest of a body it did not read.
+        async with asyncio.timeout(30):
+            answer = await reader.read(-1)
+        writer.close()
+        return answer
+
+    answers = await asyncio.gather(
+        slow(s.app.http_port, "/webhook"), slow(s.app.http_port, "/bot/replies/x"),
+        slow(s.app.admin_port, "/v1/dead-letters/replay"),
+    )  # fmt: skip
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"408" and b"Connection: close" in head, answer[:300]
+        assert orjson.loads(body)["error"]["code"] == "request_timeout"
+    assert (await s.post(message())).status == 200  # a body in time is fine
 
 
 async def test_connections_past_the_cap_are_closed_at_once_and_counted(start_app: StartApp) -> None:

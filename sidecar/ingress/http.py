@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -22,6 +23,7 @@ from sidecar.errors import (
     InvalidArgument,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     SidecarError,
     Unauthenticated,
     UnsupportedMediaType,
@@ -69,6 +71,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         # The client went away mid-request (its body cut short): nothing to log as an
         # error, and an answer nobody may read; aiohttp would log a traceback instead.
         return error_response(InvalidArgument("the request ended before its body"))
+    except RequestTimeout as e:
+        # The rest of the body may still be on its way: the connection cannot carry
+        # another request, so it is closed with the answer.
+        response = error_response(e)
+        response.force_close()
+        return response
     except SidecarError as e:
         return error_response(e)
     except web.HTTPException as e:
@@ -85,15 +93,19 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(Internal())
 
 
-async def read_json(request: web.Request, max_bytes: int) -> JSON:
-    """The body parsed as JSON whatever the Content-Type says, except form and multipart."""
+async def read_json(request: web.Request, max_bytes: int, timeout: float) -> JSON:
+    """The body parsed as JSON whatever the Content-Type says, except form and multipart,
+    if it arrives within ``timeout`` seconds."""
     content_type = request.headers.get("Content-Type", "").lower()
     if content_type.startswith(_FORM_TYPES):
         raise UnsupportedMediaType()
     if request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes")
     try:
-        raw = await request.read()
+        async with asyncio.timeout(timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {timeout:g} s") from None
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes") from None
     except (web_protocol.RequestPayloadError, http_exceptions.HttpProcessingError):
@@ -234,7 +246,7 @@ class HttpIngress:
         try:
             if not self._tokens.check(request.headers.get("Authorization")):
                 raise Unauthenticated()
-            body = await read_json(request, self._config.max_body_bytes)
+            body = await read_json(request, self._config.max_body_bytes, self._config.http_body_timeout)
             if not isinstance(body, dict):
                 raise InvalidArgument(
                     "the body must be a JSON object", details=(FieldViolation("body", "not an object"),)
@@ -288,7 +300,7 @@ class HttpIngress:
             log.warning("bot callback refused", extra={"why": why, "refusals": refusals})
 
     async def _accept_bot_replies(self, request: web.Request) -> web.Response:
-        body = await read_json(request, self._config.max_body_bytes)
+        body = await read_json(request, self._config.max_body_bytes, self._config.http_body_timeout)
         if body == INSTALL_CHECK:
             # The Messaging API integration probes its Response Endpoint URL with
             # this body when installed and expects 200: answer it, append nothing.
