@@ -113,6 +113,11 @@ class SlowConsumer(SidecarError):
     grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_message = "the subscriber fell too far behind; resume from the last sequence seen"
 
+    def __init__(self, message: str | None = None, *, retry_after: float = 1.0) -> None:
+        # Always with RetryInfo: clients tell this RESOURCE_EXHAUSTED (resume) from an
+        # oversized request's (do not retry it unchanged) by it (docs/reliability.md).
+        super().__init__(message, retry_after=retry_after)
+
 
 class CursorExpired(SidecarError):
     code = "out_of_range"

@@ -8,7 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import descriptor_pb2, json_format, struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
@@ -138,10 +138,16 @@ async def test_health_and_reflection_are_served(start_app: StartApp) -> None:
         answer = await call.read()
         names = {svc.name for svc in answer.list_services_response.service}
         assert {"sidecar.v1.MessagingService", "grpc.health.v1.Health", service} <= names
-        await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol="sidecar.v1.MessagingService"))
-        answer = await call.read()
+        for name in names:  # every service listed can be described (grpcurl describe asks for each)
+            await call.write(reflection_pb2.ServerReflectionRequest(file_containing_symbol=name))
+            answer = await call.read()
+            assert answer.file_descriptor_response.file_descriptor_proto, (name, answer.error_response)
+            described = descriptor_pb2.FileDescriptorProto.FromString(
+                answer.file_descriptor_response.file_descriptor_proto[0]
+            )
+            assert name.rpartition(".")[2] in {svc.name for svc in described.service}
+            assert name.startswith(described.package + ".")
         await call.done_writing()
-        assert answer.file_descriptor_response.file_descriptor_proto
 
 
 def _deep_payload(levels: int) -> bytes:

@@ -9,6 +9,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from sidecar.bots.base import BotReply
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
@@ -174,6 +176,9 @@ async def test_grpc_client_that_stops_reading_is_cut_off(start_app: StartApp) ->
                 await call.read()
     codes.append(e.value.code())
     assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED]
+    # With RetryInfo, as clients are told to expect of a RESOURCE_EXHAUSTED they may retry.
+    status = rpc_status.from_call(e.value)
+    assert status is not None and any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
 
 
 async def test_a_burst_of_thousands_of_subscribers_all_get_their_stream(start_app: StartApp) -> None:

@@ -8,7 +8,7 @@ import time
 from typing import Any, NoReturn
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, duration_pb2
 from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc._cython.cygrpc import ExecuteBatchError  # what a write to a call that ended raises
@@ -334,6 +334,7 @@ def _serve_reflection_v1(names: tuple[str, ...], server: grpc.aio.Server) -> Non
     """Server reflection under its v1 name too: grpcio-reflection serves only v1alpha,
     and clients such as grpcurl and Postman ask for v1 first. The two protos are the
     same messages with the same field numbers, so v1alpha's servicer answers v1 bytes."""
+    _describe_reflection_v1()
     servicer = reflection.aio.ReflectionServicer(names)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
@@ -344,6 +345,34 @@ def _serve_reflection_v1(names: tuple[str, ...], server: grpc.aio.Server) -> Non
         (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
     )
 
+
+def _describe_reflection_v1() -> None:
+    """Put a descriptor of the v1 service in the default pool, or reflection would list a
+    service it cannot describe (a client resolving every listed name, as ``grpcurl
+    describe`` does, fails on it). Made from v1alpha's: the same file under v1's
+    name and package. Once per process: the pool is process-wide."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(_REFLECTION_V1_FILE)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name, proto.package = _REFLECTION_V1_FILE, "grpc.reflection.v1"
+    proto.ClearField("options")  # v1alpha's language packages and its deprecation
+    alpha, v1 = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    for message in proto.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):  # set only where it was: a scalar must not get one
+                field.type_name = field.type_name.replace(alpha, v1)
+    for method in proto.service[0].method:
+        method.input_type = method.input_type.replace(alpha, v1)
+        method.output_type = method.output_type.replace(alpha, v1)
+    pool.AddSerializedFile(proto.SerializeToString())
+
+
+_REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
