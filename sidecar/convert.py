@@ -6,9 +6,8 @@ import math
 
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from sidecar.models import JSON, Reply
+from sidecar.models import JSON, MAX_SAFE_INT, Reply
 from sidecar.v1 import sidecar_pb2
-from sidecar.validate import MAX_SAFE_INT
 
 # Initial metadata of every Subscribe stream: the sequence it starts after (the
 # request's after_sequence, or the conversation's last reply for a live-only one).

@@ -21,6 +21,10 @@ _NAMESPACE = uuid.UUID("6f3a1c3e-5b0e-4c39-9a8e-2f1d7c0b5a11")
 
 _NAMESPACE_BYTES = _NAMESPACE.bytes
 
+# google.protobuf.Value carries numbers as doubles: larger integers would not
+# round-trip exactly between the HTTP and gRPC forms of one message.
+MAX_SAFE_INT = 2**53
+
 # The body the hosted Messaging API integration POSTs to a Response Endpoint URL when it
 # is installed, expecting 200: the sidecar sends it at start and answers it on callbacks.
 INSTALL_CHECK = {"type": "test", "payload": "test"}

@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import orjson
+
+from sidecar.convert import json_to_value
 from sidecar.errors import FieldViolation, InvalidArgument
-from sidecar.models import JSON, InboundMessage
+from sidecar.models import JSON, MAX_SAFE_INT, InboundMessage
 
 ID_FIELDS = ("userId", "messageId", "conversationId", "type")
 
@@ -21,9 +24,14 @@ PROTO_NAMES = {
     "payload": "payload",
 }
 
-# google.protobuf.Value carries numbers as doubles: larger integers would not
-# round-trip exactly between the HTTP and gRPC forms of one message.
-MAX_SAFE_INT = 2**53
+# gRPC clients refuse a message over 4 MiB unless told otherwise (grpc's default receive
+# limit): a reply larger than that as a Reply would stop every standard subscriber of its
+# conversation at it, resuming for ever. Replies must fit, with room for their other
+# fields (type and ids, each at most max_id_length characters).
+MAX_REPLY_WIRE_BYTES = 4 * 1024 * 1024
+_PAYLOAD_WIRE_BYTES = MAX_REPLY_WIRE_BYTES - 64 * 1024
+# JSON grows at most 5.5 times as google.protobuf.Value: "0," is 11 bytes in a ListValue.
+_VALUE_GROWTH = 5.5
 
 
 def message_from_fields(
@@ -78,7 +86,7 @@ def message_from_fields(
 
 def payload_problem(payload: JSON, max_depth: int) -> str:
     """Why a payload is refused ("" when it is fine): too deep, or numbers that do not round-trip."""
-    if _flat_strings(payload):  # most payloads ({"text": ...}) need no walk
+    if _flat_wire_bound(payload) >= 0:  # most payloads ({"text": ...}) need no walk
         return ""
     stack: list[tuple[JSON, int]] = [(payload, 1)]
     while stack:
@@ -103,13 +111,18 @@ def payload_problem(payload: JSON, max_depth: int) -> str:
     return ""
 
 
-def _flat_strings(payload: JSON) -> bool:
+def _flat_wire_bound(payload: JSON) -> int:
+    """For an object of strings only (most payloads, {"text": ...}): an upper bound of
+    its size as a Value (4 bytes of UTF-8 per character at most, and a few of tags and
+    lengths per entry). -1 for any other value. A loop, not a generator: the hot path."""
     if type(payload) is not dict:
-        return False
-    for key, value in payload.items():  # noqa: SIM110 - a loop, not all(): no generator on the hot path
+        return -1
+    size = 0
+    for key, value in payload.items():
         if type(key) is not str or type(value) is not str:
-            return False
-    return True
+            return -1
+        size += 4 * (len(key) + len(value)) + 16
+    return size
 
 
 def reply_problems(
@@ -123,9 +136,29 @@ def reply_problems(
     for name, value in bot_ids.items():
         if type(value) is not str or len(value) > max_id_length:
             bad.append(FieldViolation(name, f"must be a string of at most {max_id_length} characters"))
-    if reason := payload_problem(payload, max_payload_depth):
+    # Flat strings well within the limit (most replies) need no walk and no size check.
+    if not 0 <= _flat_wire_bound(payload) <= _PAYLOAD_WIRE_BYTES and (
+        reason := payload_problem(payload, max_payload_depth) or _too_large_for_grpc(payload)
+    ):
         bad.append(FieldViolation("payload", reason))
     return bad
+
+
+def _too_large_for_grpc(payload: JSON) -> str:
+    """Why a valid reply payload cannot reach gRPC subscribers: too large as a Value."""
+    # Quick bounds first (most replies are far below the limit), the exact size near it.
+    bound = _flat_wire_bound(payload)
+    if bound < 0:
+        bound = int(_VALUE_GROWTH * len(orjson.dumps(payload)))
+    if bound <= _PAYLOAD_WIRE_BYTES:
+        return ""
+    size = json_to_value(payload).ByteSize()
+    if size <= _PAYLOAD_WIRE_BYTES:
+        return ""
+    return (
+        f"is {size:,} bytes as a google.protobuf.Value: a reply must fit gRPC's"
+        f" {MAX_REPLY_WIRE_BYTES // 2**20} MiB message limit"
+    )
 
 
 def normalize_numbers(value: JSON) -> JSON:

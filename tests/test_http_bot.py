@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from sidecar.bots.http import HttpBot
 from sidecar.convert import value_to_json
 from sidecar.models import InboundMessage, StoredMessage
 from sidecar.observability import Metrics
+from sidecar.v1 import sidecar_pb2
 from tests.bot_server import BotServer
 from tests.conftest import Running, StartApp, admin_metrics, eventually, make_config, message
 from tests.procs import free_port
@@ -39,8 +41,9 @@ async def replies_of(s: Running, conversation: str, count: int) -> list[Any]:
 
 
 async def callback(s: Running, body: Any, token: str | None = CALLBACK, path: str = "/bot/replies") -> Any:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with s.session.post(s.http + path, json=body, headers=headers) as resp:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"} if token else {}
+    # A stream, not bytes: aiohttp warns of a large body sent as bytes.
+    async with s.session.post(s.http + path, data=io.BytesIO(orjson.dumps(body)), headers=headers) as resp:
         return resp.status, await resp.json()
 
 
@@ -415,3 +418,29 @@ async def test_the_botpress_integration_answering_a_large_or_odd_body_has_taken_
         await s.post(message(message_id="m2"))
         await eventually(lambda: s.app.core.pending == 0, what="both messages handled")
         assert await s.app.store.list_dead_letters() == []
+
+
+async def test_a_reply_too_large_for_grpc_subscribers_is_refused_wherever_it_comes_from(start_app: StartApp) -> None:
+    # 500,000 zeros: a 1 MB JSON body, but 5.5 MB as a google.protobuf.Value, past gRPC's
+    # 4 MiB default receive limit: stored, it would stop every standard subscriber at it.
+    zeros = {"n": [0] * 500_000}
+
+    async def answer_big(body: Any) -> tuple[int, Any]:
+        return 200, [{"type": "data", "payload": zeros}]
+
+    async with BotServer(answer_big) as bot:
+        s = await start_app(bot="http", bot_url=bot.url, callback_tokens=(CALLBACK,))
+        await s.post(message(text="hi"))
+        (letter,) = await dead_letters(s, 1)
+    assert letter.kind == "message" and "payload is 5,500,0" in letter.error and "4 MiB" in letter.error
+    status, body = await callback(s, {"type": "data", "payload": zeros, "conversationId": "c1"})
+    assert status == 400 and [d["field"] for d in body["error"]["details"]] == ["payload"]
+    # Large but within the limit (its exact size decides, not the quick bound): taken,
+    # and streamed to a standard client, default limits and all.
+    text = {"text": "é" * 500_000}  # 1 MB of UTF-8 in a 1 MB body
+    assert (await callback(s, {"type": "text", "payload": text, "conversationId": "c1"}))[0] == 200
+    call = s.stub.Subscribe(sidecar_pb2.SubscribeRequest(conversation_id="c1", after_sequence=0))
+    reply = await call.read()
+    assert value_to_json(reply.payload) == text
+    call.cancel()
+    assert await s.app.store.last_sequence("c1") == 1

@@ -28,7 +28,7 @@ from sidecar.errors import (
     Unauthenticated,
     UnsupportedMediaType,
 )
-from sidecar.models import INSTALL_CHECK, JSON, AcceptResult
+from sidecar.models import INSTALL_CHECK, JSON, MAX_SAFE_INT, AcceptResult
 from sidecar.observability import (
     CALLBACK_OUTCOMES,
     INGRESS_OUTCOMES,
@@ -37,7 +37,7 @@ from sidecar.observability import (
     ingress_metrics,
     outcome_of,
 )
-from sidecar.validate import MAX_SAFE_INT, message_from_fields, reply_problems
+from sidecar.validate import message_from_fields, reply_problems
 
 log = logging.getLogger(__name__)
 
