@@ -169,6 +169,17 @@ async def test_replies_after_pages_in_order_with_every_field(store: Store) -> No
     assert [x.sequence for x in await store.replies_after("c1", 1, 10)] == [2]
 
 
+async def test_replies_after_stops_at_a_byte_budget_but_returns_at_least_one(store: Store) -> None:
+    # A page waits in memory while a slow client reads it: large replies make small pages.
+    big = [draft(f"k{i}", "x" * 300_000) for i in range(6)]
+    await store.append_replies("c1", big, now=1.0, outbox=False)
+    assert [r.sequence for r in await store.replies_after("c1", 0, 256, 1_000_000)] == [1, 2, 3]
+    assert [r.sequence for r in await store.replies_after("c1", 3, 256, 1_000_000)] == [4, 5, 6]
+    assert [r.sequence for r in await store.replies_after("c1", 0, 256, 1000)] == [1]  # one, however large
+    assert [r.sequence for r in await store.replies_after("c1", 0, 2, 1_000_000)] == [1, 2]  # and the count
+    assert len(await store.replies_after("c1", 0, 256)) == 6  # no budget: the count alone
+
+
 async def test_retention_trims_old_replies_but_never_undelivered_or_dead_ones(make_store: Factory) -> None:
     store = await make_store(retention=3)
     await store.append_replies("c1", [draft(f"k{i}") for i in range(5)], now=1.0, outbox=False)

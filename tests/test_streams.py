@@ -318,3 +318,30 @@ async def test_concurrent_opens_cannot_overshoot_the_stream_limit(
     for stream in opened:
         stream.close()
     assert core.streams == 0
+
+
+async def test_replay_reads_large_replies_in_small_pages(start_app: StartApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A page read from the log waits in memory until the client has read it: a client
+    that stopped reading must not pin 256 large replies (~50 MiB at 200 kB each)."""
+    s = await start_app()
+    await s.stub.SendMessage(request(message_id="seed"))
+    await wait_for_sequence(s, "c1", 1)
+    text = "x" * 300_000
+    for i in range(12):
+        await s.app.core.add_bot_reply_batches(
+            {"c1": [BotReply(type="text", payload={"t": text}, bot_message_id=f"b{i}")]}
+        )
+    pages: list[int] = []
+    read = s.app.store.replies_after
+
+    async def counted(*args: Any) -> Any:
+        page = await read(*args)
+        pages.append(sum(len(r.payload.get("t", "")) for r in page))
+        return page
+
+    monkeypatch.setattr(s.app.store, "replies_after", counted)
+    call = subscribe(s, after=0)
+    got = await read_n(call, 13)
+    call.cancel()
+    assert [r.sequence for r in got] == list(range(1, 14))
+    assert pages and max(pages) <= 1024 * 1024, pages  # three of these replies to a page, not all twelve

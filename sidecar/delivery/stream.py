@@ -11,6 +11,10 @@ from sidecar.models import Reply
 from sidecar.store.base import Store
 
 _PAGE = 256
+# A page read from the log waits in memory while the client reads it: with replies of
+# up to 4 MiB, 256 of them could pin hundreds of MiB per stream of a client that stopped
+# reading. At most this much payload JSON per page (always one reply, whatever its size).
+_PAGE_BYTES = 1024 * 1024
 
 
 class Subscription:
@@ -229,7 +233,7 @@ class ReplyStream:
                     return self._take(reply)
                 self._replayed = None
             if self._refill:
-                page = await self._store.replies_after(sub.conversation_id, self.last, _PAGE)
+                page = await self._store.replies_after(sub.conversation_id, self.last, _PAGE, _PAGE_BYTES)
                 if page and page[0].sequence != self.last + 1:
                     raise CursorExpired("replies after the cursor were trimmed while the stream was behind")
                 checked, self._checked = self._checked, False
@@ -242,7 +246,9 @@ class ReplyStream:
                     # (if ever) the next live reply arrives and shows the gap.
                     raise CursorExpired("replies after the cursor were trimmed while the stream was behind")
                 self._replayed = iter(page)
-                self._refill = len(page) == _PAGE
+                # A page cut short by its byte budget looks like the log's end: only an
+                # empty page says the stream has caught up.
+                self._refill = bool(page)
                 continue
             buffer = sub.buffer
             while buffer:

@@ -11,8 +11,8 @@ forget or expiry sweep: the next pass): SQLite commits those without an fsync.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
-from typing import ClassVar
+from collections.abc import Iterable, Sequence
+from typing import ClassVar, TypeVar
 
 from sidecar.models import (
     AcceptResult,
@@ -27,6 +27,22 @@ from sidecar.models import (
 ERROR_LIMIT = 500
 """Characters of an error string a store keeps (a dead letter's, a message's or a
 delivery's last error): every store the same, and bounded whatever a bot or receiver said."""
+
+
+T = TypeVar("T")
+
+
+def within_bytes(sized: Iterable[tuple[T, int]], max_bytes: int | None) -> list[T]:
+    """The leading items of ``(item, size)`` pairs whose sizes fit ``max_bytes`` together;
+    always the first, if any (replies_after's rule). Reads ``sized`` no further than that."""
+    page: list[T] = []
+    total = 0
+    for item, size in sized:
+        total += size
+        if page and max_bytes is not None and total > max_bytes:
+            break
+        page.append(item)
+    return page
 
 
 class Store(abc.ABC):
@@ -140,8 +156,12 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def replies_after(self, conversation_id: str, after: int, limit: int) -> list[Reply]:
-        """Replies with sequence > after, ascending, at most ``limit``."""
+    async def replies_after(
+        self, conversation_id: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[Reply]:
+        """Replies with sequence > after, ascending, at most ``limit``, and with ``max_bytes``
+        at most as much payload JSON as that between them (the first is returned whatever
+        its size): a page a slow reader holds stays small however large the replies."""
 
     @abc.abstractmethod
     async def last_sequence(self, conversation_id: str) -> int:

@@ -7,6 +7,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import orjson
+
 from sidecar.errors import Conflict
 from sidecar.models import (
     AcceptResult,
@@ -18,7 +20,7 @@ from sidecar.models import (
     StoredMessage,
     sidecar_id,
 )
-from sidecar.store.base import ERROR_LIMIT, Store
+from sidecar.store.base import ERROR_LIMIT, Store, within_bytes
 
 
 @dataclass(slots=True)
@@ -213,12 +215,15 @@ class MemoryStore(Store):
         deleted = sum(self._trim(self._conversations[c], before) for c in ids)
         return deleted, ids[-1] if len(ids) == limit else ""
 
-    async def replies_after(self, conversation_id: str, after: int, limit: int) -> list[Reply]:
+    async def replies_after(
+        self, conversation_id: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[Reply]:
         conv = self._conversations.get(conversation_id)
         if conv is None:
             return []
         start = max(after + 1, conv.first_retained)
-        return [conv.replies[s] for s in range(start, min(conv.last, start + limit - 1) + 1) if s in conv.replies]
+        page = (conv.replies[s] for s in range(start, min(conv.last, start + limit - 1) + 1) if s in conv.replies)
+        return within_bytes(((r, len(orjson.dumps(r.payload)) if max_bytes else 0) for r in page), max_bytes)
 
     async def last_sequence(self, conversation_id: str) -> int:
         conv = self._conversations.get(conversation_id)

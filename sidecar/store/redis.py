@@ -98,7 +98,7 @@ from sidecar.models import (
     sidecar_id,
 )
 from sidecar.observability import Throttle
-from sidecar.store.base import ERROR_LIMIT, Store
+from sidecar.store.base import ERROR_LIMIT, Store, within_bytes
 
 log = logging.getLogger(__name__)
 
@@ -933,13 +933,17 @@ class RedisStore(Store):
         rows = await self._run(self._append, *args)
         return [_reply(conversation_id, row) for row in rows]
 
-    async def replies_after(self, conversation_id: str, after: int, limit: int) -> list[Reply]:
+    async def replies_after(
+        self, conversation_id: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[Reply]:
         if limit <= 0:
             return []
         rows = await _reached(
             self._redis().zrangebyscore(self._key("log:", conversation_id), f"({after}", "+inf", start=0, num=limit)
         )
-        return [_reply(conversation_id, cast(str, row)) for row in rows]
+        # Each row is the whole reply as JSON: a little more than its payload, never less.
+        page = within_bytes(((cast(str, row), len(row)) for row in rows), max_bytes)
+        return [_reply(conversation_id, row) for row in page]
 
     async def _conversation(self, conversation_id: str) -> list[str | None]:
         fields = await _reached(self._redis().hmget(self._key("conv:", conversation_id), ["last", "first", "user"]))

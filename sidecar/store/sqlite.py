@@ -31,7 +31,7 @@ from sidecar.models import (
     sidecar_id,
 )
 from sidecar.observability import Throttle
-from sidecar.store.base import ERROR_LIMIT, Store
+from sidecar.store.base import ERROR_LIMIT, Store, within_bytes
 
 log = logging.getLogger(__name__)
 
@@ -687,12 +687,20 @@ class SqliteStore(Store):
         # Not fsync'd on its own: an expiry lost to a power cut is done again by the next pass.
         return await self._run(op, durable=False)
 
-    async def replies_after(self, conversation_id: str, after: int, limit: int) -> list[Reply]:
+    async def replies_after(
+        self, conversation_id: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> list[Reply]:
         sql = (
             f"SELECT {_REPLY_COLUMNS} FROM replies r WHERE r.conversation_id = ? AND r.sequence > ?"
             " ORDER BY r.sequence LIMIT ?"
         )
-        return await self._read(lambda c: [_reply(r) for r in c.execute(sql, (conversation_id, after, max(limit, 0)))])
+
+        def op(c: sqlite3.Cursor) -> list[Reply]:
+            rows = c.execute(sql, (conversation_id, after, max(limit, 0)))
+            # Rows are fetched one at a time: those past the budget are never read.
+            return [_reply(r) for r in within_bytes(((r, len(r[3])) for r in rows), max_bytes)]
+
+        return await self._read(op)
 
     async def _conversation_field(self, conversation_id: str, column: str, default: Any) -> Any:
         sql = f"SELECT {column} FROM conversations WHERE conversation_id = ?"
