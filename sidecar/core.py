@@ -610,15 +610,29 @@ class Core:
         replayed = 0
         messages = False  # a message letter was tried: it may be pending again, unqueued
         held: set[str] = set()
-        now = time.time()
+        done: set[str] = set()  # conversations whose reply letters are all back already
+        now = began = time.time()
         try:
-            async for letter in self._selected(selection):
-                if letter.kind == "reply" and webhook is not None and letter.conversation_id not in held:
-                    # Held until every letter of the selection is back: replayed one commit
-                    # at a time, in the order they died, a later reply back first would be
-                    # POSTed before an earlier one still on its way.
-                    webhook.hold(letter.conversation_id)
-                    held.add(letter.conversation_id)
+            async for letter in self._selected(selection, before=began):
+                conversation_id = letter.conversation_id
+                if letter.kind == "reply" and conversation_id in done:
+                    continue  # read in a page before its conversation's were put back
+                if letter.kind == "reply" and webhook is not None and conversation_id not in held:
+                    # Held while its letters are put back: replayed one commit at a time, in
+                    # the order they died, a later reply back first would be POSTed before an
+                    # earlier one still on its way.
+                    webhook.hold(conversation_id)
+                    held.add(conversation_id)
+                    if not selection.ids:
+                        # Its letters of the selection all at once, then its POSTs resume:
+                        # a replay of thousands of conversations holds each only that long.
+                        own = Selection(conversation_id=conversation_id, kind="reply")
+                        async for mine in self._selected(own, before=began):
+                            replayed += await self._store.replay_dead_letter(mine.id, now=now)
+                        held.discard(conversation_id)
+                        done.add(conversation_id)
+                        webhook.release(conversation_id)
+                        continue
                 messages |= letter.kind == "message"
                 if await self._store.replay_dead_letter(letter.id, now=now):
                     replayed += 1
@@ -654,7 +668,9 @@ class Core:
         log.info("dead letters purged", extra={"count": purged})
         return purged
 
-    async def _selected(self, selection: Selection) -> AsyncGenerator[DeadLetter, None]:
+    async def _selected(self, selection: Selection, before: float | None = None) -> AsyncGenerator[DeadLetter, None]:
+        """The letters of a selection, one page of the store at a time; with a selection that
+        is not by ids, only those dead by ``before`` (default: now)."""
         _check(selection)
         if selection.ids:
             for dead_letter_id in selection.ids:
@@ -667,7 +683,7 @@ class Core:
         # refuses again is a new letter, which would otherwise be replayed again, and so
         # on for as long as the receiver refuses.
         seen: set[str] = set()
-        began = time.time()
+        began = time.time() if before is None else before
         while True:
             page = await self._store.list_dead_letters(
                 kind=selection.kind, conversation_id=selection.conversation_id or None, limit=500

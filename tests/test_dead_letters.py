@@ -421,3 +421,36 @@ async def test_a_replay_whose_answer_was_lost_still_runs_the_message(
         assert (await api(s, "POST", "/v1/dead-letters/replay", {"ids": [letter.id]}))[0] == 503
         monkeypatch.undo()
         await eventually(lambda: runs == ["hi", "hi"], what="the replayed message run")
+
+
+async def test_a_replay_of_all_holds_each_conversation_only_while_its_own_letters_go_back(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay of tens of thousands of letters must not stop every conversation it
+    touches from being delivered until the very last letter is back."""
+    async with Receiver() as r:
+        for c in ("c1", "c2", "c3"):
+            r.script(c, 400, 400)
+        s = await start_app(response_url=r.url, admin_tokens=(ADMIN,))
+        order = [("c2", "one"), ("c1", "one"), ("c3", "one"), ("c3", "two"), ("c1", "two"), ("c2", "two")]
+        for i, (c, text) in enumerate(order):
+            assert (await s.post(message(c, f"{c}-{text}", text))).status == 200
+            await dead_letters(s, i + 1)  # in this order: letters of different conversations interleave
+        store, webhook = s.app.store, s.app.webhook
+        assert webhook is not None
+        real = store.replay_dead_letter
+        seen: list[tuple[str, list[str]]] = []  # (the letter's conversation, conversations held then)
+
+        async def recorded(dead_letter_id: str, *, now: float) -> bool:
+            letter = await store.get_dead_letter(dead_letter_id)
+            assert letter is not None
+            seen.append((letter.conversation_id, sorted(webhook._held)))
+            return await real(dead_letter_id, now=now)
+
+        monkeypatch.setattr(store, "replay_dead_letter", recorded)
+        assert (await api(s, "POST", "/v1/dead-letters/replay", {"all": True})) == (200, {"replayed": 6})
+        await r.wait_for(6)
+    assert all(held == [conversation] for conversation, held in seen), seen
+    assert [c for c, _ in seen][::2] == [c for c, _ in seen][1::2]  # a conversation's two letters together
+    for c in ("c1", "c2", "c3"):
+        assert [x["payload"]["text"] for x in r.delivered(c)] == ["one", "two"]
