@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import random
 import resource
 import sys
 import time
@@ -177,6 +178,56 @@ async def latency(target: str, bare: bool, rate: float, duration: float, convers
     return {**_percentiles(samples), "rate": rate, "sent": n, "missing": len(sent)}
 
 
+async def counted_ingest(
+    protocol: str, address: str, count: int, concurrency: int, conversations: int, bare: bool = False
+) -> dict[str, Any]:
+    """The ingest phases' closed loop, for ``count`` messages instead of a duration, with
+    message ids from a seeded generator: two runs send the same requests (bench.instructions)."""
+    ids = random.Random(1)
+    requests: list[Any] = []
+    for n in range(count):
+        conversation, text = f"g{n % conversations}", f"g{n % conversations}/{n}"
+        message_id = str(uuid.UUID(int=ids.getrandbits(128), version=4))
+        if protocol == "grpc":
+            requests.append(sidecar_pb2.SendMessageRequest(
+                user_id="bench-user", message_id=message_id, conversation_id=conversation, type="text", text=text
+            ))  # fmt: skip
+        else:
+            requests.append(orjson.dumps({"userId": "bench-user", "messageId": message_id,
+                                          "conversationId": conversation, "type": "text", "text": text,
+                                          "payload": {"text": text}}))  # fmt: skip
+    pending = iter(requests)
+    errors = 0
+    if protocol == "grpc":
+        channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+        calls = [_unary(c, bare) for c in channels]
+
+        async def grpc_worker(i: int) -> None:
+            nonlocal errors
+            for request in pending:
+                try:
+                    await calls[i % len(calls)](request)
+                except grpc.aio.AioRpcError:
+                    errors += 1
+
+        await asyncio.gather(*(grpc_worker(i) for i in range(concurrency)))
+        for c in channels:
+            await c.close()
+        return {"count": count, "errors": errors}
+    headers = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+
+        async def http_worker() -> None:
+            nonlocal errors
+            for body in pending:
+                async with session.post(address, data=body, headers=headers) as r:
+                    await r.read()
+                    errors += r.status != 200
+
+        await asyncio.gather(*(http_worker() for _ in range(concurrency)))
+    return {"count": count, "errors": errors}
+
+
 async def send_batch(target: str, count: int, conversations: int, concurrency: int) -> dict[str, Any]:
     """Send ``count`` messages, ``conversations`` round robin, in order within each conversation."""
     channel = grpc.aio.insecure_channel(target)
@@ -288,6 +339,7 @@ FIGURES: dict[str, Callable[..., Coroutine[Any, Any, dict[str, Any]]]] = {
     "http_ingest": http_ingest,
     "latency": latency,
     "send_batch": send_batch,
+    "counted_ingest": counted_ingest,
     "webhook_client": webhook_client,
     "streams": streams,
     "fanout": fanout,

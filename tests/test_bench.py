@@ -68,3 +68,15 @@ def test_instruction_count_runs_and_reports_instructions_per_message() -> None:
     line = done.stdout.strip()
     assert line.startswith("memory: ") and "instructions per message" in line
     assert int(line.split()[1].replace(",", "")) > 0
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="bench.instructions needs valgrind (not a dependency)")
+def test_instruction_count_of_whole_servers_runs_beside_the_bare_baseline() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "--protocol", "http", "--store", "memory://", "--count", "20"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    sidecar, bare = done.stdout.strip().splitlines()
+    assert sidecar.startswith("memory: ") and "through the sidecar over http" in sidecar
+    assert bare.startswith("bare http server of make bench: ") and bare.endswith("x")
