@@ -306,10 +306,17 @@ def validate(c: Config) -> None:
         path = getattr(c, name)
         if path and not Path(path).is_file():
             _fail(name, f"{path} is not a readable file")
-    if c.callback_secret_path and not re.fullmatch(r"[A-Za-z0-9._~-]+", c.callback_secret_path):
-        _fail("callback_secret_path", "must be one path segment of letters, digits and . _ ~ -")
-    if not c.webhook_path.startswith("/"):
-        _fail("webhook_path", "must start with /")
+    if c.callback_secret_path and (
+        not re.fullmatch(r"[A-Za-z0-9._~-]+", c.callback_secret_path) or c.callback_secret_path in {".", ".."}
+    ):  # "." and "..": clients resolve them away before the request leaves
+        _fail("callback_secret_path", "must be one path segment of letters, digits and . _ ~ - (not . or ..)")
+    if not re.fullmatch(r"(/[A-Za-z0-9._~!$&'()*+,;=:@%-]+)+/?|/", c.webhook_path) or any(
+        segment in {".", ".."} for segment in c.webhook_path.split("/")
+    ):
+        # Plain path characters only: aiohttp reads { } as a pattern, and ? # are not path.
+        _fail("webhook_path", "must be a path of plain segments starting with /, e.g. /webhook")
+    if c.webhook_path.rstrip("/") == "/bot/replies" or c.webhook_path.startswith("/bot/replies/"):
+        _fail("webhook_path", "/bot/replies is the callback route's; choose another path")
     if c.bot not in {"echo", "script", "http", "botpress"}:
         _fail("bot", f"expected echo, script, http or botpress, got {c.bot!r}")
     if c.bot in {"http", "botpress"} and not _is_http_url(c.bot_url):
@@ -348,8 +355,12 @@ def validate(c: Config) -> None:
     scheme = "" if store is None else store.scheme
     if scheme not in {"memory", "sqlite", "redis"}:
         _fail("store", f"expected sqlite:///path, memory:// or redis://host:port/db, got {redact_url(c.store)!r}")
-    if scheme == "sqlite" and not c.store[len("sqlite://") :].lstrip("/"):
-        _fail("store", "sqlite needs a path, e.g. sqlite:///./data/sidecar.db")
+    if scheme == "sqlite" and (not c.store.startswith("sqlite:///") or not sqlite_path(c.store)):
+        # sqlite://x.db would lose its first character to the path rule below, and
+        # sqlite://host/x.db name a host: three slashes, then the path.
+        _fail("store", "sqlite needs three slashes and a path, e.g. sqlite:///./data/sidecar.db")
+    if scheme == "redis" and store is not None and not re.fullmatch(r"/?|/\d+", store.path):
+        _fail("store", "redis://host:port/db needs a database number (or none), e.g. redis://127.0.0.1:6379/0")
     if c.store_sync not in {"full", "normal"}:
         _fail("store_sync", "expected full or normal")
     if c.log_format not in {"text", "json"}:
@@ -378,7 +389,12 @@ def validate(c: Config) -> None:
 
 def _is_http_url(url: str) -> bool:
     parts = _split(url)
-    return parts is not None and parts.scheme in {"http", "https"} and bool(parts.hostname)
+    return (
+        parts is not None
+        and parts.scheme in {"http", "https"}
+        and bool(parts.hostname)
+        and not any(ch.isspace() or not ch.isprintable() for ch in url)  # "host :8080" would parse
+    )
 
 
 def _split(url: str) -> SplitResult | None:

@@ -73,11 +73,34 @@ def test_comma_separated_tokens_are_split_and_trimmed() -> None:
         ({"SIDECAR_DRAIN_TIMEOUT": "inf"}, "SIDECAR_DRAIN_TIMEOUT"),
         ({"SIDECAR_WEBHOOK_RETRY_AFTER_MAX": "-1"}, "SIDECAR_WEBHOOK_RETRY_AFTER_MAX"),
         ({"SIDECAR_DRAIN_TIMEOUT": "-1"}, "SIDECAR_DRAIN_TIMEOUT"),
+        # Accepted before, each opening another file or database than the one named:
+        ({"SIDECAR_STORE": "sqlite://relative.db"}, "SIDECAR_STORE"),  # was "elative.db"
+        ({"SIDECAR_STORE": "sqlite:data.db"}, "SIDECAR_STORE"),
+        ({"SIDECAR_STORE": "sqlite://localhost/x.db"}, "SIDECAR_STORE"),
+        ({"SIDECAR_STORE": "redis://127.0.0.1:6379/5x"}, "SIDECAR_STORE"),  # was database 0
+        # ... or crashing with a traceback when the route was added:
+        ({"SIDECAR_WEBHOOK_PATH": "/bot/replies"}, "SIDECAR_WEBHOOK_PATH"),
+        ({"SIDECAR_WEBHOOK_PATH": "/a{b"}, "SIDECAR_WEBHOOK_PATH"),
+        ({"SIDECAR_WEBHOOK_PATH": "/{x}"}, "SIDECAR_WEBHOOK_PATH"),  # a pattern, not a path
+        ({"SIDECAR_WEBHOOK_PATH": "/hook?x=1"}, "SIDECAR_WEBHOOK_PATH"),
+        # ... or unusable later: a host with a space, a secret path clients resolve away.
+        ({"SIDECAR_RESPONSE_URL": "http://127.0.0.1 :8080/replies"}, "SIDECAR_RESPONSE_URL"),
+        ({"SIDECAR_CALLBACK_SECRET_PATH": ".."}, "SIDECAR_CALLBACK_SECRET_PATH"),
     ],
 )
 def test_invalid_settings_fail_with_a_message_naming_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         load(env=env)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"SIDECAR_STORE": "sqlite:////abs/x.db"}, {"SIDECAR_STORE": "redis://h:1"}, {"SIDECAR_STORE": "redis://h:1/"},
+     {"SIDECAR_STORE": "redis://h:1/3?prefix=a:"}, {"SIDECAR_WEBHOOK_PATH": "/"},
+     {"SIDECAR_WEBHOOK_PATH": "/api/v1/messaging/"}, {"SIDECAR_WEBHOOK_PATH": "/hooks/bp:main@v2"}],
+)  # fmt: skip
+def test_store_urls_and_paths_of_every_documented_form_are_taken(env: dict[str, str]) -> None:
+    load(env=env)
 
 
 def test_unknown_toml_setting_is_refused(tmp_path: Path) -> None:
