@@ -14,7 +14,7 @@ from dataclasses import fields
 from importlib import metadata
 from urllib.parse import quote, urlencode, urlsplit
 
-from sidecar.config import Config, ConfigError, describe, load, unknown_variables
+from sidecar.config import Config, ConfigError, describe, load, redact_url, unknown_variables
 from sidecar.models import JSON
 
 if typing.TYPE_CHECKING:
@@ -117,9 +117,18 @@ def _tls(args: argparse.Namespace) -> client_types.Tls:
 def _add_token(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token",
+        type=_token,
         default=os.environ.get(TOKEN_ENV) or None,
         help=f"bearer token, one of the server's SIDECAR_AUTH_TOKENS [default: ${TOKEN_ENV}, else none]",
     )
+
+
+def _token(value: str) -> str:
+    """A token as a header can carry it: printable ASCII, no spaces. grpc refuses anything
+    else as INTERNAL "Invalid metadata" on every attempt, which tail would retry for ever."""
+    if not value or not all("!" <= ch <= "~" for ch in value):
+        raise argparse.ArgumentTypeError("must be printable ASCII without spaces (a trailing newline?)")
+    return value
 
 
 def add_send_parser(subparsers: Subparsers) -> None:
@@ -179,13 +188,14 @@ def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
 
 
 def _http_url(value: str) -> bool:
-    """An http(s) URL with a host and a valid port, as far as can be told without a request."""
+    """An http(s) URL with a host and a valid port, as far as can be told without a request;
+    without credentials (urllib would take "user:pass@host" for a host name: use --token)."""
     try:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError for "host:abc"
     except ValueError:
         return False
-    return parts.scheme in {"http", "https"} and bool(parts.hostname)
+    return parts.scheme in {"http", "https"} and bool(parts.hostname) and "@" not in parts.netloc
 
 
 def _parse_payload(text: str) -> JSON:
@@ -193,7 +203,10 @@ def _parse_payload(text: str) -> JSON:
         raise ValueError(f"{constant} is not JSON")
 
     # NaN and Infinity are not JSON and would not survive the round trip through the sidecar.
-    return json.loads(text, parse_constant=refuse)
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _quiet_grpc() -> None:
@@ -214,7 +227,9 @@ def _send(args: argparse.Namespace) -> int:
         except ValueError as e:
             parser.error(f"--payload is not valid JSON: {e}")
     if args.http is not None and not _http_url(args.http):
-        parser.error(f"--http expects an http:// or https:// URL with a host, got {args.http!r}")
+        parser.error(
+            f"--http expects an http:// or https:// URL with a host and no credentials, got {redact_url(args.http)!r}"
+        )
     message = client.Outgoing(
         user_id=args.user,
         message_id=args.message_id or str(uuid.uuid4()),
@@ -255,7 +270,7 @@ def add_tail_parser(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--after",
         metavar="N",
-        type=_whole(0),
+        type=_whole(0, 2**64 - 1),  # the proto's uint64
         help="first replay every reply with sequence > N (0: all retained replies) [default: live replies only]",
     )
     parser.add_argument("--grpc", metavar="ADDR", default=DEFAULT_GRPC, help=f"gRPC address [default: {DEFAULT_GRPC}]")
@@ -311,7 +326,8 @@ def add_dlq_parser(subparsers: Subparsers) -> None:
     parser.add_argument("--admin", default=DEFAULT_ADMIN, help=f"admin listener URL (default {DEFAULT_ADMIN})")
     parser.add_argument(
         "--token",
-        default=os.environ.get("SIDECAR_ADMIN_TOKEN"),
+        type=_token,
+        default=os.environ.get("SIDECAR_ADMIN_TOKEN") or None,
         help="admin bearer token, one of SIDECAR_ADMIN_TOKENS (default: $SIDECAR_ADMIN_TOKEN)",
     )
     parser.add_argument(
@@ -345,7 +361,11 @@ def _dlq_call(args: argparse.Namespace, method: str, path: str, body: JSON | Non
     from sidecar import client
 
     if not _http_url(args.admin):
-        print(f"sidecar dlq: --admin expects an http(s) URL with a host, got {args.admin!r}", file=sys.stderr)
+        shown = redact_url(args.admin)
+        print(
+            f"sidecar dlq: --admin expects an http(s) URL with a host and no credentials, got {shown!r}",
+            file=sys.stderr,
+        )
         return 2
     try:
         context = client.Tls(enabled=True, ca_file=args.tls_ca).context()

@@ -17,6 +17,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from sidecar import convert  # the JSON <-> protobuf mapping the server uses, so payloads match exactly
+from sidecar.config import redact_url
 from sidecar.convert import CURSOR_METADATA
 from sidecar.models import JSON
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
@@ -170,23 +171,35 @@ def http_json(
     data = None if body is None else json.dumps(body).encode()
     # The CLI checked that the scheme is http(s): file:// and friends never get here.
     request = urllib.request.Request(url, data=data, headers=headers, method=method)  # noqa: S310
+    # No redirects: urllib would resend the token to wherever a 3xx points (a POST as a
+    # GET), and report what that answered as the sidecar's answer. The sidecar never
+    # redirects, so a 3xx means the URL is wrong.
+    opener = urllib.request.build_opener(_NoRedirects, urllib.request.HTTPSHandler(context=context))
+    shown = redact_url(url)  # in messages: a URL may hold a password
     try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:  # noqa: S310
+        with opener.open(request, timeout=timeout) as response:
             raw = response.read()
     except urllib.error.HTTPError as e:
+        if 300 <= e.code < 400:
+            raise ClientError(f"HTTP {e.code} {e.reason}: redirects are not followed; check the URL") from None
         detail = e.read().decode("utf-8", errors="replace").strip()
         raise ClientError(f"HTTP {e.code} {e.reason}: {detail}") from None
     except (urllib.error.URLError, OSError) as e:
         reason = e.reason if isinstance(e, urllib.error.URLError) else e
-        raise ClientError(f"cannot reach {url}: {reason}") from None
+        raise ClientError(f"cannot reach {shown}: {reason}") from None
     except http.client.HTTPException as e:  # something answered, but not HTTP (a gRPC port, say)
-        raise ClientError(f"{url} did not answer in HTTP ({type(e).__name__})") from None
+        raise ClientError(f"{shown} did not answer in HTTP ({type(e).__name__})") from None
     except ValueError as e:  # http.client.InvalidURL and friends: the URL itself
-        raise ClientError(f"cannot use {url}: {e}") from None
+        raise ClientError(f"cannot use {shown}: {e}") from None
     try:
         return json.loads(raw)
     except ValueError:
-        raise ClientError(f"the answer from {url} is not JSON: {raw[:200]!r}") from None
+        raise ClientError(f"the answer from {shown} is not JSON: {raw[:200]!r}") from None
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # the 3xx is raised as an HTTPError instead
 
 
 def reply_to_json(reply: sidecar_pb2.Reply) -> dict[str, JSON]:

@@ -209,12 +209,63 @@ def test_a_setting_found_wrong_only_at_start_exits_2_naming_the_variable(tmp_pat
         ("dlq", "--admin", "http://127.0.0.1:abc", "list"),
         ("dlq", "--admin", "http://[::1", "list"),
         ("dlq", "list", "--limit", "-5"),
+        # Each was a traceback (exit 1), or a retry for ever, before:
+        ("tail", "c1", "--after", str(2**64)),  # past the proto's uint64
+        ("send", "--user", "u", "--conversation", "c", "--payload", "[" * 5000 + "]" * 5000),
+        ("tail", "c1", "--token", "tok1\n"),  # grpc: INTERNAL "Invalid metadata", retried by tail
+        ("send", "--user", "u", "--conversation", "c", "--token", "tök€"),
+        ("dlq", "--token", "a b", "list"),
+        # urllib would take "user:s3cr3t@host" for a host name; the password must not be shown.
+        ("dlq", "--admin", "http://admin:s3cr3t@127.0.0.1:9", "list"),
+        ("send", "--user", "u", "--conversation", "c", "--http", "http://u:s3cr3t@127.0.0.1:9/webhook"),
     ],
 )
 def test_bad_cli_arguments_are_usage_errors_without_a_traceback(args: tuple[str, ...]) -> None:
     result = run(*args)
     assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "s3cr3t" not in result.stderr
+
+
+def test_a_token_from_the_environment_is_checked_too() -> None:
+    result = run("tail", "c1", "--once", env={"SIDECAR_TOKEN": "tok1\n"})
+    assert result.returncode == 2 and "--token" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_cli_does_not_follow_redirects_with_its_token() -> None:
+    """A 302 to another host would have been followed with the Authorization header (and a
+    POST turned into a GET), its answer printed as the sidecar's, exit 0."""
+    seen: list[bytes] = []
+    with socket.socket() as redirector, socket.socket() as capture:
+        for sock in (redirector, capture):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        target = f"http://localhost:{capture.getsockname()[1]}/capture"
+
+        def redirect() -> None:
+            conn, _ = redirector.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(f"HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n".encode())
+
+        def record() -> None:
+            capture.settimeout(5)  # long enough for a redirect followed at once
+            try:
+                conn, _ = capture.accept()
+            except TimeoutError:
+                return
+            with conn:
+                seen.append(conn.recv(65536))
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (redirect, record)]
+        for t in threads:
+            t.start()
+        result = run("dlq", "--admin", f"http://127.0.0.1:{redirector.getsockname()[1]}", "--token", "ADMIN-SECRET",
+                     "list")  # fmt: skip
+        for t in threads:
+            t.join(10)
+    assert result.returncode == 1 and "302" in result.stderr and "redirects are not followed" in result.stderr
+    assert not seen
 
 
 def test_dlq_pointed_at_something_that_is_not_http_exits_1_saying_so() -> None:
