@@ -34,6 +34,7 @@ from sidecar.models import (
     ReplyDraft,
     StoredMessage,
     entity_id,
+    reply_key,
     sidecar_id,
 )
 from sidecar.observability import Metrics, describe_error
@@ -773,10 +774,7 @@ def _check(selection: Selection) -> None:
 
 
 def _reply_key(stored: StoredMessage, index: int) -> str:
-    """The dedupe key of a message's ``index``-th reply: the same on every run of the bot
-    for this message, and new when the same message id is accepted again after
-    ``dedupe_window`` forgot it (so its replies are appended, with new webhook-ids)."""
-    return f"{stored.id}@{stored.received_at:.6f}/{index}"
+    return reply_key(stored.id, stored.received_at, index)
 
 
 def _ids(stored: StoredMessage) -> dict[str, str]:

@@ -44,6 +44,23 @@ def sidecar_id(kind: str, *parts: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def reply_key(message_id: str, received_at: float, index: int) -> str:
+    """The dedupe key of a message's ``index``-th reply: the same on every run of the bot
+    for this message, and new when the same message id is accepted again after
+    ``dedupe_window`` forgot it (so its replies are appended, with new webhook-ids).
+
+    It starts with the message's own id and "@": stores read that back (message_of_key)
+    to keep the replies of a message still pending or dead-lettered, whose next run
+    must find them by their keys however old they are."""
+    return f"{message_id}@{received_at:.6f}/{index}"
+
+
+def message_of_key(key: str) -> str:
+    """The id of the message a reply key was made for; "" for other keys (callbacks')."""
+    message_id, at, _ = key.partition("@")
+    return message_id if at and not message_id.startswith("callback/") else ""
+
+
 @functools.lru_cache(maxsize=16384)
 def entity_id(kind: str, key: str) -> str:
     """``sidecar_id`` of a user or a conversation, memoized: every message of a

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.errors import Conflict
-from sidecar.models import Delivery, InboundMessage, ReplyDraft
+from sidecar.models import Delivery, InboundMessage, ReplyDraft, reply_key
 from sidecar.store.base import ERROR_LIMIT, Store
 from sidecar.store.memory import MemoryStore
 from sidecar.store.redis import RedisStore, RedisStoreError
@@ -178,6 +178,27 @@ async def test_replies_after_stops_at_a_byte_budget_but_returns_at_least_one(sto
     assert [r.sequence for r in await store.replies_after("c1", 0, 256, 1000)] == [1]  # one, however large
     assert [r.sequence for r in await store.replies_after("c1", 0, 2, 1_000_000)] == [1, 2]  # and the count
     assert len(await store.replies_after("c1", 0, 256)) == 6  # no budget: the count alone
+
+
+async def test_replies_a_pending_or_dead_message_emitted_are_kept_for_its_next_run(make_store: Factory) -> None:
+    """A message's next run (a retry, a replay of its dead letter) finds the replies it
+    emitted by their keys: trimmed first, they would be appended again, with new ids."""
+    store = await make_store(retention=2)
+    stored = (await store.accept(msg(), now=1.0)).stored
+    early = ReplyDraft("text", {"text": "working on it"}, reply_key(stored.id, stored.received_at, 0), "u1", "m1")
+    await store.append_replies("c1", [early], now=1.0, outbox=False)  # sequence 1, emitted early
+    await store.append_replies("c1", [draft(f"k{i}") for i in range(4)], now=1.0, outbox=False)
+    assert await store.first_retained_sequence("c1") == 1  # kept while the message is pending
+    assert await store.expire_replies(before=10.0, after="", limit=10) == (0, "")
+    await store.dead_letter_message(stored.id, "the bot failed", now=2.0)
+    await store.append_replies("c1", [draft("k4")], now=2.0, outbox=False)
+    assert await store.first_retained_sequence("c1") == 1  # and while it is dead-lettered
+    (letter,) = await store.list_dead_letters()
+    assert await store.replay_dead_letter(letter.id, now=3.0)  # pending again: its run finds the key
+    again = await store.finish_message(stored.id, "c1", [early], now=3.0, outbox=False, keyed=True)
+    assert again == []  # not appended twice
+    await store.append_replies("c1", [draft("k5")], now=4.0, outbox=False)
+    assert await store.first_retained_sequence("c1") == 7 - 2 + 1  # handled: trimmed as any other
 
 
 async def test_retention_trims_old_replies_but_never_undelivered_or_dead_ones(make_store: Factory) -> None:

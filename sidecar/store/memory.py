@@ -18,6 +18,7 @@ from sidecar.models import (
     Reply,
     ReplyDraft,
     StoredMessage,
+    message_of_key,
     sidecar_id,
 )
 from sidecar.store.base import ERROR_LIMIT, Store, within_bytes
@@ -201,6 +202,8 @@ class MemoryStore(Store):
                     break
             if seq in conv.outbox or seq in conv.pinned:
                 break  # keep everything from the oldest reply still owed: the log stays contiguous
+            if self._state.get(message_of_key(conv.key_at.get(seq, ""))) in ("pending", "dead"):
+                break  # a reply its message's next run (a retry, a replay) must find by its key
             conv.replies.pop(seq, None)
             conv.keys.pop(conv.key_at.pop(seq, ""), None)
             conv.first_retained += 1

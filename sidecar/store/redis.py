@@ -175,6 +175,18 @@ local function trim(cid, retention, before)
   local pinned = redis.call('ZRANGE', P .. 'pinned:' .. cid, 0, 0, 'WITHSCORES')[2]
   if pinned then upto = math.min(upto, tonumber(pinned) - 1) end
   if upto < first then return 0 end
+  -- Nor past a reply emitted for a message still pending or dead-lettered: its next run
+  -- finds it by its key, whose prefix is the message's id (models.reply_key).
+  local keyed = redis.call('ZRANGEBYSCORE', P .. 'dedupe:' .. cid, first, upto, 'WITHSCORES')
+  for i = 1, #keyed, 2 do
+    local mid = string.match(keyed[i], '^([^@]+)@')
+    local state = mid and string.sub(mid, 1, 9) ~= 'callback/' and redis.call('HGET', P .. 'msg:' .. mid, 'state')
+    if state == 'pending' or state == 'dead' then
+      upto = tonumber(keyed[i + 1]) - 1
+      break
+    end
+  end
+  if upto < first then return 0 end
   local deleted = redis.call('ZREMRANGEBYSCORE', P .. 'log:' .. cid, '-inf', upto)
   redis.call('ZREMRANGEBYSCORE', P .. 'dedupe:' .. cid, '-inf', upto)
   redis.call('HSET', conv, 'first', upto + 1)

@@ -658,6 +658,20 @@ class SqliteStore(Store):
             upto = min(upto, protected - 1)
         if upto < first:
             return 0
+        # Nor past a reply emitted for a message still pending or dead-lettered: its next
+        # run (a retry, a replay) finds it by its key, whose prefix is the message's id
+        # (models.reply_key), or it would append it again under a new webhook-id.
+        held = c.execute(
+            "SELECT MIN(r.sequence) FROM replies r JOIN messages m"
+            " ON m.id = substr(r.dedupe_key, 1, instr(r.dedupe_key, '@') - 1)"
+            " WHERE r.conversation_id = ? AND r.sequence BETWEEN ? AND ? AND r.dedupe_key != ''"
+            " AND m.state IN ('pending', 'dead')",
+            (conversation_id, first, upto),
+        ).fetchone()[0]
+        if held is not None:
+            upto = held - 1
+        if upto < first:
+            return 0
         deleted = c.execute(
             "DELETE FROM replies WHERE conversation_id = ? AND sequence <= ?", (conversation_id, upto)
         ).rowcount
