@@ -295,6 +295,17 @@ async def test_unknown_conversation_has_nothing_trimmed_and_no_user(store: Store
     assert await store.conversation_user("c1") == "bob"
 
 
+async def test_heads_set_beyond_any_wait_count_as_due_when_asked(store: Store) -> None:
+    """A head set for an hour from now was set before the wall clock stepped back an hour."""
+    await store.append_replies("c1", [draft("a")], now=1.0, outbox=True)
+    await store.append_replies("c2", [draft("a")], now=3600.0, outbox=True)
+    await store.append_replies("c3", [draft("a")], now=60.0, outbox=True)
+    assert [d.reply.conversation_id for d in await store.due_deliveries(now=5.0, limit=10)] == ["c1"]
+    due = await store.due_deliveries(now=5.0, limit=10, stepped_after=1000.0)
+    assert [d.reply.conversation_id for d in due] == ["c1", "c2"]  # c3 is only a minute ahead: a wait
+    assert [d.reply.conversation_id for d in await store.due_deliveries(5.0, 1, stepped_after=1000.0)] == ["c1"]
+
+
 async def test_outbox_offers_each_conversations_lowest_reply_when_due(store: Store) -> None:
     await store.append_replies("c1", [draft("a"), draft("b")], now=1.0, outbox=True)
     await store.append_replies("c2", [draft("a")], now=2.0, outbox=True)

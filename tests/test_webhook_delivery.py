@@ -18,7 +18,7 @@ from tests.conftest import Running, StartApp, admin_metrics, eventually, message
 from tests.procs import free_port
 from tests.receiver import Receiver
 from tests.streaming_server import StreamingServer
-from tests.test_store_contract import head_delivery
+from tests.test_store_contract import draft, head_delivery
 
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 24).decode()
 SECRET_B = "whsec_" + base64.b64encode(b"b" * 24).decode()
@@ -121,6 +121,21 @@ async def test_the_wait_before_a_retry_counts_from_the_answer_not_from_the_attem
         await send_texts(s, "slow", ["a"])
         retry_at = await head_attempted(s, "slow")
     assert retry_at >= before + 1.5 + 2
+
+
+async def test_replies_queued_before_the_clock_stepped_back_are_not_held_for_the_step(start_app: StartApp) -> None:
+    # Queued at what is now an hour from now (the wall clock was set back an hour since,
+    # or the sidecar restarted on a host whose clock was ahead): without care, this
+    # conversation's replies, and any queued after them, would wait an hour.
+    async with Receiver() as r:
+        s = await start_app(response_url=r.url)
+        ahead = time.time() + 3600
+        await s.app.store.append_replies("c1", [draft("early", "queued an hour ahead")], now=ahead, outbox=True)
+        await send_texts(s, "c1", ["queued after the step"])
+        assert s.app.webhook is not None
+        s.app.webhook.notify("c1")
+        await r.wait_for(2, conversation_id="c1")
+    assert [x["payload"]["text"] for x in r.delivered("c1")] == ["queued an hour ahead", "queued after the step"]
 
 
 def test_retry_after_parses_seconds_and_http_dates() -> None:

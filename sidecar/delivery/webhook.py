@@ -78,6 +78,10 @@ class WebhookDelivery:
         self._scheduler: asyncio.Task[None] | None = None
         self._draining = False
         self._read_errors = Throttle()  # an outbox that cannot be read fails every second
+        # The longest wait this worker sets (a backoff step or a receiver's Retry-After),
+        # with a minute to spare: a head set for later than now plus this was set before
+        # the wall clock stepped back.
+        self._longest_wait = max(config.webhook_backoff_max, config.webhook_retry_after_max) + 60.0
         self._failing_log = Throttle()
         # Resolved once: labels() takes a lock and walks a dict on every call.
         self._attempts = {kind: metrics.webhook_attempts.labels(kind) for kind in Outcome.KINDS}
@@ -151,7 +155,8 @@ class WebhookDelivery:
             try:
                 now = time.time()
                 read_at = self._epoch  # before the read: a replay after it is seen as newer
-                for delivery in await self._store.due_deliveries(now, _BATCH):
+                due = await self._store.due_deliveries(now, _BATCH, stepped_after=now + self._longest_wait)
+                for delivery in due:
                     conversation_id = delivery.reply.conversation_id
                     if conversation_id not in self._in_flight and conversation_id not in self._held:
                         task = asyncio.create_task(self._run_conversation(delivery, read_at))
@@ -176,6 +181,13 @@ class WebhookDelivery:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
+    def _due(self, next_attempt_at: float) -> bool:
+        """Due now, or set further ahead than any wait this worker sets: the wall clock
+        stepped back since (by an hour, say), and waiting that out would stall the
+        conversation for as long for nothing."""
+        now = time.time()
+        return next_attempt_at <= now or next_attempt_at > now + self._longest_wait
+
     def _finished(self, conversation_id: str, task: asyncio.Task[None]) -> None:
         # Only its own entry: a successor may already run for this conversation.
         if self._in_flight.get(conversation_id) is task:
@@ -193,7 +205,7 @@ class WebhookDelivery:
         try:
             while queue and not self._draining:
                 delivery = queue[0]
-                if delivery.next_attempt_at > time.time():
+                if not self._due(delivery.next_attempt_at):
                     break
                 async with self._slots:
                     # Checked with the slot in hand, right before the POST: a replay

@@ -178,8 +178,10 @@ class Store(abc.ABC):
     # --- webhook outbox -----------------------------------------------------
 
     @abc.abstractmethod
-    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
-        """For each conversation with queued replies, its lowest queued one, if due by ``now``."""
+    async def due_deliveries(self, now: float, limit: int, stepped_after: float | None = None) -> list[Delivery]:
+        """For each conversation with queued replies, its lowest queued one, if due by ``now``,
+        earliest first; and (given ``stepped_after``) if set for later than that: a time no
+        delay reaches, so set before the clock stepped back, and due too."""
 
     @abc.abstractmethod
     async def queued_deliveries(self, conversation_id: str, limit: int) -> list[Delivery]:

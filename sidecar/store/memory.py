@@ -245,8 +245,13 @@ class MemoryStore(Store):
     def _head(self, conv: _Conversation) -> Delivery | None:
         return conv.outbox[min(conv.outbox)] if conv.outbox else None
 
-    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
-        heads = [h for c in self._conversations.values() if (h := self._head(c)) and h.next_attempt_at <= now]
+    async def due_deliveries(self, now: float, limit: int, stepped_after: float | None = None) -> list[Delivery]:
+        heads = [
+            h
+            for c in self._conversations.values()
+            if (h := self._head(c))
+            and (h.next_attempt_at <= now or (stepped_after is not None and h.next_attempt_at > stepped_after))
+        ]
         heads.sort(key=lambda d: d.next_attempt_at)
         return heads[: max(limit, 0)]
 

@@ -327,10 +327,17 @@ if ARGV[6] ~= '' then complete(ARGV[6]) end
 return appended
 """
 
-# ARGV: P, now, limit
+# ARGV: P, now, limit, stepped_after ("" for none)
 _DUE = """
 local out = {}
-for _, cid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'heads', '-inf', ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))) do
+local limit = tonumber(ARGV[3])
+local heads = redis.call('ZRANGEBYSCORE', P .. 'heads', '-inf', ARGV[2], 'LIMIT', 0, limit)
+if ARGV[4] ~= '' and #heads < limit then  -- set before the clock stepped back: due too
+  for _, cid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'heads', '(' .. ARGV[4], '+inf', 'LIMIT', 0, limit - #heads)) do
+    heads[#heads + 1] = cid
+  end
+end
+for _, cid in ipairs(heads) do
   local seq = redis.call('ZRANGE', P .. 'outbox:' .. cid, 0, 0)[1]
   if seq then
     out[#out + 1] = {cid, redis.call('HGET', P .. 'delivery:' .. cid, seq), reply_at(cid, seq)}
@@ -972,10 +979,10 @@ class RedisStore(Store):
 
     # --- webhook outbox -------------------------------------------------------------
 
-    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+    async def due_deliveries(self, now: float, limit: int, stepped_after: float | None = None) -> list[Delivery]:
         if limit <= 0:
             return []
-        rows = await self._run(self._due, now, limit)
+        rows = await self._run(self._due, now, limit, "" if stepped_after is None else repr(stepped_after))
         return [_delivery(*row) for row in rows]
 
     async def queued_deliveries(self, conversation_id: str, limit: int) -> list[Delivery]:

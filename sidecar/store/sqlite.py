@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import math
 import os
 import queue
 import socket
@@ -737,13 +738,14 @@ class SqliteStore(Store):
 
     # --- webhook outbox -------------------------------------------------------------
 
-    async def due_deliveries(self, now: float, limit: int) -> list[Delivery]:
+    async def due_deliveries(self, now: float, limit: int, stepped_after: float | None = None) -> list[Delivery]:
         sql = (
             f"WITH heads AS ({_HEAD_KEYS}) {_DELIVERIES}"
             " JOIN heads h ON h.id = o.conversation_id AND h.sequence = o.sequence"
-            " WHERE o.next_attempt_at <= ? ORDER BY o.next_attempt_at LIMIT ?"
+            " WHERE o.next_attempt_at <= ? OR o.next_attempt_at > ? ORDER BY o.next_attempt_at LIMIT ?"
         )
-        return await self._read(lambda c: [_delivery(r) for r in c.execute(sql, (now, max(limit, 0)))])
+        beyond = math.inf if stepped_after is None else stepped_after
+        return await self._read(lambda c: [_delivery(r) for r in c.execute(sql, (now, beyond, max(limit, 0)))])
 
     async def queued_deliveries(self, conversation_id: str, limit: int) -> list[Delivery]:
         sql = _DELIVERIES + " WHERE o.conversation_id = ? ORDER BY o.sequence LIMIT ?"
