@@ -102,8 +102,11 @@ async def read_json(request: web.Request, max_bytes: int, timeout: float) -> JSO
     if request.content_length is not None and request.content_length > max_bytes:
         raise PayloadTooLarge(f"the body must be at most {max_bytes} bytes")
     try:
-        async with asyncio.timeout(timeout):
+        if request.content.is_eof():  # all of it came with the headers: no wait, and no timer to arm
             raw = await request.read()
+        else:
+            async with asyncio.timeout(timeout):
+                raw = await request.read()
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {timeout:g} s") from None
     except web.HTTPRequestEntityTooLarge:
