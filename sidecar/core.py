@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from sidecar.backoff import full_jitter
 from sidecar.bots.base import Bot, BotError, BotReply
 from sidecar.config import Config
+from sidecar.deadlines import Deadlines
 from sidecar.delivery.stream import Broker, ReplyStream, draining_error
 from sidecar.errors import (
     FailedPrecondition,
@@ -102,6 +103,7 @@ class Core:
         self._first_runs: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._bot_slots = asyncio.Semaphore(config.bot_concurrency)
+        self._deadlines = Deadlines(config.bot_timeout)  # each bot call's bot_timeout
         self._pending = 0
         self._backlog = False  # more pending messages in the store than were loaded
         self._reloading = False
@@ -145,6 +147,7 @@ class Core:
         task = asyncio.create_task(self._sweep())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._deadlines.start()
         self._started = True
 
     async def _dead_letter_orphaned_outbox(self) -> None:
@@ -190,6 +193,7 @@ class Core:
             )
         elif self._pending and timeout > 0:
             log.info("drained; messages left pending for the next start", extra={"pending": self._pending})
+        await self._deadlines.stop()  # after the lanes: their bot calls kept their limit to the end
 
     # --- send ---------------------------------------------------------------
 
@@ -416,8 +420,8 @@ class Core:
                     if self._stopping.is_set():
                         return False  # still pending in the store: the next start runs it
                     started = time.perf_counter()
-                    # asyncio.timeout, not wait_for: no extra task per message.
-                    async with asyncio.timeout(self._config.bot_timeout):
+                    # Not wait_for (a task per message) nor asyncio.timeout (a timer per message).
+                    with self._deadlines.limit():
                         returned = await self._bot.handle(stored, emit)
                 returned = [self._checked(r) for r in returned]
             except BotError as e:
