@@ -8,8 +8,9 @@ from types import TracebackType
 
 
 class Deadlines:
-    """``with deadlines.limit(seconds):`` raises TimeoutError in the calling task when the
-    block runs past ``seconds``, like ``async with asyncio.timeout(seconds)``.
+    """``with deadlines.limit():`` raises TimeoutError in the calling task when the block
+    runs past ``seconds`` (one limit for every block), like ``async with
+    asyncio.timeout(seconds)``. ``start`` and ``stop`` run the watch.
 
     asyncio.timeout arms an event-loop timer per block: for the bot call every message
     makes, that was ~29,000 instructions a message (bench.instructions, memory store),
