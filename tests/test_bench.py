@@ -47,36 +47,36 @@ async def test_forgetting_a_run_deletes_its_keys_and_no_others(tmp_path: Path) -
         await store.close()
 
 
-def test_core_benchmark_runs_and_reports_cpu_per_message() -> None:
+def bench(module: str, *args: str, timeout: float) -> list[str]:
+    """``python -m bench.MODULE ARGS`` on the memory store: its stdout lines, once it exits 0."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.core", "--store", "memory://", "--count", "300"],
-        capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-m", f"bench.{module}", "--store", "memory://", *args],
+        capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    first, *threads = done.stdout.splitlines()
+    return done.stdout.strip().splitlines()
+
+
+needs_valgrind = pytest.mark.skipif(
+    shutil.which("valgrind") is None, reason="bench.instructions needs valgrind (not a dependency)"
+)
+
+
+def test_core_benchmark_runs_and_reports_cpu_per_message() -> None:
+    first, *threads = bench("core", "--count", "300", timeout=60)
     assert first.startswith("memory: 300 messages, ") and "µs CPU per message" in first
     assert any(line.strip().startswith("main thread") for line in threads)
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="bench.instructions needs valgrind (not a dependency)")
+@needs_valgrind
 def test_instruction_count_runs_and_reports_instructions_per_message() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.instructions", "--store", "memory://", "--count", "50"],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    line = done.stdout.strip()
+    (line,) = bench("instructions", "--count", "50", timeout=300)
     assert line.startswith("memory: ") and "instructions per message" in line
     assert int(line.split()[1].replace(",", "")) > 0
 
 
-@pytest.mark.skipif(shutil.which("valgrind") is None, reason="bench.instructions needs valgrind (not a dependency)")
+@needs_valgrind
 def test_instruction_count_of_whole_servers_runs_beside_the_bare_baseline() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.instructions", "--protocol", "http", "--store", "memory://", "--count", "20"],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    sidecar, bare = done.stdout.strip().splitlines()
+    sidecar, bare = bench("instructions", "--protocol", "http", "--count", "20", timeout=600)
     assert sidecar.startswith("memory: ") and "through the sidecar over http" in sidecar
     assert bare.startswith("bare http server of make bench: ") and bare.endswith("x")
