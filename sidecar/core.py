@@ -139,6 +139,7 @@ class Core:
 
     async def start(self) -> None:
         """Resume every message accepted before a restart but not yet handled."""
+        self._deadlines.start()  # before the first lane: its bot call is limited too
         recovered = await self._load_pending()
         if recovered:
             log.info("resuming messages accepted before the restart", extra={"count": recovered})
@@ -147,7 +148,6 @@ class Core:
         task = asyncio.create_task(self._sweep())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        self._deadlines.start()
         self._started = True
 
     async def _dead_letter_orphaned_outbox(self) -> None:

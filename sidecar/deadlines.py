@@ -21,7 +21,7 @@ class Deadlines:
 
     def __init__(self, seconds: float, checks: int = 4) -> None:
         self.seconds = seconds
-        self._tick = min(1.0, seconds / checks)
+        self._tick = min(1.0, max(0.01, seconds / checks))  # no busy loop for a tiny limit
         self._due: dict[asyncio.Task[object], float] = {}  # a task inside a block -> when it is overdue
         self._cut: set[asyncio.Task[object]] = set()  # cancelled by the watch, not yet out of their block
         self._watch: asyncio.Task[None] | None = None

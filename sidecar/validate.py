@@ -27,9 +27,8 @@ PROTO_NAMES = {
 # gRPC clients refuse a message over 4 MiB unless told otherwise (grpc's default receive
 # limit): a reply larger than that as a Reply would stop every standard subscriber of its
 # conversation at it, resuming for ever. Replies must fit, with room for their other
-# fields (type and ids, each at most max_id_length characters).
+# fields (see _payload_room).
 MAX_REPLY_WIRE_BYTES = 4 * 1024 * 1024
-_PAYLOAD_WIRE_BYTES = MAX_REPLY_WIRE_BYTES - 64 * 1024
 # JSON grows at most 5.5 times as google.protobuf.Value: "0," is 11 bytes in a ListValue.
 _VALUE_GROWTH = 5.5
 
@@ -137,23 +136,31 @@ def reply_problems(
         if type(value) is not str or len(value) > max_id_length:
             bad.append(FieldViolation(name, f"must be a string of at most {max_id_length} characters"))
     # Flat strings well within the limit (most replies) need no walk and no size check.
-    if not 0 <= _flat_wire_bound(payload) <= _PAYLOAD_WIRE_BYTES and (
-        reason := payload_problem(payload, max_payload_depth) or _too_large_for_grpc(payload)
+    room = _payload_room(max_id_length)
+    if not 0 <= _flat_wire_bound(payload) <= room and (
+        reason := payload_problem(payload, max_payload_depth) or _too_large_for_grpc(payload, room)
     ):
         bad.append(FieldViolation("payload", reason))
     return bad
 
 
-def _too_large_for_grpc(payload: JSON) -> str:
+def _payload_room(max_id_length: int) -> int:
+    """What a Reply leaves its payload of the 4 MiB: its eight other strings (type, ids,
+    user and message ids) are at most max_id_length characters of up to 4 bytes each, and
+    its numbers, timestamp and tags take well under a KiB."""
+    return MAX_REPLY_WIRE_BYTES - 8 * 4 * max_id_length - 1024
+
+
+def _too_large_for_grpc(payload: JSON, room: int) -> str:
     """Why a valid reply payload cannot reach gRPC subscribers: too large as a Value."""
     # Quick bounds first (most replies are far below the limit), the exact size near it.
     bound = _flat_wire_bound(payload)
     if bound < 0:
         bound = int(_VALUE_GROWTH * len(orjson.dumps(payload)))
-    if bound <= _PAYLOAD_WIRE_BYTES:
+    if bound <= room:
         return ""
     size = json_to_value(payload).ByteSize()
-    if size <= _PAYLOAD_WIRE_BYTES:
+    if size <= room:
         return ""
     return (
         f"is {size:,} bytes as a google.protobuf.Value: a reply must fit gRPC's"

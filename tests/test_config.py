@@ -83,6 +83,7 @@ def test_comma_separated_tokens_are_split_and_trimmed() -> None:
         ({"SIDECAR_WEBHOOK_PATH": "/a{b"}, "SIDECAR_WEBHOOK_PATH"),
         ({"SIDECAR_WEBHOOK_PATH": "/{x}"}, "SIDECAR_WEBHOOK_PATH"),  # a pattern, not a path
         ({"SIDECAR_WEBHOOK_PATH": "/hook?x=1"}, "SIDECAR_WEBHOOK_PATH"),
+        ({"SIDECAR_WEBHOOK_PATH": "/in%20box"}, "SIDECAR_WEBHOOK_PATH"),  # matched decoded: never reached
         # ... or unusable later: a host with a space, a secret path clients resolve away.
         ({"SIDECAR_RESPONSE_URL": "http://127.0.0.1 :8080/replies"}, "SIDECAR_RESPONSE_URL"),
         ({"SIDECAR_CALLBACK_SECRET_PATH": ".."}, "SIDECAR_CALLBACK_SECRET_PATH"),

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.models import _NAMESPACE, entity_id, sidecar_id
+from sidecar.validate import reply_problems
 
 
 @given(st.sampled_from(["user", "conversation", "message", "reply"]), st.lists(st.text(), max_size=3))
@@ -24,3 +25,12 @@ def test_sidecar_ids_are_stable_across_releases() -> None:
 @given(st.sampled_from(["user", "conversation"]), st.text())
 def test_memoized_entity_id_is_the_same_id(kind: str, key: str) -> None:
     assert entity_id(kind, key) == sidecar_id(kind, key) == entity_id(kind, key)
+
+
+def test_the_room_a_reply_leaves_its_payload_shrinks_with_the_longest_ids() -> None:
+    # Eight strings of up to max_id_length characters travel with the payload in a Reply.
+    payload = {"t": "x" * (4 * 2**20 - 100_000)}
+    ids = {"bot_user_id": "", "bot_message_id": "", "bot_conversation_id": ""}
+    assert reply_problems("text", payload, ids, max_id_length=256, max_payload_depth=32) == []
+    (bad,) = reply_problems("text", payload, ids, max_id_length=20_000, max_payload_depth=32)
+    assert bad.field == "payload" and "4 MiB" in bad.reason

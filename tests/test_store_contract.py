@@ -178,6 +178,9 @@ async def test_replies_after_stops_at_a_byte_budget_but_returns_at_least_one(sto
     assert [r.sequence for r in await store.replies_after("c1", 0, 256, 1000)] == [1]  # one, however large
     assert [r.sequence for r in await store.replies_after("c1", 0, 2, 1_000_000)] == [1, 2]  # and the count
     assert len(await store.replies_after("c1", 0, 256)) == 6  # no budget: the count alone
+    await store.append_replies("c2", [draft(f"s{i}") for i in range(100)], now=1.0, outbox=False)
+    small = await store.replies_after("c2", 0, 256, 1_000_000)  # many small ones: all of them, in order
+    assert [r.sequence for r in small] == list(range(1, 101))
 
 
 async def test_replies_a_pending_or_dead_message_emitted_are_kept_for_its_next_run(make_store: Factory) -> None:
@@ -199,6 +202,28 @@ async def test_replies_a_pending_or_dead_message_emitted_are_kept_for_its_next_r
     assert again == []  # not appended twice
     await store.append_replies("c1", [draft("k5")], now=4.0, outbox=False)
     assert await store.first_retained_sequence("c1") == 7 - 2 + 1  # handled: trimmed as any other
+
+
+async def test_a_held_reply_far_into_the_range_still_stops_the_trim(make_store: Factory) -> None:
+    store = await make_store(retention=2)
+    callbacks = [draft(f"callback/{i}") for i in range(150)]  # keyed, but no message holds them
+    await store.append_replies("c1", callbacks, now=1.0, outbox=False)
+    stored = (await store.accept(msg(), now=1.0)).stored
+    held = ReplyDraft("text", {"text": "working"}, reply_key(stored.id, stored.received_at, 0), "u1", "m1")
+    await store.append_replies("c1", [held], now=1.0, outbox=False)  # sequence 151
+    await store.append_replies("c1", [draft(f"k{i}") for i in range(3)], now=1.0, outbox=False)
+    assert await store.first_retained_sequence("c1") == 151
+
+
+async def test_finishing_a_message_lets_its_emitted_replies_go_at_once(make_store: Factory) -> None:
+    """The stores agree: a message finishes before its step trims, so what it emitted is
+    trimmed by that very step when retention says so."""
+    store = await make_store(retention=1)
+    stored = (await store.accept(msg(), now=1.0)).stored
+    early = ReplyDraft("text", {"text": "working"}, reply_key(stored.id, stored.received_at, 0), "u1", "m1")
+    await store.append_replies("c1", [early], now=1.0, outbox=False)
+    await store.finish_message(stored.id, "c1", [draft("answer")], now=2.0, outbox=False, keyed=False)
+    assert await store.first_retained_sequence("c1") == 2
 
 
 async def test_retention_trims_old_replies_but_never_undelivered_or_dead_ones(make_store: Factory) -> None:

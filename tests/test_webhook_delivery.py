@@ -138,6 +138,19 @@ async def test_replies_queued_before_the_clock_stepped_back_are_not_held_for_the
     assert [x["payload"]["text"] for x in r.delivered("c1")] == ["queued an hour ahead", "queued after the step"]
 
 
+async def test_a_first_backoff_step_longer_than_the_other_waits_is_still_waited(start_app: StartApp) -> None:
+    # Retry-After is never honoured sooner than webhook_backoff_initial: a 120 s step
+    # must not be taken for a time set before the clock stepped back (and retried at once).
+    async with Receiver() as r:
+        r.script("c1", then=503, retry_after="1")
+        s = await start_app(response_url=r.url, webhook_backoff_initial=120, webhook_backoff_max=5,
+                            webhook_retry_after_max=1)  # fmt: skip
+        await send_texts(s, "c1", ["a"])
+        await head_attempted(s, "c1")
+        await asyncio.sleep(1.0)
+    assert len(r.requests) == 1
+
+
 def test_retry_after_parses_seconds_and_http_dates() -> None:
     now = 1_700_000_000.0
     assert parse_retry_after("7", now) == 7.0

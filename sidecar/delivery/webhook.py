@@ -81,7 +81,9 @@ class WebhookDelivery:
         # The longest wait this worker sets (a backoff step or a receiver's Retry-After),
         # with a minute to spare: a head set for later than now plus this was set before
         # the wall clock stepped back.
-        self._longest_wait = max(config.webhook_backoff_max, config.webhook_retry_after_max) + 60.0
+        self._longest_wait = (
+            max(config.webhook_backoff_initial, config.webhook_backoff_max, config.webhook_retry_after_max) + 60.0
+        )
         self._failing_log = Throttle()
         # Resolved once: labels() takes a lock and walks a dict on every call.
         self._attempts = {kind: metrics.webhook_attempts.labels(kind) for kind in Outcome.KINDS}

@@ -117,9 +117,9 @@ class MemoryStore(Store):
     ) -> list[Reply]:  # keys are always checked here: a dict lookup
         if self._state.get(message_id) != "pending":
             return []
-        replies = await self.append_replies(conversation_id, drafts, now=now, outbox=outbox) if drafts else []
+        # Done before the append trims, as in the other stores: its emitted replies are held no more.
         self._state[message_id] = "done"
-        return replies
+        return await self.append_replies(conversation_id, drafts, now=now, outbox=outbox) if drafts else []
 
     async def forget_messages(self, before: float, limit: int) -> int:
         if limit <= 0:

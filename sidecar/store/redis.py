@@ -98,7 +98,7 @@ from sidecar.models import (
     sidecar_id,
 )
 from sidecar.observability import Throttle
-from sidecar.store.base import ERROR_LIMIT, Store, within_bytes
+from sidecar.store.base import ERROR_LIMIT, Store
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +177,19 @@ local function trim(cid, retention, before)
   if upto < first then return 0 end
   -- Nor past a reply emitted for a message still pending or dead-lettered: its next run
   -- finds it by its key, whose prefix is the message's id (models.reply_key).
-  local keyed = redis.call('ZRANGEBYSCORE', P .. 'dedupe:' .. cid, first, upto, 'WITHSCORES')
-  for i = 1, #keyed, 2 do
-    local mid = string.match(keyed[i], '^([^@]+)@')
-    local state = mid and string.sub(mid, 1, 9) ~= 'callback/' and redis.call('HGET', P .. 'msg:' .. mid, 'state')
-    if state == 'pending' or state == 'dead' then
-      upto = tonumber(keyed[i + 1]) - 1
-      break
+  -- In chunks: a held reply at the start of a long range ends the walk at once.
+  local from, held = first, false
+  while not held and from <= upto do
+    local keyed = redis.call('ZRANGEBYSCORE', P .. 'dedupe:' .. cid, from, upto, 'WITHSCORES', 'LIMIT', 0, 100)
+    if #keyed == 0 then break end
+    for i = 1, #keyed, 2 do
+      local mid = string.match(keyed[i], '^([^@]+)@')
+      local state = mid and string.sub(mid, 1, 9) ~= 'callback/' and redis.call('HGET', P .. 'msg:' .. mid, 'state')
+      if state == 'pending' or state == 'dead' then
+        upto, held = tonumber(keyed[i + 1]) - 1, true
+        break
+      end
+      from = tonumber(keyed[i + 1]) + 1
     end
   end
   if upto < first then return 0 end
@@ -304,6 +310,8 @@ local appended = {}
 -- Replies that finish a message on its first run need no key (it finishes once, and no
 -- earlier run emitted under their keys): only the others are keyed.
 local unkeyed = ARGV[6] ~= '' and ARGV[8] == '0'
+-- Done before the append trims, as in the other stores: its emitted replies are held no more.
+if ARGV[6] ~= '' then complete(ARGV[6]) end
 for i = 9, #ARGV, 2 do
   if unkeyed or redis.call('ZADD', keys, 'NX', last + 1, ARGV[i]) == 1 then
     last = last + 1
@@ -323,7 +331,6 @@ if #appended > 0 then
   -- unpinned goes with the next reply); one that added nothing changes nothing.
   trim(cid, tonumber(ARGV[5]))
 end
-if ARGV[6] ~= '' then complete(ARGV[6]) end
 return appended
 """
 
@@ -957,12 +964,29 @@ class RedisStore(Store):
     ) -> list[Reply]:
         if limit <= 0:
             return []
-        rows = await _reached(
-            self._redis().zrangebyscore(self._key("log:", conversation_id), f"({after}", "+inf", start=0, num=limit)
-        )
-        # Each row is the whole reply as JSON: a little more than its payload, never less.
-        page = within_bytes(((cast(str, row), len(row)) for row in rows), max_bytes)
-        return [_reply(conversation_id, row) for row in page]
+        key = self._key("log:", conversation_id)
+        if max_bytes is None:
+            rows = await _reached(self._redis().zrangebyscore(key, f"({after}", "+inf", start=0, num=limit))
+            return [_reply(conversation_id, cast(str, row)) for row in rows]
+        # With a budget, a few rows at a time: 256 replies of 4 MiB must not all cross the
+        # wire (and sit in memory) to keep one MiB of them. Each row is the whole reply as
+        # JSON: a little more than its payload, never less.
+        page: list[Reply] = []
+        used, chunk = 0, min(limit, 16)
+        while len(page) < limit:
+            since = page[-1].sequence if page else after  # by sequence, not offset: a trim may run between
+            rows = await _reached(
+                self._redis().zrangebyscore(key, f"({since}", "+inf", start=0, num=min(chunk, limit - len(page)))
+            )
+            for row in rows:
+                used += len(cast(str, row).encode())
+                if page and used > max_bytes:
+                    return page
+                page.append(_reply(conversation_id, cast(str, row)))
+            if len(rows) < chunk:
+                return page
+            chunk = min(chunk * 4, 256)  # small replies: fewer round trips as the page grows
+        return page
 
     async def _conversation(self, conversation_id: str) -> list[str | None]:
         fields = await _reached(self._redis().hmget(self._key("conv:", conversation_id), ["last", "first", "user"]))
