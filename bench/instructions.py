@@ -11,8 +11,10 @@ then stopped: the server's instructions per message, protocol included. Every th
 instructions count (the store's commit thread too); the kernel's work (socket
 and WAL writes, fsync) does not, nor do cache misses, so it reads the cost of
 the Python and C code run per message, not the time it takes. Repeated runs of
-the same code agree to within about 0.5 %, where CPU time moves by 2-5 % (see
-docs/performance.md): it is the figure for a change of a few microseconds.
+the same code agree to within about 0.02 % (the core), 0.5 % (over HTTP) or a
+few per cent (over gRPC, whose poller threads spin with the scheduling), where
+CPU time moves by 2-5 % (see docs/performance.md): it is the figure for a
+change of a few microseconds.
 
 Needs valgrind (Debian's package of that name); not a project dependency. About
 a minute with the default count. Compare two commits by running it in a checkout
