@@ -360,10 +360,11 @@ def add_dlq_parser(subparsers: Subparsers) -> None:
 def _dlq_call(args: argparse.Namespace, method: str, path: str, body: JSON | None = None) -> int:
     from sidecar import client
 
-    if not _http_url(args.admin):
+    # API paths are appended to it: a query or fragment would swallow them.
+    if not _http_url(args.admin) or urlsplit(args.admin).query or urlsplit(args.admin).fragment:
         shown = redact_url(args.admin)
         print(
-            f"sidecar dlq: --admin expects an http(s) URL with a host and no credentials, got {shown!r}",
+            f"sidecar dlq: --admin expects an http(s) URL with a host, no credentials and no query, got {shown!r}",
             file=sys.stderr,
         )
         return 2

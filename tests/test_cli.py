@@ -217,6 +217,7 @@ def test_a_setting_found_wrong_only_at_start_exits_2_naming_the_variable(tmp_pat
         ("dlq", "--token", "a b", "list"),
         # urllib would take "user:s3cr3t@host" for a host name; the password must not be shown.
         ("dlq", "--admin", "http://admin:s3cr3t@127.0.0.1:9", "list"),
+        ("dlq", "--admin", "http://127.0.0.1:9/?x=1", "list"),  # the API path would land in the query
         ("send", "--user", "u", "--conversation", "c", "--http", "http://u:s3cr3t@127.0.0.1:9/webhook"),
     ],
 )
