@@ -93,6 +93,8 @@ class AdminApp:
         return json_response(answer)
 
     async def get_dead_letter(self, request: web.Request) -> web.Response:
+        if request.match_info["id"] in {"replay", "purge"}:  # the POST routes, asked with GET
+            raise web.HTTPMethodNotAllowed(request.method, ["POST"])
         self._authorize(request)
         return json_response(dead_letter_json(await self._core.get_dead_letter(request.match_info["id"])))
 

@@ -53,6 +53,11 @@ async def test_the_admin_api_is_closed_without_admin_tokens_and_refuses_wrong_on
     # probes stay open for kubelet
     async with s2.session.get(s2.admin + "/healthz") as resp:
         assert resp.status == 200
+    # The POST routes asked with GET are a wrong method, not a dead letter named "replay".
+    for path in ("/v1/dead-letters/replay", "/v1/dead-letters/purge"):
+        async with s2.session.get(s2.admin + path, headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+            assert resp.status == 405 and resp.headers["Allow"] == "POST"
+            assert (await resp.json())["error"]["code"] == "method_not_allowed"
 
 
 async def test_replaying_a_conversation_redelivers_its_dead_replies_in_order_with_their_webhook_ids(
