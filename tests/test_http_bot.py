@@ -444,3 +444,17 @@ async def test_a_reply_too_large_for_grpc_subscribers_is_refused_wherever_it_com
     assert value_to_json(reply.payload) == text
     call.cancel()
     assert await s.app.store.last_sequence("c1") == 1
+
+
+async def test_a_bot_that_hangs_past_bot_timeout_is_counted_and_reported_as_a_timeout(start_app: StartApp) -> None:
+    async def hang(body: Any) -> tuple[int, Any]:
+        await asyncio.sleep(30)
+        return 200, []
+
+    async with BotServer(hang) as bot:
+        s = await start_app(bot="http", bot_url=bot.url, bot_timeout=0.3, bot_max_attempts=1)
+        await s.post(message(text="hi"))
+        (letter,) = await dead_letters(s, 1)
+        metrics = await admin_metrics(s)
+    assert letter.error == "timeout after 0.3s"
+    assert 'sidecar_bot_calls_total{bot="http",outcome="timeout"} 1.0' in metrics

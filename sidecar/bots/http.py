@@ -203,14 +203,16 @@ class HttpBot(Bot):
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
         except TimeoutError:
+            # The session's limit is bot_timeout too, and fires first (the core checks its
+            # own only now and then): the core tells it as a timeout, as it would its own.
             self.breaker.failure()
-            raise BotError("the bot timed out") from None
+            raise
         except aiohttp.ClientError as e:
             self.breaker.failure()
             raise BotError(f"cannot reach the bot ({type(e).__name__})") from None
         except BaseException:
-            # Cancelled: mostly the core's own bot timeout, which (by aiohttp's rounding of
-            # its deadline) fires before the session's. A call that hung that long failed,
+            # Cancelled: the core's own bot timeout (when it fires before the session's),
+            # or a drain. A call that hung that long failed,
             # and counts; uncounted, a hanging bot never opened the breaker, and a
             # half-open trial cancelled so left the breaker waiting for it for ever.
             self.breaker.failure()
