@@ -53,9 +53,16 @@ def instructions(count: int, args: argparse.Namespace, out_dir: str) -> subproce
 
 def collected(p: subprocess.Popen[str]) -> int:
     _, err = p.communicate()
-    found = re.search(r"Collected : (\d+)", err)
-    if p.returncode != 0 or found is None:
+    if p.returncode != 0:
         raise SystemExit(f"bench.instructions: callgrind failed:\n{err[-2000:]}")
+    return _count(err, "its output")
+
+
+def _count(report: str, where: str) -> int:
+    """The instruction total callgrind writes as it ends ("Collected : N")."""
+    found = re.search(r"Collected : (\d+)", report)
+    if found is None:
+        raise SystemExit(f"bench.instructions: no count in {where}:\n{report[-2000:]}")
     return int(found.group(1))
 
 
@@ -103,10 +110,7 @@ def server_instructions(count: int, args: argparse.Namespace, out_dir: str, bare
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    found = re.search(r"Collected : (\d+)", report.read_text())
-    if found is None:
-        raise SystemExit(f"bench.instructions: no count in {report}")
-    return int(found.group(1))
+    return _count(report.read_text(), str(report))
 
 
 def _started(probe: Path | str) -> bool:

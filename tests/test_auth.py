@@ -13,6 +13,13 @@ from tests.conftest import StartApp, message
 from tests.test_grpc_ingress import request
 
 
+def token_file(tmp_path: Path, *tokens: str) -> tuple[Path, TokenChecker]:
+    """A mounted token file holding ``tokens``, and a checker reading it."""
+    path = tmp_path / "tokens"
+    rotate(path, *tokens)
+    return path, TokenChecker(file=str(path))
+
+
 def rotate(path: Path, *tokens: str) -> None:
     path.write_text("# mounted from a Secret\n" + "\n".join(tokens) + "\n")
     # A rotated Secret volume gets a new mtime; make sure it differs even on coarse clocks.
@@ -29,9 +36,7 @@ def test_no_tokens_lets_everyone_through_and_any_token_must_match_exactly() -> N
 
 
 def test_a_token_file_is_reread_when_it_changes_and_kept_when_it_vanishes(tmp_path: Path) -> None:
-    path = tmp_path / "tokens"
-    rotate(path, "old")
-    checker = TokenChecker(file=str(path))
+    path, checker = token_file(tmp_path, "old")
     assert checker.check("Bearer old")
     rotate(path, "new")
     assert checker.check("Bearer new") and not checker.check("Bearer old")
@@ -42,9 +47,7 @@ def test_a_token_file_is_reread_when_it_changes_and_kept_when_it_vanishes(tmp_pa
 def test_a_token_file_change_that_keeps_its_mtime_is_seen_and_a_bad_one_keeps_the_tokens(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = tmp_path / "tokens"
-    rotate(path, "old")
-    checker = TokenChecker(file=str(path))
+    path, checker = token_file(tmp_path, "old")
     assert checker.check("Bearer old")
     stat = path.stat()
     path.write_text("new-token\n")  # as cp -p or rsync -t: other content, the same mtime
@@ -87,9 +90,7 @@ async def test_callback_endpoint_has_its_own_tokens(start_app: StartApp) -> None
 def test_a_token_file_that_disappears_keeps_the_tokens_and_says_so_once_per_disappearance(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = tmp_path / "tokens"
-    rotate(path, "kept")
-    checker = TokenChecker(file=str(path))
+    path, checker = token_file(tmp_path, "kept")
     for _ in range(2):
         path.unlink()
         for _ in range(3):
