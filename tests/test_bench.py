@@ -62,6 +62,9 @@ needs_valgrind = pytest.mark.skipif(
 )
 
 
+# Each test's own limit is a little over its subprocess's, so a slow run fails with the
+# subprocess's timeout (and its output), not with pytest-timeout's 60 s default.
+@pytest.mark.timeout(90)
 def test_core_benchmark_runs_and_reports_cpu_per_message() -> None:
     first, *threads = bench("core", "--count", "300", timeout=60)
     assert first.startswith("memory: 300 messages, ") and "µs CPU per message" in first
@@ -69,6 +72,7 @@ def test_core_benchmark_runs_and_reports_cpu_per_message() -> None:
 
 
 @needs_valgrind
+@pytest.mark.timeout(330)
 def test_instruction_count_runs_and_reports_instructions_per_message() -> None:
     (line,) = bench("instructions", "--count", "50", timeout=300)
     assert line.startswith("memory: ") and "instructions per message" in line
@@ -76,6 +80,7 @@ def test_instruction_count_runs_and_reports_instructions_per_message() -> None:
 
 
 @needs_valgrind
+@pytest.mark.timeout(630)
 def test_instruction_count_of_whole_servers_runs_beside_the_bare_baseline() -> None:
     sidecar, bare = bench("instructions", "--protocol", "http", "--count", "20", timeout=600)
     assert sidecar.startswith("memory: ") and "through the sidecar over http" in sidecar
