@@ -1,26 +1,47 @@
 # syntax=docker/dockerfile:1
 # The sidecar image: a wheel built in one stage, only its virtualenv shipped in the next.
 #   docker build -t sidecar .
-#   docker run -p 8080:8080 -p 50051:50051 -p 9090:9090 -e SIDECAR_AUTH_TOKENS=change-me sidecar
+#   docker volume create sidecar-data
+#   docker run --stop-timeout 30 -v sidecar-data:/var/lib/sidecar -e SIDECAR_AUTH_TOKENS=... \
+#     -p 127.0.0.1:8080:8080 -p 127.0.0.1:50051:50051 -p 127.0.0.1:9090:9090 sidecar
+# (a volume, or the SQLite file dies with the container; a stop timeout longer than
+# the 20-s drain; ports published on loopback unless other hosts must reach them)
 
-ARG PYTHON_IMAGE=python:3.11-slim
+# The Python release CI runs (3.11) on Debian 12. A tag, not a digest: the registry
+# cannot be reached from where this file is written. For byte-for-byte rebuilds pass
+# --build-arg PYTHON_IMAGE=python:3.11.7-slim-bookworm@sha256:<digest you checked>.
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
+# PIP_CONSTRAINT, unlike -c, also binds the build backend pip installs to build the
+# wheel (setuptools): every package is the version CI tested (constraints.txt), not
+# whatever is newest at build time.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONSTRAINT=/src/constraints.txt \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
-# The versions CI tested (constraints.txt), not whatever is newest at build time.
 # Every dependency ships binary wheels for amd64 and arm64, so no compiler is
 # needed even here; on a platform without them, add build-essential to this
 # stage only.
-COPY pyproject.toml README.md constraints.txt ./
+# The dependencies first, in a layer of their own: an edit of the sidecar's code
+# rebuilds only the layers below, not grpcio and the rest.
+COPY pyproject.toml constraints.txt ./
+RUN python -m venv /opt/venv \
+    && python -c "import tomllib; print('\\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+       > /tmp/requirements.txt \
+    && /opt/venv/bin/pip install -r /tmp/requirements.txt
+COPY README.md ./
 COPY sidecar ./sidecar
-# pip and setuptools are removed afterwards: nothing installs at run time.
+# pip and setuptools are removed afterwards: nothing installs at run time. The last
+# step imports what `serve` runs (the generated protobuf code checks its protobuf
+# version at import), so a missing or mismatched dependency fails the build, not
+# the first start.
 RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
-    && python -m venv /opt/venv \
-    && /opt/venv/bin/pip install -c constraints.txt "$(ls /wheels/sidecar-*.whl)" \
+    && /opt/venv/bin/pip install --no-deps "$(ls /wheels/sidecar-*.whl)" \
+    && /opt/venv/bin/pip check \
     && /opt/venv/bin/pip uninstall --yes pip setuptools \
+    && /opt/venv/bin/python -c "import sidecar.app, sidecar.store.redis, sidecar.bots.script, uvloop" \
     && /opt/venv/bin/sidecar --help > /dev/null
 
 FROM ${PYTHON_IMAGE}

@@ -73,9 +73,10 @@ constraints:
 	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --upgrade setuptools -e '.[dev]'
 	sed -n '1,4p' constraints.txt > constraints.new
-	$(PY) -m pip freeze --exclude-editable >> constraints.new
+	@# --all keeps setuptools: the Docker build pins its build backend with this file
+	$(PY) -m pip freeze --all --exclude-editable | grep -v '^pip==' >> constraints.new
 	mv constraints.new constraints.txt
 	touch $(STAMP)
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from sidecar.app import STORE_CHECK_TIMEOUT
 from sidecar.config import Config, ConfigError, load, split_addr
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,12 +55,15 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
     return out
 
 
-def image_env() -> dict[str, str]:
-    """The final stage's ENV settings."""
+def image_env(stage: str = "") -> dict[str, str]:
+    """The ENV settings of the stage named ``stage`` (``FROM ... AS stage``), or of the final one."""
     env: dict[str, str] = {}
+    current = ""
     for instruction, args in dockerfile_instructions():
         if instruction == "FROM":
-            env = {}  # a new stage starts empty
+            if env and stage and current == stage:
+                break
+            env, current = {}, args.split()[-1] if " AS " in args.upper() else ""  # a new stage starts empty
         elif instruction == "ENV":
             env.update(dict(pair.split("=", 1) for pair in shlex.split(args)))
     return env
@@ -125,6 +129,15 @@ def test_probes_use_the_admin_port_health_endpoints() -> None:
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
 
 
+def test_readyz_probes_wait_longer_than_its_store_check() -> None:
+    """/readyz bounds its store write at STORE_CHECK_TIMEOUT and then answers 503 with the
+    reason; a probe that gives up first (Kubernetes' default is 1 s) reports a bare timeout."""
+    sidecar = container("sidecar")
+    for probe in ("startupProbe", "readinessProbe"):
+        assert sidecar[probe]["httpGet"]["path"] == "/readyz"
+        assert sidecar[probe].get("timeoutSeconds", 1) > STORE_CHECK_TIMEOUT, probe
+
+
 def test_the_memory_limit_holds_the_sidecar_at_rest_and_every_stream_it_admits() -> None:
     """~70 MiB at rest and ~24 KiB per idle Subscribe (docs/performance.md), with a
     third to spare for queued messages and bursts."""
@@ -181,3 +194,14 @@ def test_every_declared_dependency_is_pinned_in_the_constraints_make_and_the_ima
     assert "-c constraints.txt" in (ROOT / "Makefile").read_text(encoding="utf-8")
     copied = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "COPY")
     assert "constraints.txt" in copied
+    # The build backend too: PIP_CONSTRAINT binds pip's isolated build of the wheel, -c does not.
+    backend = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["build-system"]["requires"]
+    assert {name(r) for r in backend} <= pinned.keys()
+    assert image_env("builder")["PIP_CONSTRAINT"] == "/src/constraints.txt"
+
+
+def test_the_image_build_imports_what_serve_runs() -> None:
+    """`sidecar --help` imports neither grpc nor the generated code (the CLI loads the
+    server lazily): the build must import them, or a broken dependency ships."""
+    runs = " ".join(args for instruction, args in dockerfile_instructions() if instruction == "RUN")
+    assert "import sidecar.app" in runs and "pip check" in runs
