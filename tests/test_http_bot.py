@@ -458,3 +458,29 @@ async def test_a_bot_that_hangs_past_bot_timeout_is_counted_and_reported_as_a_ti
         metrics = await admin_metrics(s)
     assert letter.error == "timeout after 0.3s"
     assert 'sidecar_bot_calls_total{bot="http",outcome="timeout"} 1.0' in metrics
+
+
+async def test_the_botpress_integrations_catch_all_400_is_retried_and_other_400s_are_final(
+    start_app: StartApp,
+) -> None:
+    """Its handler answers 400 "Unknown Error! ..." whenever its own Botpress API call fails
+    (a failure of a moment too): retried. A 400 that names a problem stays final."""
+    answers = [
+        web.Response(status=400, text="Unknown Error! Please contact the Botpress Team"),
+        web.Response(status=400, text="Unknown Error! Please contact the Botpress Team"),
+        web.Response(status=200, text="{}", content_type="application/json"),
+        web.Response(status=400, text="Invalid payload: text is required"),
+    ]
+
+    async def integration(body: Any) -> web.Response:
+        return answers.pop(0)
+
+    async with BotServer(integration) as server:
+        s = await start_app(bot="botpress", bot_url=server.url, bot_token="pat")
+        await s.post(message(message_id="m1"))
+        await eventually(lambda: len(server.requests) == 3 and s.app.core.pending == 0, what="m1 taken at last")
+        assert await s.app.store.list_dead_letters() == []
+        await s.post(message(message_id="m2"))
+        (letter,) = await dead_letters(s, 1)
+    assert letter.body["messageId"] == "m2" and "HTTP 400 (Invalid payload" in letter.error
+    assert len(server.requests) == 4

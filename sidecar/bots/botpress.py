@@ -14,6 +14,8 @@ from sidecar.bots.base import BotReply, Emit
 from sidecar.bots.http import HttpBot
 from sidecar.models import JSON, StoredMessage
 
+_CATCH_ALL = b"Unknown Error! Please contact the Botpress Team"
+
 
 class BotpressBot(HttpBot):
     name = "botpress"
@@ -24,6 +26,15 @@ class BotpressBot(HttpBot):
     def headers(self) -> dict[str, str]:
         # The integration documents the lower-case scheme; the sidecar's own ingress accepts either.
         return {"Content-Type": "application/json", "Authorization": f"bearer {self._config.bot_token}"}
+
+    def transient(self, status: int, raw: bytes | None) -> bool:
+        # The integration answers 400 with this text whenever its own call to the
+        # Botpress API fails (its catch-all, for a failure of a moment too): retried
+        # with backoff, so a blip does not dead-letter a message. A message it cannot
+        # validate gets a 400 naming the problem, final as any other 4xx.
+        return super().transient(status, raw) or (
+            status == 400 and raw is not None and raw.lstrip().startswith(_CATCH_ALL)
+        )
 
     async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
         # The integration answers with the objects it created (the message echoed back,

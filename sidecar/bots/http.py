@@ -185,6 +185,11 @@ class HttpBot(Bot):
         # replies() checks every reply before returning any, so a bad answer is refused whole.
         return self.replies(await self.call(message))
 
+    def transient(self, status: int, raw: bytes | None) -> bool:
+        """Whether an answer that is not 2xx is the bot's trouble, to retry with backoff
+        (and to count against the breaker), rather than a refusal of this message."""
+        return status >= 500 or status in (408, 429)
+
     async def call(self, message: StoredMessage, *, answer: bool = True) -> JSON:
         """One POST through the breaker; BotError says whether to retry. ``answer=False``:
         a 2xx is all that matters, whatever its body says (it is not read as replies)."""
@@ -217,7 +222,7 @@ class HttpBot(Bot):
             # half-open trial cancelled so left the breaker waiting for it for ever.
             self.breaker.failure()
             raise
-        if status >= 500 or status in (408, 429):
+        if self.transient(status, raw):
             self.breaker.failure()
             raise BotError(
                 f"the bot answered HTTP {status}{_excerpt(raw)}",
