@@ -96,7 +96,7 @@ class Config:
     )
     # --- limits ---
     max_body_bytes: int = _opt(1024 * 1024, "largest HTTP request body")
-    max_id_length: int = _opt(256, "longest userId, messageId, conversationId and type")
+    max_id_length: int = _opt(256, "longest userId, messageId and conversationId (and a reply's type and ids)")
     max_payload_depth: int = _opt(32, "deepest nesting of a payload")
     max_pending_messages: int = _opt(10000, "messages waiting for the bot before ingress answers 429")
     stream_queue_size: int = _opt(1024, "replies buffered per subscriber before it is cut off")

@@ -300,8 +300,6 @@ async def test_admin_probes_and_metrics(start_app: StartApp) -> None:
 @pytest.mark.parametrize(
     ("raw", "field"),
     [
-        (b'{"userId":"u","userId":"v","messageId":"m","conversationId":"c","type":"text","text":"t"}', "userId"),
-        (b'{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"t","payload":{"a":1,"a":2}}', "a"),
         (b'{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"t","payload":NaN}', "body"),
         (b'{"userId":"u","messageId":"m","conversationId":"c","type":"text","text":"t","payload":1e999}', "body"),
         (b'{"userId":"\\ud800","messageId":"m","conversationId":"c","type":"text","text":"t"}', "body"),
@@ -329,7 +327,7 @@ async def test_admin_probes_and_metrics(start_app: StartApp) -> None:
         ),
     ],
 )
-async def test_ambiguous_or_unrepresentable_json_is_400_naming_the_problem(
+async def test_unrepresentable_json_is_400_naming_the_problem(
     start_app: StartApp, raw: bytes, field: str
 ) -> None:
     s = await start_app()
@@ -525,3 +523,28 @@ async def test_a_kept_alive_connection_is_closed_once_idle_past_the_keepalive_ti
         while await reader.read(65536):  # the first answer's rest, then the close
             pass
     writer.close()
+
+
+async def test_what_the_hosted_integration_parses_is_taken_duplicate_keys_last_and_a_long_type(
+    start_app: StartApp,
+) -> None:
+    """It reads bodies with JavaScript's JSON.parse, where the last of duplicate keys wins,
+    and bounds `type` by nothing but the body: SPEC section 2, no request it accepts is
+    refused here."""
+    s = await start_app()
+    raw = (
+        b'{"userId":"u","userId":"v","messageId":"m","conversationId":"c","type":"text","text":"a","text":"b",'
+        b'"payload":{"n":1,"n":2,"text":"b"}}'
+    )
+    async with s.session.post(s.http + "/webhook", data=raw, headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 200, await resp.text()
+    kind = "k" * 1000
+    long_type = {"userId": "u", "messageId": "m2", "conversationId": "c", "type": kind, "text": "t"}
+    async with s.session.post(s.http + "/webhook", json=long_type) as resp:
+        assert resp.status == 200, await resp.text()
+    # The same message again, written with the last values only: a duplicate (same content),
+    # so those are what was stored.
+    again = {"userId": "v", "messageId": "m", "conversationId": "c", "type": "text", "text": "b",
+             "payload": {"n": 2, "text": "b"}}  # fmt: skip
+    async with s.session.post(s.http + "/webhook", json=again) as resp:
+        assert resp.status == 200 and (await resp.json())["duplicate"] is True

@@ -130,20 +130,15 @@ def parse_json(raw: bytes) -> JSON:
             "the body is not valid JSON (UTF-8), or holds a number beyond a double's range",
             details=(FieldViolation("body", "invalid JSON"),),
         ) from None
-    # orjson keeps the last of duplicate keys silently; an ambiguous body is refused instead.
-    # Every key is followed by a colon, so as many colons as parsed keys proves there was no
-    # duplicate without a second parse; otherwise (colons in strings, or a duplicate) decide
-    # with the slow, exact parser. orjson also reads an integer beyond 64 bits as a float,
-    # losing digits: when a float is integral and past 2^53 the exact parser decides what
-    # the client wrote, so that payload_problem refuses an integer it cannot carry exactly.
-    keys, big = _scan(value)
-    if big or (isinstance(value, dict | list) and raw.count(b":") != keys):
+    # Duplicate keys: the last one wins, as in JavaScript's JSON.parse, which the hosted
+    # integration uses (SPEC section 2: what it accepts is not refused here); orjson
+    # and json both read them so. orjson reads an integer beyond 64 bits as a float,
+    # losing digits: when a float is integral and past 2^53 the exact parser decides
+    # what the client wrote, so that payload_problem refuses an integer it cannot
+    # carry exactly.
+    if _has_big_integer(value):
         try:
-            value = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-        except _DuplicateKeyError as e:
-            raise InvalidArgument(
-                "the body has a duplicate key", details=(FieldViolation(e.key[:64], "duplicate key"),)
-            ) from None
+            value = json.loads(raw)
         except RecursionError:
             raise InvalidArgument(
                 "the body is nested too deeply", details=(FieldViolation("body", "nested too deeply"),)
@@ -151,37 +146,19 @@ def parse_json(raw: bytes) -> JSON:
     return value
 
 
-def _scan(value: JSON) -> tuple[int, bool]:
-    """Object keys anywhere in a parsed value, and whether it holds an integral float past
-    2^53 (iterative: depth is not checked yet)."""
-    count, big, stack = 0, False, [value]
+def _has_big_integer(value: JSON) -> bool:
+    """Whether a parsed value holds an integral float past 2^53 (iterative: depth is not
+    checked yet)."""
+    stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            count += len(item)
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
         elif type(item) is float and abs(item) > MAX_SAFE_INT and item.is_integer():
-            big = True
-    return count, big
-
-
-class _DuplicateKeyError(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, JSON]]) -> dict[str, JSON]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKeyError(key)
-            seen.add(key)
-    return out
+            return True
+    return False
 
 
 def _iso(ts: float) -> str:
