@@ -327,9 +327,7 @@ async def test_admin_probes_and_metrics(start_app: StartApp) -> None:
         ),
     ],
 )
-async def test_unrepresentable_json_is_400_naming_the_problem(
-    start_app: StartApp, raw: bytes, field: str
-) -> None:
+async def test_unrepresentable_json_is_400_naming_the_problem(start_app: StartApp, raw: bytes, field: str) -> None:
     s = await start_app()
     async with s.session.post(s.http + "/webhook", data=raw, headers={"Content-Type": "application/json"}) as resp:
         assert resp.status == 400
