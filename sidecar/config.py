@@ -99,6 +99,12 @@ class Config:
     max_id_length: int = _opt(256, "longest userId, messageId and conversationId (and a reply's type and ids)")
     max_payload_depth: int = _opt(32, "deepest nesting of a payload")
     max_pending_messages: int = _opt(10000, "messages waiting for the bot before ingress answers 429")
+    max_replies_per_message: int = _opt(
+        100, "replies one bot answer or one callback request may carry (more: a dead letter, or a 400)"
+    )
+    max_pending_bytes: int = _opt(
+        64 * 1024 * 1024, "size (as JSON) of the messages waiting for the bot before ingress answers 429"
+    )
     stream_queue_size: int = _opt(1024, "replies buffered per subscriber before it is cut off")
     max_streams: int = _opt(20000, "concurrent Subscribe streams")
     # --- process ---
@@ -374,7 +380,7 @@ def validate(c: Config) -> None:
         "bot_backoff_initial", "bot_backoff_max", "bot_concurrency", "bot_breaker_failures", "bot_breaker_cooldown",
         "reply_retention", "reply_max_age", "dedupe_window", "http_header_timeout", "http_body_timeout",
         "http_max_connections", "grpc_max_connections", "max_body_bytes", "max_id_length", "max_payload_depth",
-        "max_pending_messages", "stream_queue_size", "max_streams",
+        "max_pending_messages", "max_pending_bytes", "max_replies_per_message", "stream_queue_size", "max_streams",
     )  # fmt: skip
     for f in fields(c):
         value = getattr(c, f.name)

@@ -35,6 +35,7 @@ from sidecar.models import (
     ReplyDraft,
     StoredMessage,
     entity_id,
+    queued_size,
     reply_key,
     sidecar_id,
 )
@@ -97,7 +98,9 @@ class Core:
         self._webhook = webhook
         self.broker = Broker(config.stream_queue_size)
         self._lanes: dict[str, collections.deque[StoredMessage]] = {}
-        self._queued: set[str] = set()  # ids in some lane: a reload must not enqueue them twice
+        # Ids in some lane (a reload must not enqueue them twice), with their queued_size.
+        self._queued: dict[str, int] = {}
+        self._pending_bytes = 0  # of the messages in _queued: bounded by max_pending_bytes
         # Accepted by this process and not yet handed to the bot: no earlier run of the bot
         # can have emitted replies for them, so their returned replies need no key check.
         self._first_runs: set[str] = set()
@@ -120,6 +123,7 @@ class Core:
         self._replies_by_bot = metrics.replies.labels("bot")
         # Read when scraped, not set on every change: no lock taken twice per message.
         metrics.pending_messages.set_function(lambda: self._pending)
+        metrics.pending_bytes.set_function(lambda: self._pending_bytes)
         metrics.active_streams.set_function(lambda: self._streams)
         metrics.pending_backlog.set_function(lambda: int(self._backlog))
 
@@ -201,7 +205,7 @@ class Core:
         """Store a message durably (or recognise a duplicate); the bot runs later."""
         if self._draining or not self._started:
             raise Unavailable()
-        if self._pending >= self._config.max_pending_messages or self._backlog:
+        if self._full() or self._backlog:
             # With a backlog the store holds pending messages not loaded yet: a new one
             # would run before older ones of its conversation, so it waits its turn too.
             # A repeat of a stored message adds no work: it gets its answer (a client
@@ -231,6 +235,11 @@ class Core:
             raise
         self._queue_accepted(result)
         return result
+
+    def _full(self) -> bool:
+        """The queue holds as many messages, or as many bytes, as it may: new ones wait (429)."""
+        c = self._config
+        return self._pending >= c.max_pending_messages or self._pending_bytes >= c.max_pending_bytes
 
     def _queue_accepted(self, result: AcceptResult) -> None:
         if self._backlog:
@@ -271,7 +280,8 @@ class Core:
         Never before the lane's head: it may be running."""
         if stored.id in self._queued:
             return
-        self._queued.add(stored.id)
+        size = self._queued[stored.id] = queued_size(stored.message)
+        self._pending_bytes += size
         self._pending += 1
         lane = self._lanes.get(stored.conversation_id)
         if lane is None:
@@ -292,16 +302,23 @@ class Core:
         asks = self._reload_asks
         pending = await self._store.pending_messages(limit + 1)
         order = {stored.id: i for i, stored in enumerate(pending)}
+        loaded = 0
         for stored in pending[:limit]:
+            if self._pending_bytes >= self._config.max_pending_bytes and stored.id not in self._queued:
+                break  # the rest stays in the store, a backlog loaded as the queue drains
             self._enqueue(stored, order)
+            loaded += 1
         # A reload asked for during the read (an accept whose answer may be lost) may
         # concern a message this read predates: the backlog stays, for that reload's load.
-        self._backlog = len(pending) > limit or self._reload_asks != asks
-        return min(len(pending), limit)
+        self._backlog = len(pending) > loaded or self._reload_asks != asks
+        return loaded
 
     async def _refill(self) -> None:
         """Load more of the backlog once the queue is half empty (one load at a time)."""
-        if self._reloading or self._stopping.is_set() or self._pending > self._config.max_pending_messages // 2:
+        c = self._config
+        if self._reloading or self._stopping.is_set():
+            return
+        if self._pending > c.max_pending_messages // 2 or self._pending_bytes > c.max_pending_bytes // 2:
             return
         self._reloading = True
         asks = self._reload_asks
@@ -364,7 +381,7 @@ class Core:
                     # message is handled or dead-lettered, so it is done here as if the step
                     # had answered. Running the bot again would only repeat its side effects.
                 failures = 0
-                self._queued.discard(lane.popleft().id)
+                self._pending_bytes -= self._queued.pop(lane.popleft().id)
                 self._pending -= 1
                 if self._backlog:
                     await self._refill()
@@ -399,6 +416,8 @@ class Core:
 
             async def emit(reply: BotReply) -> None:
                 nonlocal emitted, store_failure
+                if emitted >= self._config.max_replies_per_message:
+                    raise self._too_many(emitted + 1)
                 if emitted == 0:
                     self._metrics.end_to_end.observe(max(0.0, time.time() - stored.received_at))
                 draft = self._draft(stored, self._checked(reply), _reply_key(stored, emitted))
@@ -423,6 +442,8 @@ class Core:
                     # Not wait_for (a task per message) nor asyncio.timeout (a timer per message).
                     with self._deadlines.limit():
                         returned = await self._bot.handle(stored, emit)
+                if emitted + len(returned) > self._config.max_replies_per_message:
+                    raise self._too_many(emitted + len(returned))
                 returned = [self._checked(r) for r in returned]
             except BotError as e:
                 error, outcome, retry, counts, retry_after = str(e), "error", e.retryable, e.counts, e.retry_after
@@ -487,6 +508,13 @@ class Core:
             keyed=keyed,
         )
         self._published(stored.conversation_id, replies, source="bot")
+
+    def _too_many(self, count: int) -> BotError:
+        """One answer's replies are stored in one step, a loop turn and (Redis) one script
+        that other clients wait behind: bounded like every other input. Retrying the same
+        bot would give the same answer."""
+        limit = self._config.max_replies_per_message
+        return BotError(f"the bot gave {count} replies to one message, over {limit}", retryable=False)
 
     def _checked(self, reply: BotReply) -> BotReply:
         """A bot's reply if the log can hold it and both protocols carry it exactly,

@@ -68,6 +68,13 @@ def entity_id(kind: str, key: str) -> str:
     return sidecar_id(kind, key)
 
 
+def queued_size(message: InboundMessage) -> int:
+    """What a message waiting for the bot is reckoned to weigh (max_pending_bytes): its
+    payload as JSON, its text and ids. Held parsed, it takes a few times that."""
+    m = message
+    return len(orjson.dumps(m.payload)) + len(m.text) + len(m.user_id) + len(m.message_id) + len(m.conversation_id)
+
+
 def canonical_json(value: JSON) -> bytes:
     """JSON with sorted keys: equal values give equal bytes."""
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)

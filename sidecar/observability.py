@@ -50,6 +50,11 @@ class Metrics:
         self.pending_messages = Gauge(
             "sidecar_pending_messages", "Messages accepted and not yet handled by the bot", registry=r
         )
+        self.pending_bytes = Gauge(
+            "sidecar_pending_bytes",
+            "Size (as JSON) of the messages accepted and not yet handled by the bot",
+            registry=r,
+        )
         self.bot_calls = Counter(
             "sidecar_bot_calls_total",
             "Bot attempts by bot and outcome (ok, error, timeout, rejected; not_tried: held back by the open breaker)",

@@ -484,3 +484,27 @@ async def test_the_botpress_integrations_catch_all_400_is_retried_and_other_400s
         (letter,) = await dead_letters(s, 1)
     assert letter.body["messageId"] == "m2" and "HTTP 400 (Invalid payload" in letter.error
     assert len(server.requests) == 4
+
+
+async def test_more_replies_than_max_replies_per_message_dead_letter_the_message_or_refuse_the_callback(
+    start_app: StartApp,
+) -> None:
+    """One answer's replies are stored in one step (one loop turn; on Redis one script other
+    clients wait behind): 80,000 from one 1-MiB answer blocked the loop for a second."""
+
+    async def many(body: Any) -> tuple[int, Any]:
+        count = int(body["text"])
+        return 200, [{"type": "text", "payload": {"text": str(i)}} for i in range(count)]
+
+    async with BotServer(many) as bot:
+        s = await start_app(bot="http", bot_url=bot.url, max_replies_per_message=5, callback_tokens=(CALLBACK,))
+        await s.post(message(message_id="m1", text="5"))
+        assert len(await replies_of(s, "c1", 5)) == 5
+        await s.post(message(message_id="m2", text="6"))
+        (letter,) = await dead_letters(s, 1)
+    assert letter.body["messageId"] == "m2" and letter.error == "the bot gave 6 replies to one message, over 5"
+    assert len(bot.requests) == 2  # not retried: the same bot gives the same answer
+    status, body = await callback(s, [{"type": "text", "payload": {"text": "x"}, "conversationId": "c1"}] * 6)
+    assert status == 400 and body["error"]["details"] == [{"field": "body", "reason": "over 5 items"}]
+    status, _ = await callback(s, [{"type": "text", "payload": {"text": "x"}, "conversationId": "c1"}] * 5)
+    assert status == 200

@@ -86,6 +86,41 @@ async def test_a_backlog_after_a_restart_runs_in_order_and_new_messages_wait_the
     assert await metric(s, "sidecar_pending_backlog") == 0.0
 
 
+async def test_the_queue_is_bounded_by_bytes_too_at_ingress_and_when_loading(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    """max_pending_bytes: large messages waiting for the bot fill the queue before its count
+    does. New ones get 429; a load (a restart's) takes what fits and leaves the rest as a
+    backlog, run in order as the queue drains."""
+    path = await stored_before_a_restart(tmp_path, 4)
+    s = await start_app(
+        store=f"sqlite:///{path}", max_pending_bytes=1, bot="script", bot_script=slow_rules(tmp_path, 0.1)
+    )
+    assert s.app.core.pending == 1  # one of four loaded: it alone is over the budget
+    assert (await s.post(message("c1", "m5", "m5"))).status == 429
+    assert await metric(s, "sidecar_pending_backlog") == 1.0
+
+    async def taken() -> bool:
+        return (await s.post(message("c1", "m5", "m5"))).status == 200
+
+    await eventually(taken, what="the backlog loaded, so that m5 is taken")
+    replies = await read_n(subscribe(s, "c1", after=0), 5)
+    assert [r.in_reply_to for r in replies] == [f"m{i}" for i in range(1, 6)]
+    assert s.app.core.pending == 0 and not await s.app.store.pending_messages(10)
+
+
+async def test_large_messages_fill_the_queue_by_bytes_before_its_count(start_app: StartApp, tmp_path: Path) -> None:
+    s = await start_app(max_pending_bytes=25_000, bot="script", bot_script=slow_rules(tmp_path, 20))
+    big = {"text": "x" * 10_000}
+    statuses = [(await s.post(message("c1", f"m{i}", "t", payload=big))).status for i in range(4)]
+    assert statuses == [200, 200, 200, 429]  # the third goes over: each is checked before it is added
+    assert s.app.core.pending == 3 and await metric(s, "sidecar_pending_bytes") > 30_000
+    small = await s.post(message("c2", "s1", "t"))
+    assert small.status == 429 and small.headers["Retry-After"] == "1"
+    again = await s.post(message("c1", "m0", "t", payload=big))
+    assert again.status == 200 and (await again.json())["duplicate"] is True
+
+
 async def test_replaying_more_dead_messages_than_the_queue_holds_runs_them_all(start_app: StartApp) -> None:
     accepting = False
 

@@ -288,6 +288,10 @@ class HttpIngress:
         items = body if isinstance(body, list) else [body]
         if not items:
             raise InvalidArgument("no reply in the body", details=(FieldViolation("body", "empty list"),))
+        if len(items) > (limit := self._config.max_replies_per_message):
+            raise InvalidArgument(
+                f"more than {limit} replies in one request", details=(FieldViolation("body", f"over {limit} items"),)
+            )
         by_conversation: dict[str, list[BotReply]] = {}
         for index, item in enumerate(items):
             conversation_id, reply = self._bot_reply(item, f"[{index}]" if isinstance(body, list) else "")
