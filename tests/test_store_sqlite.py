@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from sidecar.config import ConfigError
+from sidecar.store import sqlite as sqlite_store
 from sidecar.store.sqlite import SqliteStore
 from tests.conftest import StartApp, message
 from tests.test_grpc_ingress import request
@@ -215,5 +216,22 @@ async def test_a_readiness_probe_in_the_batch_of_a_failing_write_does_not_clear_
         assert store._write_failed
         await store.ping()  # padded, and through: ready again
         assert not store._write_failed
+    finally:
+        await store.close()
+
+
+async def test_the_wal_file_is_cut_back_after_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without journal_size_limit the WAL file keeps the largest size a burst gave it, for good."""
+    monkeypatch.setattr(sqlite_store, "_WAL_SIZE_LIMIT", 64 * 1024)
+    path = tmp_path / "s.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        for i in range(60):  # ~12 MB, past the automatic checkpoint at 1,000 pages (4 MB)
+            await store.accept(msg("c1", f"m{i}", "x" * 100_000), now=1.0)
+        with sqlite3.connect(path) as other:  # a checkpoint of everything, by another connection
+            other.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        await store.accept(msg("c1", "after"), now=1.0)  # the writer starts the WAL over: cut back now
+        assert Path(f"{path}-wal").stat().st_size <= 64 * 1024 + 8 * 4096
     finally:
         await store.close()

@@ -157,6 +157,10 @@ class WebhookDelivery:
             try:
                 now = time.time()
                 read_at = self._epoch  # before the read: a replay after it is seen as newer
+                if self._replayed_at:
+                    # An entry matters only to a task that read its queue before the replay:
+                    # one in flight. Tasks this pass starts read after every entry so far.
+                    self._replayed_at = {c: e for c, e in self._replayed_at.items() if c in self._in_flight}
                 due = await self._store.due_deliveries(now, _BATCH, stepped_after=now + self._longest_wait)
                 for delivery in due:
                     conversation_id = delivery.reply.conversation_id

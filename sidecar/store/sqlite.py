@@ -173,6 +173,8 @@ def _dead_letter(row: Sequence[Any]) -> DeadLetter:
     )  # fmt: skip
 
 
+_WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
 _DEAD_COLUMNS = "id, kind, conversation_id, sequence, body, error, attempts, dead_at, extra"
 
 
@@ -352,6 +354,8 @@ class SqliteStore(Store):
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if self._sync == 'FULL' else 'NORMAL'}")
         conn.execute("PRAGMA busy_timeout=5000")
+        # The WAL file keeps its largest size after a checkpoint unless told: cut it back.
+        conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             conn.close()
