@@ -220,6 +220,10 @@ async def test_a_readiness_probe_in_the_batch_of_a_failing_write_does_not_clear_
         await store.close()
 
 
+def wal_size(path: Path) -> int:
+    return Path(f"{path}-wal").stat().st_size
+
+
 async def test_the_wal_file_is_cut_back_after_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without journal_size_limit the WAL file keeps the largest size a burst gave it, for good."""
     monkeypatch.setattr(sqlite_store, "_WAL_SIZE_LIMIT", 64 * 1024)
@@ -232,6 +236,6 @@ async def test_the_wal_file_is_cut_back_after_a_checkpoint(tmp_path: Path, monke
         with sqlite3.connect(path) as other:  # a checkpoint of everything, by another connection
             other.execute("PRAGMA wal_checkpoint(PASSIVE)")
         await store.accept(msg("c1", "after"), now=1.0)  # the writer starts the WAL over: cut back now
-        assert Path(f"{path}-wal").stat().st_size <= 64 * 1024 + 8 * 4096
+        assert wal_size(path) <= 64 * 1024 + 8 * 4096
     finally:
         await store.close()
