@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import orjson
+import prometheus_client.metrics
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from sidecar.errors import SidecarError
 
@@ -29,18 +35,165 @@ CALLBACK_OUTCOMES = ("accepted", "rejected", "unauthenticated", "not_found", "un
 STORE_STAGES = ("message", "delivery", "sweep")
 
 
+class LoopCounter:
+    """A counter updated on the event loop's thread only, exported exactly as
+    prometheus_client's ``Counter`` would be (``<name>_total`` and ``<name>_created``
+    per label set, children in the order ``labels()`` first made them).
+
+    prometheus_client's children take a lock per update and check on every call that
+    they may be updated; the per-message metrics are updated ~6 times per message,
+    all on the loop, and scraped on the same loop (``generate_latest`` in the admin
+    handler), so an update here is one addition. Not for a metric that another thread
+    updates: those stay prometheus_client's.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], *, registry: CollectorRegistry
+    ) -> None:
+        self._name, self._documentation = name, documentation
+        self._labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], CounterSeries] = {}
+        registry.register(self)
+
+    def labels(self, *values: object) -> CounterSeries:
+        """The series of one label set, made (at 0) on first use: resolve it once and keep it."""
+        key = _label_values(self._labelnames, values)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = CounterSeries()
+        return series
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        created = _created_samples()
+        for values, series in self._series.items():
+            family.add_metric(values, series.value, created=series.created if created else None)
+        return [family]
+
+
+class CounterSeries:
+    """One label set of a LoopCounter."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("Counters can only be incremented by non-negative amounts.")
+        self.value += amount
+
+
+class LoopHistogram:
+    """A histogram updated on the event loop's thread only, exported exactly as
+    prometheus_client's ``Histogram`` would be (cumulative ``_bucket`` series with the
+    same ``le`` values, ``_count``, ``_sum``, ``_created``); see LoopCounter. An
+    observation finds its bucket by bisection. A label-less one has a single series,
+    which ``labels()`` returns."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        bounds = [float(b) for b in buckets]
+        if bounds != sorted(bounds):
+            raise ValueError("buckets must be in increasing order")
+        if not bounds or bounds[-1] != math.inf:
+            bounds.append(math.inf)
+        self._bounds = tuple(bounds)
+        self._les = tuple(_go_float(b) for b in bounds)
+        self._name, self._documentation = name, documentation
+        self._labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], HistogramSeries] = {}
+        if not self._labelnames:  # exported from the start, as prometheus_client does
+            self.labels()
+        registry.register(self)
+
+    def labels(self, *values: object) -> HistogramSeries:
+        """The series of one label set, made (empty) on first use: resolve it once and keep it."""
+        key = _label_values(self._labelnames, values)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = HistogramSeries(self._bounds)
+        return series
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        created = _created_samples()
+        for values, series in self._series.items():
+            cumulative, buckets = 0.0, []
+            for le, count in zip(self._les, series.counts, strict=True):
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric(values, buckets, series.sum)
+            if created:
+                family.add_sample(
+                    self._name + "_created", dict(zip(self._labelnames, values, strict=True)), series.created
+                )
+        return [family]
+
+
+class HistogramSeries:
+    """One label set of a LoopHistogram: a count per bucket (not cumulative) and the sum."""
+
+    __slots__ = ("_bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        # The first bound not below the amount: buckets are "less than or equal" (le).
+        self.counts[bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
+def _label_values(names: tuple[str, ...], values: tuple[object, ...]) -> tuple[str, ...]:
+    if len(values) != len(names):
+        raise ValueError(f"expected {len(names)} label values ({', '.join(names)}), got {len(values)}")
+    return tuple(str(v) for v in values)
+
+
+def _created_samples() -> bool:
+    """Whether prometheus_client exports ``_created`` series now (its
+    ``PROMETHEUS_DISABLE_CREATED_SERIES`` and ``disable_created_metrics()``): the loop
+    metrics follow it, as its own Counter and Histogram do."""
+    return bool(getattr(prometheus_client.metrics, "_use_created", True))
+
+
+# prometheus_client's own formatting of an ``le`` bound ("0.005", "1.0", "+Inf"); untyped there.
+_go_float = cast(Callable[[float], str], floatToGoString)
+
+
 class Metrics:
     """Every metric the sidecar exports; names are part of the operator's contract."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.messages = Counter(
+        # Updated with every message, on the loop only (LoopCounter): messages,
+        # ingress_latency, bot_calls, bot_latency, replies, end_to_end.
+        self.messages = LoopCounter(
             "sidecar_messages_total",
             "Messages received at ingress, by protocol and outcome (" + ", ".join(INGRESS_OUTCOMES) + ")",
             ["protocol", "outcome"],
             registry=r,
         )
-        self.ingress_latency = Histogram(
+        self.ingress_latency = LoopHistogram(
             "sidecar_ingress_seconds",
             "Time from request to answer at ingress, by protocol",
             ["protocol"],
@@ -55,27 +208,28 @@ class Metrics:
             "Size (as JSON) of the messages accepted and not yet handled by the bot",
             registry=r,
         )
-        self.bot_calls = Counter(
+        self.bot_calls = LoopCounter(
             "sidecar_bot_calls_total",
             "Bot attempts by bot and outcome (ok, error, timeout, rejected; not_tried: held back by the open breaker)",
             ["bot", "outcome"],
             registry=r,
         )
-        self.bot_latency = Histogram(
+        self.bot_latency = LoopHistogram(
             "sidecar_bot_seconds", "Duration of one bot attempt", ["bot"], buckets=_LATENCY_BUCKETS, registry=r
         )
         self.bot_breaker_open = Gauge(
             "sidecar_bot_breaker_open", "1 while the bot's circuit breaker is open", ["bot"], registry=r
         )
-        self.replies = Counter(
+        self.replies = LoopCounter(
             "sidecar_replies_total", "Replies appended to conversation logs, by source", ["source"], registry=r
         )
-        self.end_to_end = Histogram(
+        self.end_to_end = LoopHistogram(
             "sidecar_message_to_reply_seconds",
             "Time from a message's acceptance to the append of its first reply",
+            [],
             buckets=_LATENCY_BUCKETS,
             registry=r,
-        )
+        ).labels()
         self.webhook_attempts = Counter(
             "sidecar_webhook_attempts_total",
             "Webhook POST attempts by outcome (ok, retry, rejected, error, timeout)",
@@ -144,9 +298,9 @@ class Metrics:
         )
 
 
-def ingress_metrics(metrics: Metrics, protocol: str) -> tuple[dict[str, Counter], Histogram]:
+def ingress_metrics(metrics: Metrics, protocol: str) -> tuple[dict[str, CounterSeries], HistogramSeries]:
     """One protocol's message counters by outcome and its latency histogram, resolved once:
-    ``labels()`` takes a lock and walks a dict, too much for every request."""
+    ``labels()`` builds a tuple of strings and looks it up, too much for every request."""
     counters = {outcome: metrics.messages.labels(protocol, outcome) for outcome in INGRESS_OUTCOMES}
     return counters, metrics.ingress_latency.labels(protocol)
 
