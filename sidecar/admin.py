@@ -8,7 +8,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.auth import TokenChecker
-from sidecar.core import Core, Selection
+from sidecar.dead_letters import DeadLetters, Selection
 from sidecar.errors import FieldViolation, InvalidArgument, Unauthenticated
 from sidecar.ingress.http import errors_middleware, json_response, read_json
 from sidecar.models import JSON, DeadLetter
@@ -39,12 +39,12 @@ class AdminApp:
     """
 
     def __init__(
-        self, metrics: Metrics, readiness: Readiness, core: Core, tokens: TokenChecker, body_timeout: float
+        self, metrics: Metrics, readiness: Readiness, letters: DeadLetters, tokens: TokenChecker, body_timeout: float
     ) -> None:
         self._body_timeout = body_timeout
         self._metrics = metrics
         self._readiness = readiness
-        self._core = core
+        self._letters = letters
         self._tokens = tokens
 
     def app(self) -> web.Application:
@@ -83,7 +83,7 @@ class AdminApp:
             )
         # One more than asked says whether there are more ("more"), oldest first; "next"
         # is the cursor that continues after this page.
-        letters = await self._core.list_dead_letters(
+        letters = await self._letters.page(
             kind=kind, conversation_id=query.get("conversationId") or None, limit=limit + 1, after=int(after)
         )
         page = letters[:limit]
@@ -96,15 +96,15 @@ class AdminApp:
         if request.match_info["id"] in {"replay", "purge"}:  # the POST routes, asked with GET
             raise web.HTTPMethodNotAllowed(request.method, ["POST"])
         self._authorize(request)
-        return json_response(dead_letter_json(await self._core.get_dead_letter(request.match_info["id"])))
+        return json_response(dead_letter_json(await self._letters.get(request.match_info["id"])))
 
     async def replay(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        return json_response({"replayed": await self._core.replay_dead_letters(await self._selection(request))})
+        return json_response({"replayed": await self._letters.replay(await self._selection(request))})
 
     async def purge(self, request: web.Request) -> web.Response:
         self._authorize(request)
-        return json_response({"purged": await self._core.purge_dead_letters(await self._selection(request))})
+        return json_response({"purged": await self._letters.purge(await self._selection(request))})
 
     async def _selection(self, request: web.Request) -> Selection:
         """``{"ids": [...]}``, ``{"conversationId": "..."}`` or ``{"all": true}``, optionally with ``kind``."""

@@ -21,6 +21,7 @@ from sidecar.auth import TokenChecker
 from sidecar.bots import create_bot
 from sidecar.config import Config, ConfigError, env_name, is_loopback, split_addr
 from sidecar.core import Core
+from sidecar.dead_letters import DeadLetters
 from sidecar.delivery.webhook import WebhookDelivery
 from sidecar.http_server import HttpServer
 from sidecar.ingress.grpc import NOT_SERVING, SERVICE_NAME, SERVING, build_server
@@ -59,7 +60,11 @@ class App:
         callback_tokens = TokenChecker(config.callback_tokens)
         self._http = HttpIngress(config, self.core, self.metrics, self.tokens, callback_tokens)
         self._admin = AdminApp(
-            self.metrics, self.readiness, self.core, TokenChecker(config.admin_tokens), config.http_body_timeout
+            self.metrics,
+            self.readiness,
+            DeadLetters(self.store, self.webhook, self.core),
+            TokenChecker(config.admin_tokens),
+            config.http_body_timeout,
         )
         self._http_servers: list[HttpServer] = []
         self._grpc: grpc.aio.Server | None = None
