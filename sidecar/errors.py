@@ -72,6 +72,16 @@ class NotFound(SidecarError):
     default_message = "not found"
 
 
+class MethodNotAllowed(SidecarError):
+    """A route asked with a method it does not take (aiohttp's router, or a POST-only
+    admin route asked with GET); HTTP only, the answer carries ``Allow``."""
+
+    code = "method_not_allowed"
+    http_status = 405
+    grpc_status = grpc.StatusCode.UNIMPLEMENTED
+    default_message = "this method is not allowed here"
+
+
 class Conflict(SidecarError):
     code = "conflict"
     http_status = 409

@@ -21,6 +21,7 @@ from sidecar.errors import (
     FieldViolation,
     Internal,
     InvalidArgument,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RequestTimeout,
@@ -45,8 +46,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/")
 
-# aiohttp's own HTTP errors (404, 405, …) are rendered in the one error shape too.
-_STATUS_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+# aiohttp's own HTTP errors (404, 405, 413) are rendered in the one error shape too, with
+# the codes of the errors defined for them; any other is "http_error".
+_STATUS_CODES = {e.http_status: e.code for e in (NotFound, MethodNotAllowed, PayloadTooLarge)}
 
 
 def json_response(body: JSON, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
