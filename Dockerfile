@@ -7,18 +7,19 @@
 # (a volume, or the SQLite file dies with the container; a stop timeout longer than
 # the 20-s drain; ports published on loopback unless other hosts must reach them)
 
-# The Python release CI runs (3.11) on Debian 12. A tag, not a digest: the registry
-# cannot be reached from where this file is written. For byte-for-byte rebuilds pass
-# --build-arg PYTHON_IMAGE=python:3.11.7-slim-bookworm@sha256:<digest you checked>.
-ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+# The Python minor release CI runs (3.11) on Debian 12, at its latest patch release
+# (security fixes) when built. For byte-for-byte rebuilds pass a digest you checked:
+# --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest>.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
 # PIP_CONSTRAINT, unlike -c, also binds the build backend pip installs to build the
-# wheel (setuptools): every package is the version CI tested (constraints.txt), not
-# whatever is newest at build time.
+# wheel (setuptools) up to pip 25.2; later pips read PIP_BUILD_CONSTRAINT for that.
+# Every package is the version CI tested (constraints.txt), not whatever is newest.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_CONSTRAINT=/src/constraints.txt \
+    PIP_BUILD_CONSTRAINT=/src/constraints.txt \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 # Every dependency ships binary wheels for amd64 and arm64, so no compiler is

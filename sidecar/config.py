@@ -103,7 +103,8 @@ class Config:
         100, "replies one bot answer or one callback request may carry (more: a dead letter, or a 400)"
     )
     max_pending_bytes: int = _opt(
-        64 * 1024 * 1024, "size (as JSON) of the messages waiting for the bot before ingress answers 429"
+        64 * 1024 * 1024,
+        "memory the messages waiting for the bot may take (estimated from their JSON) before ingress answers 429",
     )
     stream_queue_size: int = _opt(1024, "replies buffered per subscriber before it is cut off")
     max_streams: int = _opt(20000, "concurrent Subscribe streams")

@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
 from sidecar.backoff import full_jitter
-from sidecar.bots.base import Bot, BotError, BotReply
+from sidecar.bots.base import Bot, BotError, BotReply, too_many_replies
 from sidecar.config import Config
 from sidecar.deadlines import Deadlines
 from sidecar.delivery.stream import Broker, ReplyStream, draining_error
@@ -286,15 +286,22 @@ class Core:
         asks = self._reload_asks
         pending = await self._store.pending_messages(limit + 1)
         order = {stored.id: i for i, stored in enumerate(pending)}
-        loaded = 0
+        loaded, left = 0, False
         for stored in pending[:limit]:
             if self._pending_bytes >= self._config.max_pending_bytes and stored.id not in self._queued:
-                break  # the rest stays in the store, a backlog loaded as the queue drains
+                lane = self._lanes.get(stored.conversation_id)
+                # Left in the store, a backlog loaded as the queue drains (and so are the
+                # later ones of its conversation, newer still), unless its lane holds a
+                # newer message (a replayed letter is older than those queued after it):
+                # that one must not run first, so this one is queued over the byte bound.
+                if lane is None or order.get(lane[-1].id, _LATER) < order[stored.id]:
+                    left = True
+                    continue
             self._enqueue(stored, order)
             loaded += 1
         # A reload asked for during the read (an accept whose answer may be lost) may
         # concern a message this read predates: the backlog stays, for that reload's load.
-        self._backlog = len(pending) > loaded or self._reload_asks != asks
+        self._backlog = left or len(pending) > limit or self._reload_asks != asks
         return loaded
 
     async def _refill(self) -> None:
@@ -396,12 +403,14 @@ class Core:
         while not self._stopping.is_set():
             emitted = 0
             store_failure: Exception | None = None
+            too_many: BotError | None = None  # raised into the bot by emit: it may swallow it
             this_run_keyed, keyed = keyed, True
 
             async def emit(reply: BotReply) -> None:
-                nonlocal emitted, store_failure
+                nonlocal emitted, store_failure, too_many
                 if emitted >= self._config.max_replies_per_message:
-                    raise self._too_many(emitted + 1)
+                    too_many = too_many_replies(self._config.max_replies_per_message)
+                    raise too_many
                 if emitted == 0:
                     self._metrics.end_to_end.observe(max(0.0, time.time() - stored.received_at))
                 draft = self._draft(stored, self._checked(reply), _reply_key(stored, emitted))
@@ -426,8 +435,8 @@ class Core:
                     # Not wait_for (a task per message) nor asyncio.timeout (a timer per message).
                     with self._deadlines.limit():
                         returned = await self._bot.handle(stored, emit)
-                if emitted + len(returned) > self._config.max_replies_per_message:
-                    raise self._too_many(emitted + len(returned))
+                if too_many is not None or emitted + len(returned) > self._config.max_replies_per_message:
+                    raise too_many or too_many_replies(self._config.max_replies_per_message)
                 returned = [self._checked(r) for r in returned]
             except BotError as e:
                 error, outcome, retry, counts, retry_after = str(e), "error", e.retryable, e.counts, e.retry_after
@@ -492,13 +501,6 @@ class Core:
             keyed=keyed,
         )
         self._published(stored.conversation_id, replies, source="bot")
-
-    def _too_many(self, count: int) -> BotError:
-        """One answer's replies are stored in one step, a loop turn and (Redis) one script
-        that other clients wait behind: bounded like every other input. Retrying the same
-        bot would give the same answer."""
-        limit = self._config.max_replies_per_message
-        return BotError(f"the bot gave {count} replies to one message, over {limit}", retryable=False)
 
     def _checked(self, reply: BotReply) -> BotReply:
         """A bot's reply if the log can hold it and both protocols carry it exactly,

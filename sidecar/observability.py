@@ -205,7 +205,7 @@ class Metrics:
         )
         self.pending_bytes = Gauge(
             "sidecar_pending_bytes",
-            "Size (as JSON) of the messages accepted and not yet handled by the bot",
+            "Memory the messages accepted and not yet handled by the bot take (estimated from their JSON)",
             registry=r,
         )
         self.bot_calls = LoopCounter(

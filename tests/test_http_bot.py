@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import itertools
 from pathlib import Path
@@ -12,7 +13,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+from sidecar.bots.base import Bot, BotReply, Emit
 from sidecar.bots.http import HttpBot
+from sidecar.config import ConfigError
 from sidecar.convert import value_to_json
 from sidecar.models import InboundMessage, StoredMessage
 from sidecar.observability import Metrics
@@ -476,7 +479,9 @@ async def test_the_botpress_integrations_catch_all_400_is_retried_and_other_400s
         return answers.pop(0)
 
     async with BotServer(integration) as server:
-        s = await start_app(bot="botpress", bot_url=server.url, bot_token="pat")
+        # One failure would open the breaker (for 30 s): the catch-all does not count, since
+        # it is also the answer to a message Botpress refuses, which must not stall others.
+        s = await start_app(bot="botpress", bot_url=server.url, bot_token="pat", bot_breaker_failures=1)
         await s.post(message(message_id="m1"))
         await eventually(lambda: len(server.requests) == 3 and s.app.core.pending == 0, what="m1 taken at last")
         assert await s.app.store.list_dead_letters() == []
@@ -502,9 +507,37 @@ async def test_more_replies_than_max_replies_per_message_dead_letter_the_message
         assert len(await replies_of(s, "c1", 5)) == 5
         await s.post(message(message_id="m2", text="6"))
         (letter,) = await dead_letters(s, 1)
-    assert letter.body["messageId"] == "m2" and letter.error == "the bot gave 6 replies to one message, over 5"
+    assert letter.body["messageId"] == "m2"
+    assert letter.error == "the bot gave more than 5 replies to one message (max_replies_per_message)"
     assert len(bot.requests) == 2  # not retried: the same bot gives the same answer
     status, body = await callback(s, [{"type": "text", "payload": {"text": "x"}, "conversationId": "c1"}] * 6)
     assert status == 400 and body["error"]["details"] == [{"field": "body", "reason": "over 5 items"}]
     status, _ = await callback(s, [{"type": "text", "payload": {"text": "x"}, "conversationId": "c1"}] * 5)
     assert status == 200
+
+
+class _EmitsTooManySwallowingErrors(Bot):
+    """A bot with a catch-all around emit: the limit must hold all the same."""
+
+    name = "swallows"
+
+    async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
+        for i in range(8):
+            with contextlib.suppress(Exception):
+                await emit(BotReply(type="text", payload={"text": str(i)}))
+        return []
+
+
+async def test_emitting_more_than_the_limit_dead_letters_even_if_the_bot_swallows_the_error(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    s = await start_app(max_replies_per_message=5)
+    monkeypatch.setattr(s.app.core, "_bot", _EmitsTooManySwallowingErrors())
+    await s.post(message(message_id="m1"))
+    (letter,) = await dead_letters(s, 1)
+    assert "more than 5 replies" in letter.error
+    assert await s.app.store.last_sequence("c1") == 5  # those emitted within the limit stay
+    rules = tmp_path / "many.yaml"
+    rules.write_text("rules:\n  - match: {}\n    replies: [" + ", ".join(["{type: text, payload: {}}"] * 6) + "]\n")
+    with pytest.raises(ConfigError, match="6 replies, over max_replies_per_message"):
+        await start_app(bot="script", bot_script=str(rules), max_replies_per_message=5, store="memory://")

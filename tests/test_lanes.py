@@ -13,11 +13,12 @@ import aiohttp
 import pytest
 
 from sidecar.app import App
-from sidecar.bots.base import Bot, BotReply, Emit
+from sidecar.bots.base import Bot, BotError, BotReply, Emit
 from sidecar.config import ConfigError
 from sidecar.errors import Unavailable
-from sidecar.models import InboundMessage, StoredMessage
+from sidecar.models import InboundMessage, StoredMessage, queued_size
 from sidecar.store.sqlite import SqliteStore
+from sidecar.validate import message_from_fields
 from tests.bot_server import BotServer
 from tests.conftest import StartApp, admin_metrics, eventually, make_config, message, metric
 from tests.receiver import Receiver
@@ -119,6 +120,53 @@ async def test_large_messages_fill_the_queue_by_bytes_before_its_count(start_app
     assert small.status == 429 and small.headers["Retry-After"] == "1"
     again = await s.post(message("c1", "m0", "t", payload=big))
     assert again.status == 200 and (await again.json())["duplicate"] is True
+
+
+class _FailsM0OnceHoldsM1(Bot):
+    name = "gate"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.gate = asyncio.Event()
+
+    async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
+        mid = message.message.message_id
+        self.calls.append(mid)
+        if mid == "m0" and self.calls.count("m0") == 1:
+            raise BotError("not now", retryable=False)
+        if mid == "m1":
+            await self.gate.wait()
+        return [BotReply(type="text", payload={"text": mid})]
+
+
+async def test_a_replayed_message_keeps_its_place_though_the_queue_is_full_by_bytes(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replayed, m0 is older than m1 and m2 in its lane: over the byte bound or not, it runs
+    before m2 (as after a restart), not once the queue has room (after m2)."""
+    size = queued_size(message_from_fields(message("c1", "m1"), max_id_length=256, max_payload_depth=32))
+    s = await start_app(admin_tokens=("admin",), max_pending_bytes=2 * size)
+    bot = _FailsM0OnceHoldsM1()
+    monkeypatch.setattr(s.app.core, "_bot", bot)
+    assert (await s.post(message("c1", "m0"))).status == 200
+    await dead_letters(s, 1)
+    assert (await s.post(message("c1", "m1"))).status == 200
+    await eventually(lambda: bot.calls[-1:] == ["m1"], what="m1 running")
+    assert (await s.post(message("c1", "m2"))).status == 200
+    assert (await s.post(message("c1", "m3"))).status == 429  # full by bytes: m1 and m2
+    async with s.session.post(
+        s.admin + "/v1/dead-letters/replay", json={"all": True}, headers={"Authorization": "Bearer admin"}
+    ) as resp:
+        assert await resp.json() == {"replayed": 1}
+    bot.gate.set()
+    await eventually(lambda: len(bot.calls) == 4, what="all run")
+    assert bot.calls == ["m0", "m1", "m0", "m2"]
+
+
+async def test_the_byte_bound_counts_every_field_type_included(start_app: StartApp, tmp_path: Path) -> None:
+    s = await start_app(max_pending_bytes=100_000, bot="script", bot_script=slow_rules(tmp_path, 20))
+    statuses = [(await s.post(message("c1", f"m{i}", "t", type="x" * 60_000))).status for i in range(3)]
+    assert statuses == [200, 200, 429]
 
 
 async def test_replaying_more_dead_messages_than_the_queue_holds_runs_them_all(start_app: StartApp) -> None:

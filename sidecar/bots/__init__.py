@@ -21,6 +21,7 @@ def create_bot(config: Config, metrics: Metrics) -> Bot:
             config.bot_timeout,
             max_id_length=config.max_id_length,
             max_payload_depth=config.max_payload_depth,
+            max_replies=config.max_replies_per_message,
         )
     if config.bot == "http":
         from sidecar.bots.http import HttpBot

@@ -42,6 +42,13 @@ class BotError(Exception):
         self.retry_after = retry_after  # seconds the bot asked to be left alone (Retry-After)
 
 
+def too_many_replies(limit: int) -> BotError:
+    """More than max_replies_per_message replies to one message: they are stored in one
+    step (a loop turn; on Redis one script other clients wait behind), so bounded like
+    every input. Not retried: the same bot would give the same answer."""
+    return BotError(f"the bot gave more than {limit} replies to one message (max_replies_per_message)", retryable=False)
+
+
 class Bot(abc.ABC):
     """A bot: the core calls ``handle`` once per attempt at a message.
 

@@ -28,10 +28,12 @@ class BotpressBot(HttpBot):
         return {"Content-Type": "application/json", "Authorization": f"bearer {self._config.bot_token}"}
 
     def transient(self, status: int, raw: bytes | None) -> bool:
-        # The integration answers 400 with this text whenever its own call to the
-        # Botpress API fails (its catch-all, for a failure of a moment too): retried
-        # with backoff, so a blip does not dead-letter a message. A message it cannot
-        # validate gets a 400 naming the problem, final as any other 4xx.
+        # The integration answers 400 with this text whenever one of its own calls to
+        # the Botpress API fails, a blip or a refusal of this very message alike:
+        # retried with backoff (a blip must not dead-letter a message), but not counted
+        # against the breaker (one message Botpress refuses must not stall the others).
+        # A message the integration cannot validate gets a 400 naming the problem,
+        # final as any other 4xx.
         return super().transient(status, raw) or (
             status == 400 and raw is not None and raw.lstrip().startswith(_CATCH_ALL)
         )

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from sidecar.bots.base import Bot, BotError, BotReply, Emit
+from sidecar.bots.base import Bot, BotError, BotReply, Emit, too_many_replies
 from sidecar.config import Config
 from sidecar.http_client import parse_retry_after, read_at_most
 from sidecar.models import JSON, StoredMessage
@@ -182,12 +182,15 @@ class HttpBot(Bot):
         return headers
 
     async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
+        answer = await self.call(message)
+        if isinstance(answer, list) and len(answer) > self._config.max_replies_per_message:
+            raise too_many_replies(self._config.max_replies_per_message)  # before reading them all
         # replies() checks every reply before returning any, so a bad answer is refused whole.
-        return self.replies(await self.call(message))
+        return self.replies(answer)
 
     def transient(self, status: int, raw: bytes | None) -> bool:
-        """Whether an answer that is not 2xx is the bot's trouble, to retry with backoff
-        (and to count against the breaker), rather than a refusal of this message."""
+        """Whether an answer that is not 2xx is worth retrying with backoff rather than a
+        refusal of this message. Only 5xx, 408 and 429 count against the breaker."""
         return status >= 500 or status in (408, 429)
 
     async def call(self, message: StoredMessage, *, answer: bool = True) -> JSON:
@@ -223,7 +226,8 @@ class HttpBot(Bot):
             self.breaker.failure()
             raise
         if self.transient(status, raw):
-            self.breaker.failure()
+            if status >= 500 or status in (408, 429):  # the bot is in trouble, not this message
+                self.breaker.failure()
             raise BotError(
                 f"the bot answered HTTP {status}{_excerpt(raw)}",
                 retry_after=retry_after if status in (429, 503) else None,

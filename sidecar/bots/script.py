@@ -77,10 +77,17 @@ class ScriptBot(Bot):
     name = "script"
 
     def __init__(
-        self, path: str, timeout: float = math.inf, *, max_id_length: int = 256, max_payload_depth: int = 32
+        self,
+        path: str,
+        timeout: float = math.inf,
+        *,
+        max_id_length: int = 256,
+        max_payload_depth: int = 32,
+        max_replies: int = 100,
     ) -> None:
         self._path = path
         self._timeout = timeout  # the sidecar's bot_timeout, which a whole run must fit in
+        self._max_replies = max_replies  # max_replies_per_message: more would dead-letter every match
         self._limits = {"max_id_length": max_id_length, "max_payload_depth": max_payload_depth}
         self._rules: tuple[_Rule, ...] = ()
         self._default: tuple[_Reply, ...] = ()
@@ -91,6 +98,11 @@ class ScriptBot(Bot):
         # add up to it could never succeed, and every message would end dead-lettered.
         for name, replies in [*((f"rule {i}", r.replies) for i, r in enumerate(self._rules)),
                               ("default", self._default)]:  # fmt: skip
+            if len(replies) > self._max_replies:
+                raise ConfigError(
+                    f"bot_script (SIDECAR_BOT_SCRIPT): {self._path} {name}: {len(replies)} replies, over"
+                    f" max_replies_per_message (SIDECAR_MAX_REPLIES_PER_MESSAGE, {self._max_replies})"
+                )
             total = sum(reply.delay for reply in replies)
             if total >= self._timeout:
                 raise ConfigError(
