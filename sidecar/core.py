@@ -94,6 +94,8 @@ class Core:
         self._pending = 0
         self._backlog = False  # more pending messages in the store than were loaded
         self._reloading = False
+        # One set per load in progress: the ids lanes finished while its read was on its way.
+        self._loads: list[set[str]] = []
         self._refill_scheduled = False  # one load waits to run: asks meanwhile join it
         self._reload_asks = 0  # a load that began before the latest ask may have missed it
         self._load_failures = 0
@@ -284,10 +286,20 @@ class Core:
         the store holds more (a backlog: loaded, in order, as the queue drains)."""
         limit = self._config.max_pending_messages
         asks = self._reload_asks
-        pending = await self._store.pending_messages(limit + 1)
+        finished: set[str] = set()
+        self._loads.append(finished)
+        try:
+            pending = await self._store.pending_messages(limit + 1)
+        finally:
+            self._loads.remove(finished)
         order = {stored.id: i for i, stored in enumerate(pending)}
         loaded, left = 0, False
         for stored in pending[:limit]:
+            if stored.id in finished:
+                # Handled or dead-lettered since the store answered the read (Redis answers
+                # over the network, so the answer can predate a lane's last step): queued
+                # again, it would go to the bot a second time.
+                continue
             if self._pending_bytes >= self._config.max_pending_bytes and stored.id not in self._queued:
                 lane = self._lanes.get(stored.conversation_id)
                 # Left in the store, a backlog loaded as the queue drains (and so are the
@@ -372,8 +384,11 @@ class Core:
                     # message is handled or dead-lettered, so it is done here as if the step
                     # had answered. Running the bot again would only repeat its side effects.
                 failures = 0
-                self._pending_bytes -= self._queued.pop(lane.popleft().id)
+                done = lane.popleft().id
+                self._pending_bytes -= self._queued.pop(done)
                 self._pending -= 1
+                for finished in self._loads:
+                    finished.add(done)
                 if self._backlog:
                     await self._refill()
         finally:

@@ -169,6 +169,49 @@ async def test_the_byte_bound_counts_every_field_type_included(start_app: StartA
     assert statuses == [200, 200, 429]
 
 
+class _Gated(Bot):
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.gate = asyncio.Event()
+
+    async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
+        self.calls.append(message.message.message_id)
+        await self.gate.wait()
+        return [BotReply(type="text", payload={"text": "ok"})]
+
+
+async def test_a_load_whose_read_predates_a_lanes_last_step_does_not_run_that_message_again(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that answers over the network (Redis) can answer a read of the pending
+    messages with one a lane finishes before the answer arrives: it is not queued again."""
+    s = await start_app(store="memory://")
+    bot = _Gated()
+    monkeypatch.setattr(s.app.core, "_bot", bot)
+    assert (await s.post(message("c1", "m1"))).status == 200
+    await eventually(lambda: bot.calls == ["m1"], what="m1 at the bot")
+    answered, deliver = asyncio.Event(), asyncio.Event()
+    read = s.app.store.pending_messages
+
+    async def slow_read(limit: int) -> list[StoredMessage]:
+        pending = await read(limit)  # m1, still pending
+        answered.set()
+        await deliver.wait()  # the answer on its way while m1 finishes
+        return pending
+
+    monkeypatch.setattr(s.app.store, "pending_messages", slow_read)
+    load = asyncio.create_task(s.app.core.load_replayed())
+    await answered.wait()
+    bot.gate.set()
+    await eventually(lambda: s.app.core.pending == 0, what="m1 handled")
+    deliver.set()
+    await load
+    await asyncio.sleep(0.05)
+    assert bot.calls == ["m1"] and s.app.core.pending == 0
+
+
 async def test_replaying_more_dead_messages_than_the_queue_holds_runs_them_all(start_app: StartApp) -> None:
     accepting = False
 
