@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from grpc_status import rpc_status
 
+from sidecar.ingress import grpc as grpc_ingress
 from sidecar.v1 import sidecar_pb2
 from tests.conftest import StartApp, eventually
 
@@ -119,6 +120,44 @@ async def test_subscribe_without_conversation_is_invalid_argument(start_app: Sta
         await call.read()
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_fields(e.value) == ["conversation_id"]
+
+
+async def test_tokenless_watch_and_reflection_streams_are_bounded_together(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Health Watch and reflection need no token: without a bound of their own anyone
+    reaching the port could hold ~1,000 per connection (12,000 on 12 took 185 MB)."""
+    monkeypatch.setattr(grpc_ingress, "MAX_OPEN_TOKENLESS_STREAMS", 3)
+    s = await start_app(auth_tokens=("secret",))
+    health = health_pb2_grpc.HealthStub(s.channel)
+    watches = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(2)]
+    for watch in watches:
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+    reflect = s.channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )()
+    await reflect.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+    assert (await reflect.read()).list_services_response.service  # the third: open
+    refused = health.Watch(health_pb2.HealthCheckRequest())
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        await refused.read()
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Probes use Check, which is not a stream: still answered.
+    assert (await health.Check(health_pb2.HealthCheckRequest())).status == health_pb2.HealthCheckResponse.SERVING
+    watches[0].cancel()
+    await reflect.done_writing()
+    await eventually(lambda: reflect.done(), what="the reflection stream ended")
+
+    async def another_opens() -> bool:
+        watch = health.Watch(health_pb2.HealthCheckRequest())
+        try:
+            return bool((await watch.read()).status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.aio.AioRpcError:
+            return False
+
+    await eventually(another_opens, what="room again once streams ended")
 
 
 async def test_health_and_reflection_are_served(start_app: StartApp) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import grpc
@@ -13,7 +14,7 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc._cython.cygrpc import ExecuteBatchError  # what a write to a call that ended raises
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from sidecar.auth import TokenChecker
@@ -295,12 +296,66 @@ def build_server(
         ]
     )
     _add_messaging_service(MessagingService(config, core, metrics, tokens), server)
-    health_servicer = health.aio.HealthServicer()
+    gate = _OpenStreams(MAX_OPEN_TOKENLESS_STREAMS)
+    health_servicer = _BoundedHealth(gate)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME, REFLECTION_V1)
-    reflection.enable_server_reflection(names, server)
-    _serve_reflection_v1(names, server)
+    reflector = _BoundedReflection(gate, names)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflector, server)
+    _serve_reflection_v1(reflector, server)
     return server, health_servicer
+
+
+# Health Watch and reflection streams need no token (kubelet probes, grpcurl): without a
+# bound of their own, anyone reaching the port could hold as many as grpc admits per
+# connection times grpc_max_connections (~15 KiB each). Probes use Check (unary, not
+# counted); a Watch or a reflection session lasts while a tool runs. Together, at most:
+MAX_OPEN_TOKENLESS_STREAMS = 100
+
+
+class _OpenStreams:
+    """A count of open streams with a bound: past it, RESOURCE_EXHAUSTED."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    async def enter(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self.open >= self.limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"at most {self.limit} health Watch and reflection streams are open at once",
+            )
+        self.open += 1
+
+
+class _BoundedHealth(health.aio.HealthServicer):  # type: ignore[misc]  # grpc_health is untyped
+    def __init__(self, gate: _OpenStreams) -> None:
+        super().__init__()
+        self._gate = gate
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: Any) -> None:  # noqa: N802 - grpc's name
+        await self._gate.enter(context)
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._gate.open -= 1
+
+
+class _BoundedReflection(reflection.aio.ReflectionServicer):  # type: ignore[misc]  # untyped too
+    def __init__(self, gate: _OpenStreams, names: tuple[str, ...]) -> None:
+        super().__init__(names)
+        self._gate = gate
+
+    async def ServerReflectionInfo(  # noqa: N802 - grpc's name
+        self, request_iterator: AsyncIterator[reflection_pb2.ServerReflectionRequest], context: Any
+    ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
+        await self._gate.enter(context)
+        try:
+            async for response in super().ServerReflectionInfo(request_iterator, context):
+                yield response
+        finally:
+            self._gate.open -= 1
 
 
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
@@ -330,12 +385,11 @@ def _as_is(data: bytes) -> bytes:
     return data
 
 
-def _serve_reflection_v1(names: tuple[str, ...], server: grpc.aio.Server) -> None:
+def _serve_reflection_v1(servicer: _BoundedReflection, server: grpc.aio.Server) -> None:
     """Server reflection under its v1 name too: grpcio-reflection serves only v1alpha,
     and clients such as grpcurl and Postman ask for v1 first. The two protos are the
     same messages with the same field numbers, so v1alpha's servicer answers v1 bytes."""
     _describe_reflection_v1()
-    servicer = reflection.aio.ReflectionServicer(names)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
