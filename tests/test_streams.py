@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from sidecar.bots.base import BotReply
+from sidecar.delivery import stream as stream_module
 from sidecar.v1 import sidecar_pb2, sidecar_pb2_grpc
 from tests.conftest import Running, StartApp, eventually, metric
 from tests.test_grpc_ingress import request, wait_for_sequence, wait_until
@@ -156,6 +157,29 @@ async def test_slow_subscriber_is_cut_off_with_resource_exhausted_and_can_resume
     resumed = subscribe(s, after=1)
     assert [r.sequence for r in await read_n(resumed, 20)] == list(range(2, 22))
     resumed.cancel()
+
+
+async def test_a_subscriber_is_cut_off_by_the_bytes_it_leaves_unread_too(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A count alone let one stalled stream pin stream_queue_size replies of up to 4 MiB."""
+    monkeypatch.setattr(stream_module, "BUFFER_BYTES", 100_000)
+    s = await start_app(stream_queue_size=1000)
+    core = s.app.core
+    await s.stub.SendMessage(request(message_id="seed"))
+    await wait_for_sequence(s, "c1", 1)
+    stream = await core.subscribe("c1", None)  # never read
+    big = {"t": "x" * 30_000}
+    for i in range(3):
+        await core.add_bot_reply_batches({"c1": [BotReply(type="text", payload=big, bot_message_id=f"b{i}")]})
+    assert stream.close_reason is None  # 90 KB held: within the bound
+    await core.add_bot_reply_batches({"c1": [BotReply(type="text", payload=big, bot_message_id="b3")]})
+    assert stream.close_reason is not None and core.broker.cutoffs == 1
+    stream.close()
+    alone = await core.subscribe("c1", None)  # one reply larger than the bound passes an empty buffer
+    await core.add_bot_reply_batches({"c1": [BotReply(type="text", payload={"t": "y" * 200_000}, bot_message_id="b4")]})
+    assert alone.close_reason is None and (await alone.__anext__()).sequence == 6
+    alone.close()
 
 
 async def test_grpc_client_that_stops_reading_is_cut_off(start_app: StartApp) -> None:

@@ -6,6 +6,8 @@ import asyncio
 import collections
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
+import orjson
+
 from sidecar.errors import CursorExpired, SidecarError, SlowConsumer, Unavailable
 from sidecar.models import Reply
 from sidecar.store.base import Store
@@ -15,6 +17,11 @@ _PAGE = 256
 # up to 4 MiB, 256 of them could pin hundreds of MiB per stream of a client that stopped
 # reading. At most this much payload JSON per page (always one reply, whatever its size).
 _PAGE_BYTES = 1024 * 1024
+# Live replies a subscriber has not read yet, at most this much payload JSON (and
+# stream_queue_size of them): past it the subscriber is cut off as too slow, like a
+# full buffer. With replies of up to 4 MiB, a count alone let one stalled stream pin
+# gigabytes. A single reply larger than this still passes into an empty buffer.
+BUFFER_BYTES = 16 * 1024 * 1024
 
 
 class Subscription:
@@ -27,7 +34,7 @@ class Subscription:
     sidecar's largest population, and every object per stream counts.
     """
 
-    __slots__ = ("_waiter", "buffer", "closed", "conversation_id", "limit", "on_cut_off", "stale")
+    __slots__ = ("_waiter", "buffer", "closed", "conversation_id", "held", "limit", "on_cut_off", "stale")
 
     def __init__(self, conversation_id: str, limit: int) -> None:
         self.conversation_id = conversation_id
@@ -35,7 +42,9 @@ class Subscription:
         # Created with the first live reply, and a bare future rather than an
         # Event (which holds a deque of its own): an empty deque costs ~600 B,
         # a quarter of what an idle stream adds in Python objects.
-        self.buffer: collections.deque[Reply] | None = None
+        self.buffer: collections.deque[tuple[Reply, int]] | None = None
+        """Live replies not read yet, each with its payload's size as JSON (``held`` in all)."""
+        self.held = 0
         self._waiter: asyncio.Future[None] | None = None
         self.closed: SidecarError | None = None
         """Why the subscriber must end (it fell behind, or the sidecar drains); None while open."""
@@ -43,17 +52,19 @@ class Subscription:
         self.stale = False
         """The log may hold replies never offered here: read it before the buffer."""
 
-    def offer(self, reply: Reply) -> bool:
-        """Buffer a live reply; False (and cut off) when the buffer is full."""
+    def offer(self, reply: Reply, size: int) -> bool:
+        """Buffer a live reply (``size``: its payload as JSON); False (and cut off) when the
+        buffer is full, by count or by bytes."""
         if self.closed is not None:
             return True
         buffer = self.buffer
         if buffer is None:
             buffer = self.buffer = collections.deque()
-        elif len(buffer) >= self.limit:
+        elif len(buffer) >= self.limit or (buffer and self.held + size > BUFFER_BYTES):
             self.close(SlowConsumer())
             return False
-        buffer.append(reply)
+        buffer.append((reply, size))
+        self.held += size
         self._wake()
         return True
 
@@ -118,11 +129,13 @@ class Broker:
         subs = self._subs.get(conversation_id)
         if not subs or not replies:
             return
-        last = replies[-1:]
+        # Each reply's size once, whatever the number of subscribers.
+        sized = [(reply, len(orjson.dumps(reply.payload))) for reply in replies]
+        last = sized[-1:]
         for sub in subs:
             room = sub.limit - (len(sub.buffer) if sub.buffer is not None else 0)
-            for reply in replies if len(replies) <= room else last:
-                if not sub.offer(reply):
+            for reply, size in sized if len(sized) <= room else last:
+                if not sub.offer(reply, size):
                     self.cutoffs += 1
                     break
 
@@ -252,7 +265,8 @@ class ReplyStream:
                 continue
             buffer = sub.buffer
             while buffer:
-                reply = buffer.popleft()
+                reply, size = buffer.popleft()
+                sub.held -= size
                 if reply.sequence <= self.last:
                     continue
                 if reply.sequence == self.last + 1:
