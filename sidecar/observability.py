@@ -10,7 +10,7 @@ import sys
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import orjson
 import prometheus_client.metrics
@@ -35,7 +35,37 @@ CALLBACK_OUTCOMES = ("accepted", "rejected", "unauthenticated", "not_found", "un
 STORE_STAGES = ("message", "delivery", "sweep")
 
 
-class LoopCounter:
+_S = TypeVar("_S")
+
+
+class _LoopMetric(Generic[_S]):
+    """What LoopCounter and LoopHistogram share: label sets resolved to their series,
+    and registration in the app's registry as a collector."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self._name, self._documentation = name, documentation
+        self._labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], _S] = {}
+
+    def labels(self, *values: object) -> _S:
+        """The series of one label set, made (empty) on first use: resolve it once and keep it."""
+        key = _label_values(self._labelnames, values)
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = self._new_series()
+        return series
+
+    def _new_series(self) -> _S:
+        raise NotImplementedError
+
+    def _family(self) -> Metric:
+        raise NotImplementedError
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+
+class LoopCounter(_LoopMetric["CounterSeries"]):
     """A counter updated on the event loop's thread only, exported exactly as
     prometheus_client's ``Counter`` would be (``<name>_total`` and ``<name>_created``
     per label set, children in the order ``labels()`` first made them).
@@ -50,24 +80,17 @@ class LoopCounter:
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str], *, registry: CollectorRegistry
     ) -> None:
-        self._name, self._documentation = name, documentation
-        self._labelnames = tuple(labelnames)
-        self._series: dict[tuple[str, ...], CounterSeries] = {}
+        super().__init__(name, documentation, labelnames)
         registry.register(self)
 
-    def labels(self, *values: object) -> CounterSeries:
-        """The series of one label set, made (at 0) on first use: resolve it once and keep it."""
-        key = _label_values(self._labelnames, values)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = CounterSeries()
-        return series
+    def _new_series(self) -> CounterSeries:
+        return CounterSeries()
 
-    def describe(self) -> Iterable[Metric]:
-        return [CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
 
     def collect(self) -> Iterable[Metric]:
-        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        family = self._family()
         created = _created_samples()
         for values, series in self._series.items():
             family.add_metric(values, series.value, created=series.created if created else None)
@@ -89,7 +112,7 @@ class CounterSeries:
         self.value += amount
 
 
-class LoopHistogram:
+class LoopHistogram(_LoopMetric["HistogramSeries"]):
     """A histogram updated on the event loop's thread only, exported exactly as
     prometheus_client's ``Histogram`` would be (cumulative ``_bucket`` series with the
     same ``le`` values, ``_count``, ``_sum``, ``_created``); see LoopCounter. An
@@ -105,6 +128,7 @@ class LoopHistogram:
         buckets: Sequence[float],
         registry: CollectorRegistry,
     ) -> None:
+        super().__init__(name, documentation, labelnames)
         bounds = [float(b) for b in buckets]
         if bounds != sorted(bounds):
             raise ValueError("buckets must be in increasing order")
@@ -112,26 +136,18 @@ class LoopHistogram:
             bounds.append(math.inf)
         self._bounds = tuple(bounds)
         self._les = tuple(_go_float(b) for b in bounds)
-        self._name, self._documentation = name, documentation
-        self._labelnames = tuple(labelnames)
-        self._series: dict[tuple[str, ...], HistogramSeries] = {}
         if not self._labelnames:  # exported from the start, as prometheus_client does
             self.labels()
         registry.register(self)
 
-    def labels(self, *values: object) -> HistogramSeries:
-        """The series of one label set, made (empty) on first use: resolve it once and keep it."""
-        key = _label_values(self._labelnames, values)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = HistogramSeries(self._bounds)
-        return series
+    def _new_series(self) -> HistogramSeries:
+        return HistogramSeries(self._bounds)
 
-    def describe(self) -> Iterable[Metric]:
-        return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
 
     def collect(self) -> Iterable[Metric]:
-        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        family = self._family()
         created = _created_samples()
         for values, series in self._series.items():
             cumulative, buckets = 0.0, []

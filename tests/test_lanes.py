@@ -122,19 +122,24 @@ async def test_large_messages_fill_the_queue_by_bytes_before_its_count(start_app
     assert again.status == 200 and (await again.json())["duplicate"] is True
 
 
-class _FailsM0OnceHoldsM1(Bot):
-    name = "gate"
+class _GatedBot(Bot):
+    """Records the messages it is given, and holds those named in ``hold`` (all when None)
+    until ``gate`` is set; ``fail_once``: that message fails for good the first time."""
 
-    def __init__(self) -> None:
+    name = "gated"
+
+    def __init__(self, hold: set[str] | None = None, fail_once: str = "") -> None:
         self.calls: list[str] = []
         self.gate = asyncio.Event()
+        self._hold = hold
+        self._fail_once = fail_once
 
     async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
         mid = message.message.message_id
         self.calls.append(mid)
-        if mid == "m0" and self.calls.count("m0") == 1:
+        if mid == self._fail_once and self.calls.count(mid) == 1:
             raise BotError("not now", retryable=False)
-        if mid == "m1":
+        if self._hold is None or mid in self._hold:
             await self.gate.wait()
         return [BotReply(type="text", payload={"text": mid})]
 
@@ -146,7 +151,7 @@ async def test_a_replayed_message_keeps_its_place_though_the_queue_is_full_by_by
     before m2 (as after a restart), not once the queue has room (after m2)."""
     size = queued_size(message_from_fields(message("c1", "m1"), max_id_length=256, max_payload_depth=32))
     s = await start_app(admin_tokens=("admin",), max_pending_bytes=2 * size)
-    bot = _FailsM0OnceHoldsM1()
+    bot = _GatedBot(hold={"m1"}, fail_once="m0")
     monkeypatch.setattr(s.app.core, "_bot", bot)
     assert (await s.post(message("c1", "m0"))).status == 200
     await dead_letters(s, 1)
@@ -169,26 +174,13 @@ async def test_the_byte_bound_counts_every_field_type_included(start_app: StartA
     assert statuses == [200, 200, 429]
 
 
-class _Gated(Bot):
-    name = "gated"
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-        self.gate = asyncio.Event()
-
-    async def handle(self, message: StoredMessage, emit: Emit) -> list[BotReply]:
-        self.calls.append(message.message.message_id)
-        await self.gate.wait()
-        return [BotReply(type="text", payload={"text": "ok"})]
-
-
 async def test_a_load_whose_read_predates_a_lanes_last_step_does_not_run_that_message_again(
     start_app: StartApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A store that answers over the network (Redis) can answer a read of the pending
     messages with one a lane finishes before the answer arrives: it is not queued again."""
     s = await start_app(store="memory://")
-    bot = _Gated()
+    bot = _GatedBot()
     monkeypatch.setattr(s.app.core, "_bot", bot)
     assert (await s.post(message("c1", "m1"))).status == 200
     await eventually(lambda: bot.calls == ["m1"], what="m1 at the bot")
