@@ -233,10 +233,12 @@ class Core:
         if not result.duplicate:
             self._first_runs.add(result.stored.id)
             self._enqueue(result.stored)
-        elif result.pending:
+        elif result.pending and result.stored.id not in self._queued:
             # Stored but maybe never queued: its first accept's caller was cancelled, or
-            # lost the answer (Redis). _enqueue skips one that is queued already.
-            self._enqueue(result.stored)
+            # lost the answer (Redis). Loaded from the store, not queued from this answer:
+            # a lane may have finished it since the store gave it (answers over a network
+            # can arrive out of order), and the load skips what lanes finish meanwhile.
+            self._reload()
 
     def _reload(self) -> None:
         """The store may hold pending messages this process never queued: load them, in
@@ -291,7 +293,8 @@ class Core:
         try:
             pending = await self._store.pending_messages(limit + 1)
         finally:
-            self._loads.remove(finished)
+            # By identity: list.remove compares by value, and two loads' sets are often equal.
+            self._loads = [load for load in self._loads if load is not finished]
         order = {stored.id: i for i, stored in enumerate(pending)}
         loaded, left = 0, False
         for stored in pending[:limit]:
@@ -467,6 +470,8 @@ class Core:
                 if store_failure is None:
                     await self._finish(stored, returned, emitted, started, keyed=this_run_keyed)
                     return True
+            if too_many is not None and store_failure is None:  # whatever the bot did after it
+                error, outcome, retry, counts = str(too_many), "error", False, True
             if store_failure is not None:
                 # However the bot took it (raised, wrapped, or swallowed it and went on):
                 # the lane retries the message as a store failure, keyed, uncounted.

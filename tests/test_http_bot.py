@@ -479,9 +479,7 @@ async def test_the_botpress_integrations_catch_all_400_is_retried_and_other_400s
         return answers.pop(0)
 
     async with BotServer(integration) as server:
-        # One failure would open the breaker (for 30 s): the catch-all does not count, since
-        # it is also the answer to a message Botpress refuses, which must not stall others.
-        s = await start_app(bot="botpress", bot_url=server.url, bot_token="pat", bot_breaker_failures=1)
+        s = await start_app(bot="botpress", bot_url=server.url, bot_token="pat")
         await s.post(message(message_id="m1"))
         await eventually(lambda: len(server.requests) == 3 and s.app.core.pending == 0, what="m1 taken at last")
         assert await s.app.store.list_dead_letters() == []
@@ -541,3 +539,22 @@ async def test_emitting_more_than_the_limit_dead_letters_even_if_the_bot_swallow
     rules.write_text("rules:\n  - match: {}\n    replies: [" + ", ".join(["{type: text, payload: {}}"] * 6) + "]\n")
     with pytest.raises(ConfigError, match="6 replies, over max_replies_per_message"):
         await start_app(bot="script", bot_script=str(rules), max_replies_per_message=5, store="memory://")
+
+
+async def test_the_catch_all_answering_a_breakers_trial_keeps_the_breaker_working(start_app: StartApp) -> None:
+    """Counted like a 5xx: a trial it answers reopens the breaker, and a later trial goes
+    out (uncounted, it left the breaker waiting for a verdict for ever)."""
+    answers = [
+        web.Response(status=500, text="down"),  # opens the breaker (bot_breaker_failures=1)
+        web.Response(status=400, text="Unknown Error! Please contact the Botpress Team"),  # the trial
+    ]
+
+    async def integration(body: Any) -> web.Response:
+        return answers.pop(0) if answers else web.Response(status=200, text="{}", content_type="application/json")
+
+    async with BotServer(integration) as server:
+        s = await start_app(
+            bot="botpress", bot_url=server.url, bot_token="pat", bot_breaker_failures=1, bot_breaker_cooldown=0.2
+        )
+        await s.post(message(message_id="m1"))
+        await eventually(lambda: len(server.requests) == 3 and s.app.core.pending == 0, what="m1 taken at last")

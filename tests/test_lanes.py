@@ -16,7 +16,7 @@ from sidecar.app import App
 from sidecar.bots.base import Bot, BotError, BotReply, Emit
 from sidecar.config import ConfigError
 from sidecar.errors import Unavailable
-from sidecar.models import InboundMessage, StoredMessage, queued_size
+from sidecar.models import AcceptResult, InboundMessage, StoredMessage, queued_size
 from sidecar.store.sqlite import SqliteStore
 from sidecar.validate import message_from_fields
 from tests.bot_server import BotServer
@@ -202,6 +202,75 @@ async def test_a_load_whose_read_predates_a_lanes_last_step_does_not_run_that_me
     await load
     await asyncio.sleep(0.05)
     assert bot.calls == ["m1"] and s.app.core.pending == 0
+
+
+async def test_two_loads_at_once_each_keep_track_of_what_lanes_finish(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay's load can overlap another load (a refill, a second replay): each keeps its
+    own record of what lanes finish while it reads, whichever read is answered first."""
+    s = await start_app(store="memory://")
+    core = s.app.core
+    bot = _GatedBot()
+    monkeypatch.setattr(core, "_bot", bot)
+    assert (await s.post(message("c1", "m1"))).status == 200
+    await eventually(lambda: bot.calls == ["m1"], what="m1 at the bot")
+    read = s.app.store.pending_messages
+    answers: list[asyncio.Event] = []
+
+    async def slow_read(limit: int) -> list[StoredMessage]:
+        pending = await read(limit)  # m1, still pending
+        answers.append(answer := asyncio.Event())
+        await answer.wait()
+        return pending
+
+    monkeypatch.setattr(s.app.store, "pending_messages", slow_read)
+    first = asyncio.create_task(core.load_replayed())
+    await eventually(lambda: len(answers) == 1, what="the first load reading")
+    second = asyncio.create_task(core.load_replayed())
+    await eventually(lambda: len(answers) == 2, what="the second load reading")
+    answers[1].set()  # the second is answered first
+    await second
+    bot.gate.set()
+    await eventually(lambda: core.pending == 0, what="m1 handled")
+    answers[0].set()
+    await first
+    await asyncio.sleep(0.05)
+    assert bot.calls == ["m1"] and core.pending == 0 and not core._backlog
+    assert core._loads == []
+
+
+async def test_a_duplicates_answer_older_than_the_lanes_last_step_does_not_run_the_message_again(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry of a message at the bot, answered "duplicate, pending" by a store whose
+    answers can arrive out of order (Redis, a pool of connections), after the lane has
+    finished it: loaded from the store, not queued from the answer."""
+    s = await start_app(store="memory://")
+    core = s.app.core
+    bot = _GatedBot()
+    monkeypatch.setattr(core, "_bot", bot)
+    assert (await s.post(message("c1", "m1"))).status == 200
+    await eventually(lambda: bot.calls == ["m1"], what="m1 at the bot")
+    accept = s.app.store.accept
+    answered, deliver = asyncio.Event(), asyncio.Event()
+
+    async def slow_accept(m: InboundMessage, *, now: float) -> AcceptResult:
+        result = await accept(m, now=now)  # a duplicate, still pending
+        answered.set()
+        await deliver.wait()  # the answer on its way while the lane finishes m1
+        return result
+
+    monkeypatch.setattr(s.app.store, "accept", slow_accept)
+    retry = asyncio.create_task(s.post(message("c1", "m1")))
+    await answered.wait()
+    bot.gate.set()
+    await eventually(lambda: core.pending == 0, what="m1 handled")
+    deliver.set()
+    assert (await retry).status == 200
+    await eventually(lambda: not core._backlog, what="the load done")
+    await asyncio.sleep(0.05)
+    assert bot.calls == ["m1"] and core.pending == 0
 
 
 async def test_replaying_more_dead_messages_than_the_queue_holds_runs_them_all(start_app: StartApp) -> None:

@@ -60,6 +60,9 @@ def test_the_loop_metrics_export_what_prometheus_clients_would(monkeypatch: pyte
 def test_without_created_series_neither_has_them(monkeypatch: pytest.MonkeyPatch) -> None:
     import prometheus_client.metrics
 
+    # The loop metrics read this private flag of prometheus_client's to follow it: a
+    # release that renames it must fail here, not leave _created series behind.
+    assert isinstance(getattr(prometheus_client.metrics, "_use_created", None), bool)
     monkeypatch.setattr(prometheus_client.metrics, "_use_created", False)
     theirs, ours = both(monkeypatch)
     assert b"_created" not in ours

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import tracemalloc
 import uuid
 
+import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.models import _NAMESPACE, entity_id, sidecar_id
+from sidecar.models import _NAMESPACE, InboundMessage, entity_id, queued_size, sidecar_id
 from sidecar.validate import reply_problems
 
 
@@ -34,3 +37,30 @@ def test_the_room_a_reply_leaves_its_payload_shrinks_with_the_longest_ids() -> N
     assert reply_problems("text", payload, ids, max_id_length=256, max_payload_depth=32) == []
     (bad,) = reply_problems("text", payload, ids, max_id_length=20_000, max_payload_depth=32)
     assert bad.field == "payload" and "4 MiB" in bad.reason
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        [{}] * 1000,  # parsed, ~24 times its JSON
+        ["a"] * 1000,
+        [0.5] * 1000,
+        [[]] * 1000,
+        {f"k{i}": i for i in range(1000)},
+        "x" * 10_000,
+        {"text": ",".join(["a:b", "[c]", "{d}"] * 10_000)},  # separators inside a string
+    ],
+)
+def test_the_queue_size_estimate_is_on_the_safe_side_and_not_far_off(payload: object) -> None:
+    """max_pending_bytes is memory: the estimate must not fall below what the parsed message
+    holds (tracemalloc), nor overstate it enough to starve the queue (a comma-heavy text
+    was once counted at ~60 times its size)."""
+    raw = orjson.dumps(payload)
+    tracemalloc.start()
+    try:
+        parsed = orjson.loads(raw)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    message = InboundMessage("u", "m", "c", "text", "", parsed)
+    assert held <= queued_size(message) <= 3 * max(held, len(raw))

@@ -182,6 +182,28 @@ async def test_a_subscriber_is_cut_off_by_the_bytes_it_leaves_unread_too(
     alone.close()
 
 
+async def test_one_batch_over_the_bytes_left_goes_to_a_prompt_subscriber_through_the_log(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a batch over the count left: offered as its last reply, the rest read from the
+    log, not a cut-off of a subscriber that was waiting with an empty buffer."""
+    monkeypatch.setattr(stream_module, "BUFFER_BYTES", 100_000)
+    s = await start_app(stream_queue_size=1000)
+    core = s.app.core
+    await s.stub.SendMessage(request(message_id="seed"))
+    await wait_for_sequence(s, "c1", 1)
+    stream = await core.subscribe("c1", None)
+    reader = asyncio.create_task(stream.__anext__())  # waiting: its buffer is empty
+    await asyncio.sleep(0.05)
+    big = {"t": "x" * 30_000}
+    batch = [BotReply(type="text", payload=big, bot_message_id=f"b{i}") for i in range(5)]  # 150 KB
+    await core.add_bot_reply_batches({"c1": batch})
+    assert core.broker.cutoffs == 0
+    seen = [(await reader).sequence] + [(await stream.__anext__()).sequence for _ in range(4)]
+    assert seen == [2, 3, 4, 5, 6]
+    stream.close()
+
+
 async def test_grpc_client_that_stops_reading_is_cut_off(start_app: StartApp) -> None:
     """Flow control blocks the server's writes; the broker's cut-off still ends the stream."""
     s = await start_app(stream_queue_size=8)

@@ -29,11 +29,11 @@ class BotpressBot(HttpBot):
 
     def transient(self, status: int, raw: bytes | None) -> bool:
         # The integration answers 400 with this text whenever one of its own calls to
-        # the Botpress API fails, a blip or a refusal of this very message alike:
-        # retried with backoff (a blip must not dead-letter a message), but not counted
-        # against the breaker (one message Botpress refuses must not stall the others).
-        # A message the integration cannot validate gets a 400 naming the problem,
-        # final as any other 4xx.
+        # the Botpress API fails, a blip or a refusal of this very message alike: taken
+        # as a 5xx (retried with backoff, counted by the breaker), since a blip must not
+        # dead-letter a message. Like any message the bot keeps failing on, one Botpress
+        # refuses holds the breaker open now and then until its attempts run out. A
+        # message the integration cannot validate gets a 400 naming the problem, final.
         return super().transient(status, raw) or (
             status == 400 and raw is not None and raw.lstrip().startswith(_CATCH_ALL)
         )

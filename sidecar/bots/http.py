@@ -189,8 +189,8 @@ class HttpBot(Bot):
         return self.replies(answer)
 
     def transient(self, status: int, raw: bytes | None) -> bool:
-        """Whether an answer that is not 2xx is worth retrying with backoff rather than a
-        refusal of this message. Only 5xx, 408 and 429 count against the breaker."""
+        """Whether an answer that is not 2xx is the bot's trouble, to retry with backoff
+        (and to count against the breaker), rather than a refusal of this message."""
         return status >= 500 or status in (408, 429)
 
     async def call(self, message: StoredMessage, *, answer: bool = True) -> JSON:
@@ -226,8 +226,7 @@ class HttpBot(Bot):
             self.breaker.failure()
             raise
         if self.transient(status, raw):
-            if status >= 500 or status in (408, 429):  # the bot is in trouble, not this message
-                self.breaker.failure()
+            self.breaker.failure()
             raise BotError(
                 f"the bot answered HTTP {status}{_excerpt(raw)}",
                 retry_after=retry_after if status in (429, 503) else None,

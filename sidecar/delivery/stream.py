@@ -75,6 +75,7 @@ class Subscription:
     def close(self, reason: SidecarError) -> None:
         if self.closed is None:
             self.closed = reason
+            self.buffer, self.held = None, 0  # what it held is in the log: a resume reads it there
             self._wake()
             if self.on_cut_off is not None:
                 self.on_cut_off()
@@ -121,9 +122,10 @@ class Broker:
     def publish(self, conversation_id: str, replies: Sequence[Reply]) -> None:
         """Offer committed replies, in sequence order, to the conversation's subscribers.
 
-        A batch larger than the room left in a subscriber's buffer (a bot answering
-        one message with a thousand replies) is offered as its last reply alone: the
-        gap makes the stream read the others from the log, where they already are.
+        A batch larger than the room left in a subscriber's buffer, by count or by bytes
+        (a bot answering one message with a thousand replies) is offered as its last
+        reply alone: the gap makes the stream read the others from the log, where they
+        already are.
         Only a buffer already full, a subscriber that stopped reading, cuts it off.
         """
         subs = self._subs.get(conversation_id)
@@ -131,10 +133,12 @@ class Broker:
             return
         # Each reply's size once, whatever the number of subscribers.
         sized = [(reply, len(orjson.dumps(reply.payload))) for reply in replies]
+        total = sum(size for _, size in sized)
         last = sized[-1:]
         for sub in subs:
             room = sub.limit - (len(sub.buffer) if sub.buffer is not None else 0)
-            for reply, size in sized if len(sized) <= room else last:
+            fits = len(sized) <= room and sub.held + total <= BUFFER_BYTES
+            for reply, size in sized if fits else last:
                 if not sub.offer(reply, size):
                     self.cutoffs += 1
                     break

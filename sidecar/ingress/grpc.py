@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -352,8 +353,10 @@ class _BoundedReflection(reflection.aio.ReflectionServicer):  # type: ignore[mis
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
         await self._gate.enter(context)
         try:
-            async for response in super().ServerReflectionInfo(request_iterator, context):
-                yield response
+            # Closed here, not whenever the collector gets to it, when the call ends early.
+            async with contextlib.aclosing(super().ServerReflectionInfo(request_iterator, context)) as responses:
+                async for response in responses:
+                    yield response
         finally:
             self._gate.open -= 1
 
