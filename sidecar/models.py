@@ -80,16 +80,21 @@ def queued_size(message: InboundMessage) -> int:
 
 
 def _values(payload: JSON) -> int:
-    """How many values and keys a payload holds (depth is bounded by validation)."""
+    """How many values and keys a payload holds (depth is bounded by validation). Plain
+    loops, no generators: most payloads are a flat object, walked in one step."""
     count, stack = 1, [payload]
     while stack:
         value = stack.pop()
         if type(value) is dict:
             count += 2 * len(value)
-            stack.extend(v for v in value.values() if type(v) is dict or type(v) is list)
+            for child in value.values():
+                if type(child) is dict or type(child) is list:
+                    stack.append(child)
         elif type(value) is list:
             count += len(value)
-            stack.extend(v for v in value if type(v) is dict or type(v) is list)
+            for child in value:
+                if type(child) is dict or type(child) is list:
+                    stack.append(child)
     return count
 
 
