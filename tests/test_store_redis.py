@@ -18,12 +18,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, ResponseError
 
 from sidecar.config import redact_url
+from sidecar.delivery.stream import Broker, ReplyStream
+from sidecar.errors import CursorExpired
 from sidecar.models import AcceptResult, InboundMessage
+from sidecar.store import redis as redis_store
 from sidecar.store.redis import RedisStore, RedisStoreError, _refused
 from tests.conftest import StartApp, eventually, message, metric
 from tests.procs import free_port
 from tests.test_grpc_ingress import request
-from tests.test_store_contract import open_redis_or_skip, redis_url
+from tests.test_store_contract import draft, open_redis_or_skip, redis_url
 from tests.test_streams import read_n, subscribe
 
 
@@ -447,3 +450,43 @@ async def test_dead_letters_of_an_older_sidecar_are_indexed_by_kind_at_open(pref
             await again.close()
     finally:
         await client.close()
+
+
+async def test_a_page_read_in_chunks_ends_at_a_trim_between_them_and_the_stream_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """replies_after with a byte budget reads the log a few rows at a time; a conversation
+    appended to and trimmed between two reads left a page 1..16, 31..70, and a subscriber
+    skipped 17..30 without a word (SQLite reads a page in one snapshot)."""
+    read = redis_store._reached
+    for reader in ("store", "stream"):
+        store = RedisStore(redis_url(f"test-gap-{uuid.uuid4().hex}:"), retention=40)
+        await store.open()
+        try:
+            await store.append_replies("c", [draft(f"a{i}") for i in range(40)], now=1.0, outbox=False)
+            stream = await ReplyStream.open(store, Broker(1000), "c", 0) if reader == "stream" else None
+            trimmed = False
+
+            async def a_trim_after_the_next_read(pending: Awaitable[T], store: RedisStore = store) -> T:
+                nonlocal trimmed
+                out = await read(pending)
+                if not trimmed:  # another lane appends 30 meanwhile: 1..30 are trimmed
+                    trimmed = True
+                    await store.append_replies("c", [draft(f"b{i}") for i in range(30)], now=2.0, outbox=False)
+                return out
+
+            monkeypatch.setattr(redis_store, "_reached", a_trim_after_the_next_read)
+            if stream is None:
+                page = await store.replies_after("c", 0, 256, 1 << 20)
+                assert [r.sequence for r in page] == list(range(1, 17))  # up to the trim, gapless
+            else:
+                seen = []
+                with pytest.raises(CursorExpired):  # OUT_OF_RANGE: the client knows
+                    async for reply in stream:
+                        seen.append(reply.sequence)
+                assert seen == list(range(1, 17))
+                stream.close()
+        finally:
+            monkeypatch.setattr(redis_store, "_reached", read)
+            await store.drop()
+            await store.close()

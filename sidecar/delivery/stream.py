@@ -247,6 +247,8 @@ class ReplyStream:
             if self._replayed is not None:
                 reply = next(self._replayed, None)
                 if reply is not None:
+                    if reply.sequence != self.last + 1:  # a page is gapless, or the log was trimmed
+                        raise CursorExpired("replies after the cursor were trimmed while the stream was behind")
                     return self._take(reply)
                 self._replayed = None
             if self._refill:

@@ -978,11 +978,17 @@ class RedisStore(Store):
             rows = await _reached(
                 self._redis().zrangebyscore(key, f"({since}", "+inf", start=0, num=min(chunk, limit - len(page)))
             )
-            for row in rows:
+            for i, row in enumerate(rows):
                 used += len(cast(str, row).encode())
                 if page and used > max_bytes:
                     return page
-                page.append(_reply(conversation_id, cast(str, row)))
+                reply = _reply(conversation_id, cast(str, row))
+                if i == 0 and page and reply.sequence != page[-1].sequence + 1:
+                    # A trim ran between two reads (each read alone is one snapshot, without
+                    # gaps): the page ends here, and the stream's next read finds the gap at
+                    # its start and says so (OUT_OF_RANGE) instead of skipping replies.
+                    return page
+                page.append(reply)
             if len(rows) < chunk:
                 return page
             chunk = min(chunk * 4, 256)  # small replies: fewer round trips as the page grows
