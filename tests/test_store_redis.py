@@ -7,7 +7,7 @@ import contextlib
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -15,11 +15,12 @@ import aiohttp
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.asyncio import Redis
 from redis.exceptions import MasterDownError, OutOfMemoryError, ReadOnlyError, ResponseError
 
 from sidecar.config import redact_url
 from sidecar.delivery.stream import Broker, ReplyStream
-from sidecar.errors import CursorExpired
+from sidecar.errors import CursorExpired, StoreRefused
 from sidecar.models import AcceptResult, InboundMessage
 from sidecar.store import redis as redis_store
 from sidecar.store.redis import RedisStore, RedisStoreError, _refused
@@ -490,3 +491,82 @@ async def test_a_page_read_in_chunks_ends_at_a_trim_between_them_and_the_stream_
             monkeypatch.setattr(redis_store, "_reached", read)
             await store.drop()
             await store.close()
+
+
+async def test_a_redis_user_confined_to_its_prefix_can_run_a_sidecar(own_redis: str) -> None:
+    """The way to share one server between sidecars: a user per prefix (ACL ~prefix*). The
+    fence's token was passed among the scripts' KEYS, which such a user may not name: the
+    store opened, then every step failed with a 500."""
+    admin = Redis.from_url(own_redis)
+    try:
+        await admin.acl_setuser("tenant", enabled=True, passwords=["+pw"], keys=["t1:*"], commands=["+@all"])
+    finally:
+        await admin.aclose()
+    url = own_redis.replace("redis://", "redis://tenant:pw@") + "?prefix=t1:"
+    store = RedisStore(url)
+    await store.open()
+    try:
+        first = await store.accept(InboundMessage("u", "m1", "c1", "text", "hi", {"text": "hi"}), now=1.0)
+        assert not first.duplicate and [m.id for m in await store.pending_messages(10)] == [first.stored.id]
+    finally:
+        await store.close()
+
+
+async def test_redis_cluster_is_refused_at_open_with_a_reason(tmp_path: Path) -> None:
+    """The scripts reach keys they do not declare, which a cluster refuses across slots: the
+    store opened and every step failed. Now the start fails, saying why."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not on PATH")  # own_redis fails in CI without it
+    port = free_port()
+    while port > 55_000:  # its cluster bus listens on port + 10,000
+        port = free_port()
+    server = await asyncio.create_subprocess_exec(
+        *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)),
+        *("--cluster-enabled", "yes", "--cluster-config-file", str(tmp_path / "nodes.conf")),
+        stdout=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+
+        async def refused() -> str:
+            try:
+                await RedisStore(url).open()
+            except RedisStoreError as e:
+                return str(e)
+            return ""
+
+        reason = await eventually(lambda: _refusal(refused), what="an answer from the cluster node")
+        assert "Redis Cluster is not supported" in reason
+    finally:
+        server.kill()
+        await server.wait()
+
+
+async def _refusal(attempt: Callable[[], Awaitable[str]]) -> str | None:
+    reason = await attempt()
+    return reason if "cannot connect" not in reason else None
+
+
+async def test_a_direct_read_while_another_script_runs_too_long_is_a_refusal_not_a_500(own_redis: str) -> None:
+    """BUSY (someone's script past the server's busy threshold) was mapped for scripts but
+    not for direct reads: known, replies_after and last_sequence raised it raw (500)."""
+    admin = Redis.from_url(own_redis)
+    await admin.config_set("busy-reply-threshold", 100)
+    store = RedisStore(own_redis)
+    await store.open()
+    hog = Redis.from_url(own_redis)
+    busy = asyncio.ensure_future(hog.eval("local t = redis.call('TIME') while true do end", 0))
+    try:
+        await asyncio.sleep(0.3)  # past the threshold: the server answers others BUSY
+        with pytest.raises(StoreRefused):
+            await store.last_sequence("c1")
+        with pytest.raises(StoreRefused):
+            await store.known(_inbound("m1"))
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.script_kill()
+        with contextlib.suppress(Exception):
+            await busy
+        await hog.aclose()
+        await admin.aclose()
+        await store.close()

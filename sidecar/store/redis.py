@@ -126,18 +126,24 @@ def _refused(result: object) -> bool:
 
 
 # --- Lua ------------------------------------------------------------------------
-# ARGV[1] is always the key prefix. Numbers that are floats (times) reach Redis
+# ARGV[1] is always the key prefix (with the lease token after a newline when the
+# fence applies: a token among KEYS would fail a prefix-confined ACL user, since
+# every declared key must match its patterns). Numbers that are floats (times) reach Redis
 # as Python-formatted strings or as numbers decoded from JSON, never through
 # Lua's ``..`` (which keeps 14 digits): only integer sequences are concatenated.
 
 _HELPERS = """
 local P = ARGV[1]
--- The fence (KEYS: the owner key and this sidecar's lease token, when it holds one):
--- a sidecar whose lease lapsed and was taken by another does nothing here, so two
--- can never run the same messages and outbox. A lapsed lease nobody took is no bar.
+-- The fence (KEYS[1]: the owner key, when this sidecar holds a lease; its token is in
+-- ARGV[1] after the prefix and a newline): a sidecar whose lease lapsed and was taken
+-- by another does nothing here, so two can never run the same messages and outbox.
+-- A lapsed lease nobody took is no bar.
 if KEYS[1] then
+  local cut = string.find(P, '\\n', 1, true)
+  local token = string.sub(P, cut + 1)
+  P = string.sub(P, 1, cut - 1)
   local owner = redis.call('GET', KEYS[1])
-  if owner and owner ~= KEYS[2] then return redis.error_reply('NOTOWNER lease held by another sidecar') end
+  if owner and owner ~= token then return redis.error_reply('NOTOWNER lease held by another sidecar') end
 end
 local function refresh_head(cid)
   local head = redis.call('ZRANGE', P .. 'outbox:' .. cid, 0, 0)[1]
@@ -493,6 +499,8 @@ def parse_url(url: str) -> tuple[str, str]:
     query = parse_qsl(parts.query, keep_blank_values=True)
     prefixes = [v for k, v in query if k == "prefix"]
     prefix = prefixes[-1] if prefixes else DEFAULT_PREFIX
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in prefix):  # the scripts' ARGV[1] ends the prefix at a newline
+        raise RedisStoreError("store (SIDECAR_STORE): the Redis key prefix must not hold control characters")
     rest = urlencode([(k, v) for k, v in query if k != "prefix"])
     return urlunsplit(parts._replace(query=rest)), prefix
 
@@ -550,9 +558,10 @@ class RedisStore(Store):
         self._owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
         self._lease_task: asyncio.Task[None] | None = None
         self._fenced = False  # the lease was taken by another sidecar: every step is refused
-        # KEYS of every script: the owner key and this sidecar's token, for the fence;
+        # KEYS of every script: the owner key, for the fence (its token goes in ARGV[1]);
         # none for tools that only read or clean up beside a running sidecar.
-        self._fence: tuple[str, ...] = (self._key("owner"), self._owner) if exclusive else ()
+        self._fence: tuple[str, ...] = (self._key("owner"),) if exclusive else ()
+        self._argv_prefix = f"{self.prefix}\n{self._owner}" if exclusive else self.prefix
         self.client_name = "sidecar:" + re.sub(r"[^A-Za-z0-9:_.-]", "_", self.prefix)
         self._safe_url = redact_url(self._url)
         # As user info, or as redis-py's ?password= parameter: scrubbed from error texts.
@@ -583,6 +592,10 @@ class RedisStore(Store):
                 # No automatic retries: a script whose answer was lost may have run.
                 retry=Retry(NoBackoff(), 0),
                 socket_connect_timeout=5.0,
+                # redis-py 8 waits 5 s for an answer by default, older releases for ever (a
+                # hung server would hold every step, and a drain, with it): 5 s whichever,
+                # unless the URL says (?socket_timeout=).
+                **({} if "socket_timeout" in dict(parse_qsl(urlsplit(self._url).query)) else {"socket_timeout": 5.0}),
                 # Named in CLIENT LIST: an operator (or a test) can tell this sidecar's connections apart.
                 client_name=self.client_name,
             )
@@ -596,6 +609,18 @@ class RedisStore(Store):
             raise RedisStoreError(
                 f"store (SIDECAR_STORE): {self._safe_url}: cannot connect: {type(e).__name__}: {self._scrub(e)}"
             ) from None
+        try:
+            cluster = (await client.info("cluster")).get("cluster_enabled")
+        except Exception:  # noqa: BLE001 - INFO may be renamed or denied to this user: no verdict
+            cluster = None
+        if cluster in (1, "1"):
+            await client.aclose(close_connection_pool=True)
+            # The scripts reach keys they do not declare (a conversation's log, outbox, ...),
+            # which a cluster refuses across slots: refused here, not at every message.
+            raise RedisStoreError(
+                f"store (SIDECAR_STORE): {self._safe_url}: Redis Cluster is not supported;"
+                " use a standalone server (with replicas, if you like)"
+            )
         self._client = client
         s = client.register_script
         self._renew = s(_RENEW)
@@ -742,7 +767,7 @@ class RedisStore(Store):
         self._redis()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._calls.append((script, [self.prefix, *args], future))
+        self._calls.append((script, [self._argv_prefix, *args], future))
         if self._sender is None:
             # Not at once: every script called in this turn of the loop joins the
             # pipeline (and while one is out, every script waits for the next).
@@ -776,6 +801,10 @@ class RedisStore(Store):
                     script.sha = await self._redis().script_load(script.script)
                 for (_, i), result in zip(missing, await self._execute([c for c, _ in missing]), strict=True):
                     results[i] = result
+        except BusyLoadingError:
+            # A ConnectionError to redis-py, but the server answered: it is loading its data
+            # and ran nothing. A refusal (503 / UNAVAILABLE), not a possibly lost answer.
+            results = [StoreRefused("the store is loading its data; try again")] * len(calls)
         except (RedisConnectionError, RedisTimeoutError) as e:
             # Unreachable for now: callers hear "try again" (503 / UNAVAILABLE) rather than
             # an internal error. A script may have run before the connection dropped; a
@@ -1183,5 +1212,11 @@ async def _reached(awaitable: Awaitable[T]) -> T:
     as for scripts in _run, not redis-py's error with its host and port."""
     try:
         return await awaitable
+    except BusyLoadingError:  # a ConnectionError to redis-py, but a refusal: see _REFUSALS
+        raise StoreRefused("the store is loading its data; try again") from None
     except (RedisConnectionError, RedisTimeoutError):
         raise Unavailable("the store is unreachable; try again") from None
+    except ResponseError as e:
+        if _refused(e):  # BUSY, MASTERDOWN, ...: as for scripts, "try again", not a 500
+            raise StoreRefused("the store refuses requests for now; try again") from None
+        raise
