@@ -291,13 +291,15 @@ class Core:
         finished: set[str] = set()
         self._loads.append(finished)
         try:
-            pending = await self._store.pending_messages(limit + 1)
+            # At most twice the queue's bound as stored: room for what is queued already
+            # (the read starts at the oldest pending message) and as much again to load.
+            pending, more = await self._store.pending_page(limit, 2 * self._config.max_pending_bytes)
         finally:
             # By identity: list.remove compares by value, and two loads' sets are often equal.
             self._loads = [load for load in self._loads if load is not finished]
         order = {stored.id: i for i, stored in enumerate(pending)}
         loaded, left = 0, False
-        for stored in pending[:limit]:
+        for stored in pending:
             if stored.id in finished:
                 # Handled or dead-lettered since the store answered the read (Redis answers
                 # over the network, so the answer can predate a lane's last step): queued
@@ -316,7 +318,7 @@ class Core:
             loaded += 1
         # A reload asked for during the read (an accept whose answer may be lost) may
         # concern a message this read predates: the backlog stays, for that reload's load.
-        self._backlog = left or len(pending) > limit or self._reload_asks != asks
+        self._backlog = left or more or self._reload_asks != asks
         return loaded
 
     async def _refill(self) -> None:

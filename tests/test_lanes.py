@@ -185,15 +185,15 @@ async def test_a_load_whose_read_predates_a_lanes_last_step_does_not_run_that_me
     assert (await s.post(message("c1", "m1"))).status == 200
     await eventually(lambda: bot.calls == ["m1"], what="m1 at the bot")
     answered, deliver = asyncio.Event(), asyncio.Event()
-    read = s.app.store.pending_messages
+    read = s.app.store.pending_page
 
-    async def slow_read(limit: int) -> list[StoredMessage]:
-        pending = await read(limit)  # m1, still pending
+    async def slow_read(limit: int, max_bytes: int) -> tuple[list[StoredMessage], bool]:
+        pending = await read(limit, max_bytes)  # m1, still pending
         answered.set()
         await deliver.wait()  # the answer on its way while m1 finishes
         return pending
 
-    monkeypatch.setattr(s.app.store, "pending_messages", slow_read)
+    monkeypatch.setattr(s.app.store, "pending_page", slow_read)
     load = asyncio.create_task(s.app.core.load_replayed())
     await answered.wait()
     bot.gate.set()
@@ -215,16 +215,16 @@ async def test_two_loads_at_once_each_keep_track_of_what_lanes_finish(
     monkeypatch.setattr(core, "_bot", bot)
     assert (await s.post(message("c1", "m1"))).status == 200
     await eventually(lambda: bot.calls == ["m1"], what="m1 at the bot")
-    read = s.app.store.pending_messages
+    read = s.app.store.pending_page
     answers: list[asyncio.Event] = []
 
-    async def slow_read(limit: int) -> list[StoredMessage]:
-        pending = await read(limit)  # m1, still pending
+    async def slow_read(limit: int, max_bytes: int) -> tuple[list[StoredMessage], bool]:
+        pending = await read(limit, max_bytes)  # m1, still pending
         answers.append(answer := asyncio.Event())
         await answer.wait()
         return pending
 
-    monkeypatch.setattr(s.app.store, "pending_messages", slow_read)
+    monkeypatch.setattr(s.app.store, "pending_page", slow_read)
     first = asyncio.create_task(core.load_replayed())
     await eventually(lambda: len(answers) == 1, what="the first load reading")
     second = asyncio.create_task(core.load_replayed())
@@ -271,6 +271,36 @@ async def test_a_duplicates_answer_older_than_the_lanes_last_step_does_not_run_t
     await eventually(lambda: not core._backlog, what="the load done")
     await asyncio.sleep(0.05)
     assert bot.calls == ["m1"] and core.pending == 0
+
+
+async def test_a_load_reads_a_bounded_page_however_many_large_messages_wait(
+    start_app: StartApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load read max_pending_messages + 1 bodies whatever the byte bound (on Redis, 1,500
+    messages of 1 MB timed out in one answer, so the backlog never loaded): it reads about
+    twice the bound now, and the rest as the queue drains, in order."""
+    path = tmp_path / "sidecar.db"
+    store = SqliteStore(str(path))
+    await store.open()
+    for i in range(40):
+        await store.accept(InboundMessage("u", f"m{i:02}", "c1", "text", "t", {"text": "x" * 100_000}), now=1.0)
+    await store.close()
+    reads: list[int] = []
+    real = SqliteStore.pending_page
+
+    async def counted(self: SqliteStore, limit: int, max_bytes: int) -> tuple[list[StoredMessage], bool]:
+        page = await real(self, limit, max_bytes)
+        reads.append(len(page[0]))
+        return page
+
+    monkeypatch.setattr(SqliteStore, "pending_page", counted)
+    s = await start_app(
+        store=f"sqlite:///{path}", max_pending_bytes=250_000, bot="script", bot_script=slow_rules(tmp_path, 0.01)
+    )
+    replies = await read_n(subscribe(s, "c1", after=0), 40)
+    assert [r.in_reply_to for r in replies] == [f"m{i:02}" for i in range(40)]
+    assert max(reads) <= 6, reads  # 500 KB of 100-KB messages, and the first past it never
+    await eventually(lambda: not s.app.core._backlog, what="the backlog loaded")
 
 
 async def test_replaying_more_dead_messages_than_the_queue_holds_runs_them_all(start_app: StartApp) -> None:
@@ -383,15 +413,15 @@ async def test_a_backlog_load_that_fails_is_tried_again_even_with_nothing_left_t
     )  # fmt: skip
     # While the two loaded messages are with the bot, the store starts failing the next
     # two loads: the one asked as the last of them finishes, and the first retry.
-    real = s.app.store.pending_messages
+    real = s.app.store.pending_page
     failures = [RuntimeError("store outage"), RuntimeError("store outage")]
 
-    async def flaky(limit: int) -> Any:
+    async def flaky(limit: int, max_bytes: int) -> Any:
         if failures:
             raise failures.pop()
-        return await real(limit)
+        return await real(limit, max_bytes)
 
-    monkeypatch.setattr(s.app.store, "pending_messages", flaky)
+    monkeypatch.setattr(s.app.store, "pending_page", flaky)
 
     async def taken() -> bool:
         return (await s.post(message("c1", "m6", "m6"))).status == 200
@@ -560,21 +590,21 @@ async def test_an_outage_that_fails_every_accept_keeps_one_reload_waiting_not_on
     store = s.app.store
     monkeypatch.setattr(store, "failed_steps_may_land", True)
     down = [True]
-    real_accept, real_pending = store.accept, store.pending_messages
+    real_accept, real_pending = store.accept, store.pending_page
 
     async def accept(*args: Any, **kwargs: Any) -> Any:
         if down:
             raise Unavailable("the store is unreachable; try again")
         return await real_accept(*args, **kwargs)
 
-    async def pending_messages(*args: Any, **kwargs: Any) -> Any:
+    async def pending_page(*args: Any, **kwargs: Any) -> Any:
         if down:
             await asyncio.sleep(0.05)  # a real store takes a while to fail: asks arrive meanwhile
             raise Unavailable("the store is unreachable; try again")
         return await real_pending(*args, **kwargs)
 
     monkeypatch.setattr(store, "accept", accept)
-    monkeypatch.setattr(store, "pending_messages", pending_messages)
+    monkeypatch.setattr(store, "pending_page", pending_page)
     for _ in range(5):  # bursts of concurrent sends, each past the backlog check before any fails
         answers = await asyncio.gather(*(s.post(message(f"c{i}", f"m{i}", "x")) for i in range(40)))
         assert {a.status for a in answers} <= {503, 429}
@@ -600,18 +630,18 @@ async def test_a_reload_asked_for_during_a_load_is_not_cleared_by_that_load(
     the backlog the ask set, or the reload it scheduled finds nothing to do."""
     s = await start_app()
     core, store = s.app.core, s.app.store
-    real = store.pending_messages
+    real = store.pending_page
     asked = False
 
-    async def racing(limit: int) -> Any:
+    async def racing(limit: int, max_bytes: int) -> Any:
         nonlocal asked
-        result = await real(limit)
+        result = await real(limit, max_bytes)
         if not asked:
             asked = True
             core._reload()  # as Core.send does after an accept failed on Redis
         return result
 
-    monkeypatch.setattr(store, "pending_messages", racing)
+    monkeypatch.setattr(store, "pending_page", racing)
     await core._load_pending()
     assert core._backlog  # kept for the reload's own load
     await eventually(lambda: not core._backlog, what="the reload's load done")

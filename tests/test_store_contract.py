@@ -626,3 +626,19 @@ async def test_every_store_keeps_the_same_bounded_error_text(make_store: Factory
     assert letter is not None and len(letter.error) == ERROR_LIMIT
     (listed,) = await store.list_dead_letters()
     assert len(listed.error) == ERROR_LIMIT
+
+
+async def test_a_pending_page_stops_at_its_count_or_its_bytes_and_says_whether_more_wait(store: Store) -> None:
+    """What a load reads (Core._load_pending): a bounded amount, oldest first, and whether
+    the store holds more (the backlog must not be forgotten)."""
+    assert await store.pending_page(10, 1 << 20) == ([], False)
+    for i in range(4):
+        await store.accept(msg(message_id=f"m{i}", text="x" * 1000), now=1.0 + i)
+    ids = [m.message.message_id for m in (await store.pending_page(10, 1 << 20))[0]]
+    assert ids == ["m0", "m1", "m2", "m3"] and (await store.pending_page(10, 1 << 20))[1] is False
+    by_count, more = await store.pending_page(3, 1 << 20)
+    assert [m.message.message_id for m in by_count] == ["m0", "m1", "m2"] and more
+    by_bytes, more = await store.pending_page(10, 4500)  # each is ~2 KB stored (text and payload)
+    assert [m.message.message_id for m in by_bytes] == ["m0", "m1"] and more
+    first, more = await store.pending_page(10, 1)  # the first whatever its size
+    assert [m.message.message_id for m in first] == ["m0"] and more

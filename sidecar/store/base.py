@@ -32,6 +32,19 @@ delivery's last error): every store the same, and bounded whatever a bot or rece
 T = TypeVar("T")
 
 
+def pending_within(sized: Iterable[tuple[T, int]], limit: int, max_bytes: int) -> tuple[list[T], bool]:
+    """pending_page's rule over ``(message, size)`` pairs in arrival order: the leading ones
+    within ``limit`` and ``max_bytes``, and whether any was left out."""
+    page: list[T] = []
+    total = 0
+    for item, size in sized:
+        total += size
+        if len(page) >= limit or (page and total > max_bytes):
+            return page, True
+        page.append(item)
+    return page, False
+
+
 def within_bytes(sized: Iterable[tuple[T, int]], max_bytes: int | None) -> list[T]:
     """The leading items of ``(item, size)`` pairs whose sizes fit ``max_bytes`` together;
     always the first, if any (replies_after's rule). Reads ``sized`` no further than that."""
@@ -86,6 +99,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
         """Messages accepted but neither completed nor dead-lettered, oldest first."""
+
+    @abc.abstractmethod
+    async def pending_page(self, limit: int, max_bytes: int) -> tuple[list[StoredMessage], bool]:
+        """The oldest pending messages, at most ``limit`` and about ``max_bytes`` of them as
+        stored (text and payload JSON; the first whatever its size), and whether more may be
+        pending beyond them: a load after a large replay reads a bounded amount, not
+        max_pending_messages bodies of up to 1 MiB each."""
 
     @abc.abstractmethod
     async def record_attempt(self, message_id: str, error: str) -> int:

@@ -21,7 +21,7 @@ from sidecar.models import (
     message_of_key,
     sidecar_id,
 )
-from sidecar.store.base import ERROR_LIMIT, Store, within_bytes
+from sidecar.store.base import ERROR_LIMIT, Store, pending_within, within_bytes
 
 
 @dataclass(slots=True)
@@ -96,6 +96,14 @@ class MemoryStore(Store):
         pending = [k for k, s in self._state.items() if s == "pending"]
         pending.sort(key=self._order.__getitem__)
         return [self._messages[k] for k in pending[:limit]]
+
+    async def pending_page(self, limit: int, max_bytes: int) -> tuple[list[StoredMessage], bool]:
+        pending = [k for k, s in self._state.items() if s == "pending"]
+        pending.sort(key=self._order.__getitem__)
+        messages = (self._messages[k] for k in pending)
+        return pending_within(
+            ((m, len(m.message.text) + len(orjson.dumps(m.message.payload))) for m in messages), limit, max_bytes
+        )
 
     async def record_attempt(self, message_id: str, error: str) -> int:
         error = error[:ERROR_LIMIT]

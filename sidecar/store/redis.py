@@ -162,17 +162,21 @@ local function trim(cid, retention, before)
   if before then
     -- The log in sequence order, whose created_at grows unless the clock stepped back:
     -- walk it while it is older than before and stop at the first younger reply, like
-    -- SQLite; at most 1,000 replies per call (the next pass goes on from there).
-    local seq, budget = math.max(first, upto + 1), 1000
-    while seq <= last and budget > 0 do
-      local chunk = redis.call('ZRANGEBYSCORE', P .. 'log:' .. cid, seq, last, 'LIMIT', 0, 100)
+    -- SQLite; at most 1,000 replies and 4 MiB of them per call (the next pass goes on
+    -- from there). A row is a whole reply: first one row (most passes end at the oldest,
+    -- still young), then more at a time. 100 rows of 1 MiB per conversation blocked the
+    -- server for seconds on passes that expired nothing.
+    local seq, budget, bytes, size = math.max(first, upto + 1), 1000, 4194304, 1
+    while seq <= last and budget > 0 and bytes > 0 do
+      local chunk = redis.call('ZRANGEBYSCORE', P .. 'log:' .. cid, seq, last, 'LIMIT', 0, size)
       if #chunk == 0 then break end
       for _, raw in ipairs(chunk) do
         local reply = cjson.decode(raw)
         if reply['created_at'] >= before then budget = 0 break end
-        upto, seq, budget = reply['sequence'], reply['sequence'] + 1, budget - 1
-        if budget == 0 then break end
+        upto, seq, budget, bytes = reply['sequence'], reply['sequence'] + 1, budget - 1, bytes - #raw
+        if budget == 0 or bytes <= 0 then break end
       end
+      size = math.min(size * 4, 64)
     end
   end
   if upto < first then return 0 end
@@ -257,6 +261,20 @@ for _, id in ipairs(redis.call('ZRANGE', P .. 'pending', 0, tonumber(ARGV[2]) - 
   out[#out + 1] = {id, f[1], f[2]}
 end
 return out
+"""
+
+# ARGV: P, limit, max_bytes. The oldest pending messages within both, then 1 if more
+# are pending beyond them, else 0. Bounded here: 1,500 messages of 1 MB in one answer
+# timed out (holding the server for seconds), so a large backlog never loaded.
+_PENDING_PAGE = """
+local out, used, limit, budget = {}, 0, tonumber(ARGV[2]), tonumber(ARGV[3])
+for _, id in ipairs(redis.call('ZRANGE', P .. 'pending', 0, limit)) do
+  local f = redis.call('HMGET', P .. 'msg:' .. id, 'data', 'attempts')
+  used = used + #(f[1] or '')
+  if #out >= limit or (#out > 0 and used > budget) then return {out, 1} end
+  out[#out + 1] = {id, f[1], f[2]}
+end
+return {out, 0}
 """
 
 # ARGV: P, message id, error
@@ -634,6 +652,7 @@ class RedisStore(Store):
                 raise
         self._accept = s(_HELPERS + _ACCEPT)
         self._pending = s(_HELPERS + _PENDING)
+        self._pending_page = s(_HELPERS + _PENDING_PAGE)
         self._record_attempt = s(_HELPERS + _RECORD_ATTEMPT)
         self._forget = s(_HELPERS + _FORGET)
         self._expire = s(_HELPERS + _EXPIRE)
@@ -893,6 +912,10 @@ class RedisStore(Store):
             return []
         rows = await self._run(self._pending, limit)
         return [_message(row[0], row[1], row[2]) for row in rows]
+
+    async def pending_page(self, limit: int, max_bytes: int) -> tuple[list[StoredMessage], bool]:
+        rows, more = await self._run(self._pending_page, limit, max_bytes)
+        return [_message(row[0], row[1], row[2]) for row in rows], bool(more)
 
     async def record_attempt(self, message_id: str, error: str) -> int:
         return int(await self._run(self._record_attempt, message_id, error[:ERROR_LIMIT]))

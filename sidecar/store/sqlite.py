@@ -32,7 +32,7 @@ from sidecar.models import (
     sidecar_id,
 )
 from sidecar.observability import Throttle
-from sidecar.store.base import ERROR_LIMIT, Store, within_bytes
+from sidecar.store.base import ERROR_LIMIT, Store, pending_within, within_bytes
 
 log = logging.getLogger(__name__)
 
@@ -516,6 +516,18 @@ class SqliteStore(Store):
             return []
         sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE state = 'pending' ORDER BY arrival LIMIT ?"
         return await self._read(lambda c: [_message(r) for r in c.execute(sql, (limit,))])
+
+    async def pending_page(self, limit: int, max_bytes: int) -> tuple[list[StoredMessage], bool]:
+        sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE state = 'pending' ORDER BY arrival LIMIT ?"
+
+        def op(c: sqlite3.Cursor) -> tuple[list[StoredMessage], bool]:
+            # The cursor is lazy: rows past the budget are neither read nor parsed.
+            rows, more = pending_within(
+                ((r, len(r[5]) + len(r[6])) for r in c.execute(sql, (limit + 1,))), limit, max_bytes
+            )
+            return [_message(r) for r in rows], more
+
+        return await self._read(op)
 
     async def record_attempt(self, message_id: str, error: str) -> int:
         error = error[:ERROR_LIMIT]
