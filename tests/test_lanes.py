@@ -20,7 +20,7 @@ from sidecar.models import AcceptResult, InboundMessage, StoredMessage, queued_s
 from sidecar.store.sqlite import SqliteStore
 from sidecar.validate import message_from_fields
 from tests.bot_server import BotServer
-from tests.conftest import StartApp, admin_metrics, eventually, make_config, message, metric
+from tests.conftest import Running, StartApp, admin_metrics, eventually, make_config, message, metric
 from tests.receiver import Receiver
 from tests.test_store_redis import prefixed_url  # noqa: F401 - a fixture
 from tests.test_streams import read_n, subscribe
@@ -77,14 +77,21 @@ async def test_a_backlog_after_a_restart_runs_in_order_and_new_messages_wait_the
     assert early.status == 429 and early.headers["Retry-After"] == "1"
     assert await metric(s, "sidecar_pending_backlog") == 1.0  # why the 429s: it says so
 
-    async def taken() -> bool:
-        return (await s.post(message("c1", "m6", "m6"))).status == 200
-
-    await eventually(taken, what="the backlog loaded, so that m6 is taken")
-    replies = await read_n(subscribe(s, "c1", after=0), 6)
-    assert [r.in_reply_to for r in replies] == [f"m{i}" for i in range(1, 7)]
-    assert s.app.core.pending == 0 and not await s.app.store.pending_messages(10)
+    await _newest_taken_once_loaded_then_all_in_order(s, 6)
     assert await metric(s, "sidecar_pending_backlog") == 0.0
+
+
+async def _newest_taken_once_loaded_then_all_in_order(s: Running, newest: int) -> None:
+    """m<newest> is taken once the backlog before it is loaded; then every reply of c1
+    arrives in the order of m1..m<newest>, and nothing is left pending."""
+
+    async def taken() -> bool:
+        return (await s.post(message("c1", f"m{newest}", f"m{newest}"))).status == 200
+
+    await eventually(taken, what=f"the backlog loaded, so that m{newest} is taken")
+    replies = await read_n(subscribe(s, "c1", after=0), newest)
+    assert [r.in_reply_to for r in replies] == [f"m{i}" for i in range(1, newest + 1)]
+    assert s.app.core.pending == 0 and not await s.app.store.pending_messages(10)
 
 
 async def test_the_queue_is_bounded_by_bytes_too_at_ingress_and_when_loading(
@@ -101,13 +108,7 @@ async def test_the_queue_is_bounded_by_bytes_too_at_ingress_and_when_loading(
     assert (await s.post(message("c1", "m5", "m5"))).status == 429
     assert await metric(s, "sidecar_pending_backlog") == 1.0
 
-    async def taken() -> bool:
-        return (await s.post(message("c1", "m5", "m5"))).status == 200
-
-    await eventually(taken, what="the backlog loaded, so that m5 is taken")
-    replies = await read_n(subscribe(s, "c1", after=0), 5)
-    assert [r.in_reply_to for r in replies] == [f"m{i}" for i in range(1, 6)]
-    assert s.app.core.pending == 0 and not await s.app.store.pending_messages(10)
+    await _newest_taken_once_loaded_then_all_in_order(s, 5)
 
 
 async def test_large_messages_fill_the_queue_by_bytes_before_its_count(start_app: StartApp, tmp_path: Path) -> None:
@@ -174,16 +175,22 @@ async def test_the_byte_bound_counts_every_field_type_included(start_app: StartA
     assert statuses == [200, 200, 429]
 
 
-async def test_a_load_whose_read_predates_a_lanes_last_step_does_not_run_that_message_again(
-    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A store that answers over the network (Redis) can answer a read of the pending
-    messages with one a lane finishes before the answer arrives: it is not queued again."""
+async def _m1_held_at_the_bot(start_app: StartApp, monkeypatch: pytest.MonkeyPatch) -> tuple[Running, _GatedBot]:
+    """A sidecar (memory store) whose bot holds m1 of c1 until ``bot.gate`` is set."""
     s = await start_app(store="memory://")
     bot = _GatedBot()
     monkeypatch.setattr(s.app.core, "_bot", bot)
     assert (await s.post(message("c1", "m1"))).status == 200
     await eventually(lambda: bot.calls == ["m1"], what="m1 at the bot")
+    return s, bot
+
+
+async def test_a_load_whose_read_predates_a_lanes_last_step_does_not_run_that_message_again(
+    start_app: StartApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that answers over the network (Redis) can answer a read of the pending
+    messages with one a lane finishes before the answer arrives: it is not queued again."""
+    s, bot = await _m1_held_at_the_bot(start_app, monkeypatch)
     answered, deliver = asyncio.Event(), asyncio.Event()
     read = s.app.store.pending_page
 
@@ -209,12 +216,8 @@ async def test_two_loads_at_once_each_keep_track_of_what_lanes_finish(
 ) -> None:
     """A replay's load can overlap another load (a refill, a second replay): each keeps its
     own record of what lanes finish while it reads, whichever read is answered first."""
-    s = await start_app(store="memory://")
+    s, bot = await _m1_held_at_the_bot(start_app, monkeypatch)
     core = s.app.core
-    bot = _GatedBot()
-    monkeypatch.setattr(core, "_bot", bot)
-    assert (await s.post(message("c1", "m1"))).status == 200
-    await eventually(lambda: bot.calls == ["m1"], what="m1 at the bot")
     read = s.app.store.pending_page
     answers: list[asyncio.Event] = []
 
@@ -246,12 +249,8 @@ async def test_a_duplicates_answer_older_than_the_lanes_last_step_does_not_run_t
     """A retry of a message at the bot, answered "duplicate, pending" by a store whose
     answers can arrive out of order (Redis, a pool of connections), after the lane has
     finished it: loaded from the store, not queued from the answer."""
-    s = await start_app(store="memory://")
+    s, bot = await _m1_held_at_the_bot(start_app, monkeypatch)
     core = s.app.core
-    bot = _GatedBot()
-    monkeypatch.setattr(core, "_bot", bot)
-    assert (await s.post(message("c1", "m1"))).status == 200
-    await eventually(lambda: bot.calls == ["m1"], what="m1 at the bot")
     accept = s.app.store.accept
     answered, deliver = asyncio.Event(), asyncio.Event()
 
