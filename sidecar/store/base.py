@@ -11,6 +11,7 @@ forget or expiry sweep: the next pass): SQLite commits those without an fsync.
 from __future__ import annotations
 
 import abc
+import sys
 from collections.abc import Iterable, Sequence
 from typing import ClassVar, TypeVar
 
@@ -33,8 +34,9 @@ T = TypeVar("T")
 
 
 def pending_within(sized: Iterable[tuple[T, int]], limit: int, max_bytes: int) -> tuple[list[T], bool]:
-    """pending_page's rule over ``(message, size)`` pairs in arrival order: the leading ones
-    within ``limit`` and ``max_bytes``, and whether any was left out."""
+    """The leading items of ``(item, size)`` pairs within ``limit`` and ``max_bytes``
+    together (always the first, if any and the limit allows), and whether any was left
+    out; ``sized`` is read no further than one past them. pending_page's rule."""
     page: list[T] = []
     total = 0
     for item, size in sized:
@@ -46,16 +48,8 @@ def pending_within(sized: Iterable[tuple[T, int]], limit: int, max_bytes: int) -
 
 
 def within_bytes(sized: Iterable[tuple[T, int]], max_bytes: int | None) -> list[T]:
-    """The leading items of ``(item, size)`` pairs whose sizes fit ``max_bytes`` together;
-    always the first, if any (replies_after's rule). Reads ``sized`` no further than that."""
-    page: list[T] = []
-    total = 0
-    for item, size in sized:
-        total += size
-        if page and max_bytes is not None and total > max_bytes:
-            break
-        page.append(item)
-    return page
+    """replies_after's rule: pending_within without a count, or a budget when None."""
+    return pending_within(sized, sys.maxsize, sys.maxsize if max_bytes is None else max_bytes)[0]
 
 
 class Store(abc.ABC):
@@ -96,9 +90,10 @@ class Store(abc.ABC):
         Conflict for other content under its ids), without storing anything: None when
         it is new. For answering repeats while new work is refused."""
 
-    @abc.abstractmethod
     async def pending_messages(self, limit: int) -> list[StoredMessage]:
-        """Messages accepted but neither completed nor dead-lettered, oldest first."""
+        """Messages accepted but neither completed nor dead-lettered, oldest first (for
+        inspection: the core loads with pending_page)."""
+        return (await self.pending_page(limit, sys.maxsize))[0]
 
     @abc.abstractmethod
     async def pending_page(self, limit: int, max_bytes: int) -> tuple[list[StoredMessage], bool]:

@@ -90,13 +90,6 @@ class MemoryStore(Store):
             raise Conflict()
         return AcceptResult(existing, duplicate=True, pending=self._state.get(existing.id) == "pending")
 
-    async def pending_messages(self, limit: int) -> list[StoredMessage]:
-        if limit <= 0:
-            return []
-        pending = [k for k, s in self._state.items() if s == "pending"]
-        pending.sort(key=self._order.__getitem__)
-        return [self._messages[k] for k in pending[:limit]]
-
     async def pending_page(self, limit: int, max_bytes: int) -> tuple[list[StoredMessage], bool]:
         pending = [k for k, s in self._state.items() if s == "pending"]
         pending.sort(key=self._order.__getitem__)

@@ -253,16 +253,6 @@ redis.call('HSET', P .. 'conv:' .. ARGV[3], 'user', ARGV[4])
 return {'accepted'}
 """
 
-# ARGV: P, limit
-_PENDING = """
-local out = {}
-for _, id in ipairs(redis.call('ZRANGE', P .. 'pending', 0, tonumber(ARGV[2]) - 1)) do
-  local f = redis.call('HMGET', P .. 'msg:' .. id, 'data', 'attempts')
-  out[#out + 1] = {id, f[1], f[2]}
-end
-return out
-"""
-
 # ARGV: P, limit, max_bytes. The oldest pending messages within both, then 1 if more
 # are pending beyond them, else 0. Bounded here: 1,500 messages of 1 MB in one answer
 # timed out (holding the server for seconds), so a large backlog never loaded.
@@ -651,7 +641,6 @@ class RedisStore(Store):
                 await client.aclose(close_connection_pool=True)
                 raise
         self._accept = s(_HELPERS + _ACCEPT)
-        self._pending = s(_HELPERS + _PENDING)
         self._pending_page = s(_HELPERS + _PENDING_PAGE)
         self._record_attempt = s(_HELPERS + _RECORD_ATTEMPT)
         self._forget = s(_HELPERS + _FORGET)
@@ -906,12 +895,6 @@ class RedisStore(Store):
         if fingerprint != message.fingerprint():
             raise Conflict()
         return AcceptResult(_message(key, data, attempts), duplicate=True, pending=state == "pending")
-
-    async def pending_messages(self, limit: int) -> list[StoredMessage]:
-        if limit <= 0:
-            return []
-        rows = await self._run(self._pending, limit)
-        return [_message(row[0], row[1], row[2]) for row in rows]
 
     async def pending_page(self, limit: int, max_bytes: int) -> tuple[list[StoredMessage], bool]:
         rows, more = await self._run(self._pending_page, limit, max_bytes)

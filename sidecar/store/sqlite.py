@@ -511,12 +511,6 @@ class SqliteStore(Store):
         row = await self._read(lambda c: c.execute(_REPEAT_SQL, (key,)).fetchone())
         return None if row is None else _repeat(row, message.fingerprint())
 
-    async def pending_messages(self, limit: int) -> list[StoredMessage]:
-        if limit <= 0:
-            return []
-        sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE state = 'pending' ORDER BY arrival LIMIT ?"
-        return await self._read(lambda c: [_message(r) for r in c.execute(sql, (limit,))])
-
     async def pending_page(self, limit: int, max_bytes: int) -> tuple[list[StoredMessage], bool]:
         sql = f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE state = 'pending' ORDER BY arrival LIMIT ?"
 
